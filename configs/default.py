@@ -1,0 +1,92 @@
+"""Shared defaults for every ReSA config.
+
+Each dataset/hardware config imports `get_config()` from here and overrides a few
+fields.  Field groups:
+
+* data: `dataset`, `data_dir`, crop lists (`crops_*`, one entry per crop group),
+  augmentation strengths;
+* model: `arch`, `width_per_group`, `stem`, projector / predictor sizes, `dtype`;
+* ReSA: `temperature`, `sinkhorn_epsilon`, `sinkhorn_iters`, `ema_momentum`;
+* optimisation: `optimizer`, `base_lr` (scaled by batch/256), `weight_decay`,
+  `warmup_epochs`, `final_lr_ratio`, `num_epochs`, `batch_size` (global);
+* bookkeeping: logging, checkpointing and kNN evaluation periods.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # ---- data ----
+  config.dataset = 'fashion_mnist'
+  config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir
+  config.manual_dir = ml_collections.config_dict.placeholder(str)
+  config.train_split = 'train'
+  config.eval_train_split = 'train'  # kNN memory bank / linear-probe training set
+  config.eval_split = 'test'
+  # Crop groups, as the authors' --nmb_crops/--crops_size/--min_scale_crops/
+  # --max_scale_crops/--gaussian_prob/--solarization_prob.  The first view of the
+  # first group is the weak view; every other view is strong.
+  config.crops_nmb = (2,)
+  config.crops_size = (224,)
+  config.crops_min_scale = (0.2,)
+  config.crops_max_scale = (1.0,)
+  config.gaussian_prob = (0.5,)
+  config.solarization_prob = (0.2,)
+  config.color_jitter_prob = 0.8
+  config.brightness = 0.4
+  config.contrast = 0.4
+  config.saturation = 0.2
+  config.hue = 0.1
+  config.grayscale_prob = 0.2
+  config.flip_prob = 0.5
+  config.eval_resize = 256  # ImageNet-sized eval: resize then centre-crop crops_size[0]
+  config.shuffle_buffer = 16_384
+  config.prefetch = 2
+
+  # ---- model ----
+  config.arch = 'resnet50'
+  config.width_per_group = 64
+  config.stem = 'imagenet'  # or 'cifar'
+  config.zero_init_residual = True
+  config.mlp_layers = 3
+  config.mlp_dim = 2048
+  config.emb_dim = 512
+  config.predictor = True
+  config.dtype = 'bfloat16'  # compute dtype; parameters, losses and Sinkhorn stay float32
+
+  # ---- ReSA ----
+  config.temperature = 0.4
+  config.sinkhorn_epsilon = 0.05
+  config.sinkhorn_iters = 3
+  config.ema_momentum = 0.996  # cosine schedule from this value to 1.0
+
+  # ---- optimisation ----
+  config.optimizer = 'sgd'  # or 'adamw'
+  config.base_lr = 0.5  # lr = base_lr * batch_size / 256
+  config.weight_decay = 1e-5
+  config.sgd_momentum = 0.9
+  config.warmup_epochs = 2
+  config.final_lr_ratio = 0.1  # cosine decays to final_lr_ratio * lr
+  config.num_epochs = 100
+  config.batch_size = 256  # global, over all devices and hosts
+  config.grad_clip = ml_collections.config_dict.placeholder(float)
+
+  # ---- sharding ----
+  # Mesh axes; the data axis spans all devices unless `model` > 1 (room for
+  # sharding large parameters later).
+  config.mesh_data_axis = 'data'
+
+  # ---- bookkeeping ----
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.knn_every_epochs = 10
+  config.knn_k = 20
+  config.knn_temperature = 0.07
+  config.knn_max_train_examples = -1  # -1: the whole eval_train_split
+  config.steps_per_epoch = -1  # -1: derived from the dataset size
+  config.num_train_steps = -1  # -1: num_epochs * steps_per_epoch
+  return config

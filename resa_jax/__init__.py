@@ -1,0 +1,3 @@
+"""ReSA (Representation Self-Assignment) in JAX/Flax."""
+
+__version__ = '0.1.0'

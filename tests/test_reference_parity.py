@@ -1,0 +1,79 @@
+"""Parity with the authors' PyTorch ReSA, on the vectors in $RESA_REFERENCE_DIR.
+
+Cases are discovered from the files' keys (sk{n}_*, loss{n}_*, dist_rank{r}.npz),
+so any set of vectors in the documented format is checked; nothing is hard-coded.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resa_jax import losses
+from resa_jax import sinkhorn as sk
+
+
+def _cases(reference_dir, prefix):
+  path = reference_dir / 'reference_vectors.npz'
+  if not path.exists():
+    return []
+  with np.load(path) as data:
+    ids = sorted({int(m.group(1)) for k in data.files
+                  if (m := re.fullmatch(prefix + r'(\d+)_.*', k))})
+    return [(i, {k[len(f'{prefix}{i}_'):]: data[k] for k in data.files
+                 if k.startswith(f'{prefix}{i}_')}) for i in ids]
+
+
+def _require(cases, what):
+  if not cases:
+    pytest.skip(f'no {what} cases in the reference folder')
+  return cases
+
+
+def test_sinkhorn_matches_reference(reference_dir):
+  cases = _require(_cases(reference_dir, 'sk'), 'sk*')
+  for n, case in cases:
+    got = jax.jit(sk.sinkhorn, static_argnames='num_iters')(
+        jnp.asarray(case['scores']), float(case['temp']), num_iters=3)
+    want = case['assignment']
+    assert got.shape == want.shape, n
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5, err_msg=f'sk{n}')
+
+
+def test_loss_matches_reference(reference_dir):
+  cases = _require(_cases(reference_dir, 'loss'), 'loss*')
+  for n, case in cases:
+    scores = case['h_online'] @ case['h_momentum'].T
+    assignment = sk.sinkhorn(jnp.asarray(scores), 0.05, 3)
+    np.testing.assert_allclose(np.asarray(assignment), case['assignment'], rtol=0, atol=1e-5,
+                               err_msg=f'loss{n} assignment')
+    loss = losses.resa_loss(jnp.asarray(case['z_online']), jnp.asarray(case['z_momentum']),
+                            assignment, temperature=0.4)
+    np.testing.assert_allclose(float(loss), float(case['value']), rtol=0, atol=1e-5,
+                               err_msg=f'loss{n} value')
+
+
+def test_distributed_sinkhorn_matches_reference(reference_dir):
+  files = sorted(reference_dir.glob('dist_rank*.npz'),
+                 key=lambda p: int(re.search(r'(\d+)', p.name).group(1)))
+  if not files:
+    pytest.skip('no dist_rank*.npz in the reference folder')
+  ranks = [dict(np.load(f)) for f in files]
+  world = len(ranks)
+  if len(jax.devices()) < world:
+    pytest.skip(f'needs {world} devices')
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:world]), ('data',))
+  P = jax.sharding.PartitionSpec
+  scores = np.concatenate([r['scores'] for r in ranks])  # rank r's rows, in rank order
+  if 'full_scores' in ranks[0]:
+    np.testing.assert_array_equal(scores, ranks[0]['full_scores'])
+  fn = jax.jit(jax.shard_map(lambda s: sk.sinkhorn(s, 0.05, 3, axis_name='data'),
+                             mesh=mesh, in_specs=P('data'), out_specs=P('data')))
+  out = fn(jax.device_put(scores, jax.sharding.NamedSharding(mesh, P('data'))))
+  shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start)
+  assert len(shards) == world
+  for r, (shard, ref) in enumerate(zip(shards, ranks)):
+    np.testing.assert_allclose(np.asarray(shard.data), ref['assignment'], rtol=0, atol=1e-5,
+                               err_msg=f'rank {r}')
