@@ -77,3 +77,65 @@ def test_distributed_sinkhorn_matches_reference(reference_dir):
   for r, (shard, ref) in enumerate(zip(shards, ranks)):
     np.testing.assert_allclose(np.asarray(shard.data), ref['assignment'], rtol=0, atol=1e-5,
                                err_msg=f'rank {r}')
+
+
+# ------------------------------------------------------------ whole model ----
+# The reference checkpoint is a ResNet-50 layout; its widths are read off the file.
+
+def _whole_model_inputs(reference_dir):
+  ckpt = reference_dir / 'resa_full_checkpoint.pth'
+  vectors = reference_dir / 'reference_vectors.npz'
+  if not ckpt.exists() or not vectors.exists():
+    pytest.skip('no whole-model reference in the folder')
+  data = np.load(vectors)
+  if 'views' not in data.files:
+    pytest.skip('no whole-model vectors in reference_vectors.npz')
+  pytest.importorskip('torch')
+  import ml_collections
+  from resa_jax import convert, models
+  state_dict = convert.load_torch_state_dict(ckpt)
+  groups = convert.split_subnets(state_dict)
+  enc, proj = groups['encoder'], groups['projector']
+  linear_keys = sorted((k for k in proj if k.endswith('.weight') and proj[k].ndim == 2),
+                       key=lambda k: int(k.split('.')[0]))
+  config = ml_collections.ConfigDict(dict(
+      arch='resnet50', width_per_group=int(enc['conv1.weight'].shape[0]), stem='imagenet',
+      zero_init_residual=False, mlp_layers=len(linear_keys),
+      mlp_dim=int(proj[linear_keys[0]].shape[0]), emb_dim=int(proj[linear_keys[-1]].shape[0]),
+      predictor='predictor' in groups, dtype='float32'))
+  online, momentum = models.create_networks(config)
+  variables = convert.convert_state_dict(state_dict, online, momentum)
+  views = np.transpose(data['views'], (0, 1, 3, 4, 2))  # (V, N, C, H, W) -> NHWC
+  return data, config, online, momentum, variables, views
+
+
+def test_whole_model_eval_features_match_reference(reference_dir):
+  data, _, online, momentum, variables, views = _whole_model_inputs(reference_dir)
+  for prefix, net, key in (('', online, 'eval_encoder_features'),
+                           ('momentum_', momentum, 'eval_momentum_encoder_features')):
+    feats = net.apply({'params': variables[prefix + 'params'],
+                       'batch_stats': variables[prefix + 'batch_stats']},
+                      jnp.asarray(views[0]), train=False, method='encode')
+    want = data[key]
+    np.testing.assert_allclose(np.asarray(feats), want, rtol=1e-4,
+                               atol=1e-4 * float(np.abs(want).max()), err_msg=key)
+
+
+def test_whole_model_train_forward_matches_reference(reference_dir):
+  from resa_jax import train
+  import ml_collections
+  data, config, online, momentum, variables, views = _whole_model_inputs(reference_dir)
+  config.update(ml_collections.ConfigDict(dict(temperature=0.4, sinkhorn_epsilon=0.05,
+                                               sinkhorn_iters=3)))
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                           batch_stats=variables['batch_stats'],
+                           momentum_params=variables['momentum_params'],
+                           momentum_batch_stats=variables['momentum_batch_stats'], opt_state=None)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  fn = jax.jit(lambda s, v: train.resa_loss_and_aux(s.params, s, v, jnp.float32(0.99),
+                                                    online_net=online, momentum_net=momentum,
+                                                    mesh=mesh, config=config))
+  loss, aux = fn(state, tuple(jnp.asarray(v) for v in views))
+  np.testing.assert_allclose(np.asarray(aux['assignment']), data['train_assignment'], rtol=0,
+                             atol=1e-4)
+  np.testing.assert_allclose(float(loss), float(data['train_loss']), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,258 @@
+"""The authors' PyTorch checkpoints -> Flax variables (and an orbax checkpoint).
+
+Reads
+* the "full checkpoint" layout ``{'state_dict': {'module.encoder.*',
+  'module.projector.*', 'module.predictor.*', 'module.momentum_encoder.*',
+  'module.momentum_projector.*'}}`` (DDP prefix optional), and
+* a plain encoder state dict (torchvision-style keys ``conv1.weight``,
+  ``layer1.0.bn1.running_mean`` ..., optionally under ``state_dict`` and/or with
+  a ``module.`` / ``module.encoder.`` / ``encoder.`` prefix; a ``fc.*`` classifier
+  is ignored),
+
+into the variable trees of `resa_jax.models` (params and BatchNorm running
+statistics).  The Flax model is initialised first and every one of its leaves is
+looked up in the state dict: a missing key, an unexpected key or a shape that does
+not fit the chosen architecture is a `ConversionError` naming it.
+
+PyTorch is needed only here (``pip install 'resa_jax[torch]'``); it is imported
+lazily.  CLI::
+
+    python -m resa_jax.convert --checkpoint X.pth --arch resnet50 --out DIR \
+        [--width_per_group 64] [--stem imagenet] [--mlp_dim 2048] [--emb_dim 512]
+
+writes an orbax checkpoint in DIR (`save_converted` / `load_converted`).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import sys
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SUBNETS = ('encoder', 'projector', 'predictor', 'momentum_encoder', 'momentum_projector')
+METADATA_FILE = 'resa_jax_metadata.json'
+
+
+class ConversionError(ValueError):
+  """A checkpoint that does not fit the chosen architecture."""
+
+
+# ---------------------------------------------------------------- reading ----
+
+def load_torch_state_dict(path) -> dict[str, np.ndarray]:
+  """Reads a .pth/.pt file into {key: float32/int numpy array} (CPU, no torch modules)."""
+  try:
+    import torch
+  except ImportError as e:  # pragma: no cover - depends on the install
+    raise ConversionError("PyTorch is needed to read .pth files: pip install 'resa_jax[torch]'") from e
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConversionError(f'checkpoint not found: {path}')
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConversionError(f'cannot read {path} as a PyTorch checkpoint: {type(e).__name__}: '
+                          f'{str(e).splitlines()[0] if str(e) else ""}') from e
+  for key in ('state_dict', 'model', 'teacher'):
+    if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+      obj = obj[key]
+      break
+  if not isinstance(obj, Mapping):
+    raise ConversionError(f'{path} holds a {type(obj).__name__}, not a state dict')
+  return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, 'detach')}
+
+
+def split_subnets(state_dict: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+  """Groups keys by sub-network; a plain encoder state dict becomes {'encoder': ...}."""
+  stripped = {re.sub(r'^module\.', '', k): v for k, v in state_dict.items()}
+  groups: dict[str, dict[str, np.ndarray]] = {}
+  for key, value in stripped.items():
+    head, _, rest = key.partition('.')
+    if head in SUBNETS and rest:
+      groups.setdefault(head, {})[rest] = value
+  if groups:
+    return groups
+  # A plain encoder: torchvision-style keys, classifier dropped.
+  return {'encoder': {k: v for k, v in stripped.items() if not k.startswith('fc.')}}
+
+
+# ---------------------------------------------------------------- mapping ----
+
+def _torch_module_name(flax_path: tuple[str, ...]) -> str:
+  """('layer1_0', 'downsample_conv') -> 'layer1.0.downsample.0'; 'linear2' -> '6'."""
+  parts = []
+  for name in flax_path:
+    if m := re.fullmatch(r'layer(\d+)_(\d+)', name):
+      parts += [f'layer{m.group(1)}', m.group(2)]
+    elif name == 'downsample_conv':
+      parts += ['downsample', '0']
+    elif name == 'downsample_bn':
+      parts += ['downsample', '1']
+    elif m := re.fullmatch(r'linear(\d+)', name):  # nn.Sequential: Linear, BN, ReLU
+      parts.append(str(3 * int(m.group(1))))
+    else:
+      parts.append(name)
+  return '.'.join(parts)
+
+
+def _is_head(subnet: str) -> bool:
+  return subnet.endswith('projector') or subnet == 'predictor'
+
+
+def _torch_key(subnet: str, collection: str, path: tuple[str, ...]) -> str:
+  *modules, leaf = path
+  if _is_head(subnet):
+    # Head BN layers are Sequential indices; in the encoder 'bn1' is a real name.
+    modules = [str(3 * int(m[2:]) + 1) if re.fullmatch(r'bn\d+', m) else m for m in modules]
+  module = _torch_module_name(tuple(modules))
+  torch_leaf = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight',
+                ('params', 'bias'): 'bias', ('batch_stats', 'mean'): 'running_mean',
+                ('batch_stats', 'var'): 'running_var'}[(collection, leaf)]
+  return f'{module}.{torch_leaf}'
+
+
+def _to_flax(value: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
+  if value.ndim == 4:  # conv OIHW -> HWIO
+    value = value.transpose(2, 3, 1, 0)
+  elif value.ndim == 2:  # linear (out, in) -> (in, out)
+    value = value.T
+  return value
+
+
+def convert_subnet(subnet: str, torch_sd: Mapping[str, np.ndarray], template: Mapping[str, Any],
+                   *, strict: bool = True) -> dict[str, Any]:
+  """Fills `template` ({'params': ..., 'batch_stats': ...}) from one sub-network's keys."""
+  used = set()
+
+  def fill(collection):
+    def leaf(path, ref):
+      names = tuple(p.key for p in path)
+      key = _torch_key(subnet, collection, names)
+      if key not in torch_sd:
+        raise ConversionError(f'{subnet}: key {key!r} (for {"/".join(names)}) is missing '
+                              'from the checkpoint; is the architecture right?')
+      value = _to_flax(np.asarray(torch_sd[key]), ref.shape)
+      if value.shape != tuple(ref.shape):
+        raise ConversionError(f'{subnet}: {key!r} has shape {tuple(torch_sd[key].shape)}, the '
+                              f'model expects {tuple(ref.shape)} (after layout change) for '
+                              f'{"/".join(names)}; is the architecture right?')
+      used.add(key)
+      return jnp.asarray(value, ref.dtype)
+    return jax.tree_util.tree_map_with_path(leaf, template.get(collection, {}))
+
+  out = {'params': fill('params'), 'batch_stats': fill('batch_stats')}
+  ignored = {k for k in torch_sd if k.endswith('num_batches_tracked') or k.startswith('fc.')}
+  unexpected = sorted(set(torch_sd) - used - ignored)
+  if strict and unexpected:
+    raise ConversionError(f'{subnet}: {len(unexpected)} checkpoint key(s) not used by the model, '
+                          f'e.g. {unexpected[0]!r}; is the architecture right?')
+  return out
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], online_net, momentum_net,
+                       image_size: int = 64) -> dict[str, Any]:
+  """Converts a full or encoder-only state dict for the given SSLNetworks.
+
+  Returns {'params', 'batch_stats'} for the online network (encoder, projector,
+  predictor as present) and, for a full checkpoint, 'momentum_params' /
+  'momentum_batch_stats'.  Subtrees absent from the checkpoint are absent here.
+  """
+  groups = split_subnets(state_dict)
+  x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+  online_tmpl = jax.eval_shape(lambda: online_net.init(jax.random.key(0), x, train=False))
+  momentum_tmpl = jax.eval_shape(lambda: momentum_net.init(jax.random.key(0), x, train=False))
+  result: dict[str, dict[str, Any]] = {}
+  for subnet, torch_sd in groups.items():
+    is_momentum = subnet.startswith('momentum_')
+    part = subnet.replace('momentum_', '')
+    tmpl = momentum_tmpl if is_momentum else online_tmpl
+    if part not in tmpl['params']:
+      raise ConversionError(f'the checkpoint has {subnet}.* but the model has no {part}; '
+                            'set the predictor/projector options to match')
+    sub_tmpl = {c: tmpl[c][part] for c in ('params', 'batch_stats') if part in tmpl.get(c, {})}
+    converted = convert_subnet(subnet, torch_sd, sub_tmpl)
+    prefix = 'momentum_' if is_momentum else ''
+    for collection, tree in converted.items():
+      result.setdefault(prefix + collection, {})[part] = tree
+  if 'encoder' not in result.get('params', {}) and 'encoder' not in result.get('momentum_params', {}):
+    raise ConversionError('no encoder weights found in the checkpoint')
+  return result
+
+
+# ------------------------------------------------------------ orbax I/O ----
+
+def save_converted(out_dir, variables: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
+  """Writes `variables` as an orbax checkpoint in out_dir/'variables' plus metadata JSON."""
+  import orbax.checkpoint as ocp
+  out_dir = pathlib.Path(out_dir).absolute()
+  if out_dir.exists() and any(out_dir.iterdir()):
+    raise ConversionError(f'output directory {out_dir} is not empty; choose a new one')
+  out_dir.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(out_dir / 'variables', jax.tree.map(np.asarray, dict(variables)))
+  (out_dir / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True))
+
+
+def load_converted(path) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(variables, metadata) written by `save_converted`."""
+  import orbax.checkpoint as ocp
+  path = pathlib.Path(path).absolute()
+  meta_file = path / METADATA_FILE
+  if not meta_file.is_file():
+    raise ConversionError(f'{path} is not a converted checkpoint (no {METADATA_FILE})')
+  with ocp.StandardCheckpointer() as checkpointer:
+    variables = checkpointer.restore(path / 'variables')
+  return variables, json.loads(meta_file.read_text())
+
+
+# ------------------------------------------------------------------ CLI ----
+
+def main(argv=None) -> int:
+  import argparse
+  import ml_collections
+  from resa_jax import models
+  parser = argparse.ArgumentParser(description='Convert an authors\' ReSA PyTorch checkpoint '
+                                   'to an orbax checkpoint of Flax variables.')
+  parser.add_argument('--checkpoint', required=True, help='.pth file (full or encoder only)')
+  parser.add_argument('--arch', default='resnet50', help=f'one of {sorted(models.ARCHITECTURES)}')
+  parser.add_argument('--out', required=True, help='new (or empty) output directory')
+  parser.add_argument('--width_per_group', type=int, default=64)
+  parser.add_argument('--stem', default='imagenet', choices=('imagenet', 'cifar'))
+  parser.add_argument('--mlp_layers', type=int, default=3)
+  parser.add_argument('--mlp_dim', type=int, default=2048)
+  parser.add_argument('--emb_dim', type=int, default=512)
+  args = parser.parse_args(argv)
+  try:
+    if args.arch not in models.ARCHITECTURES:
+      raise ConversionError(f'unknown architecture {args.arch!r}; expected one of '
+                            f'{sorted(models.ARCHITECTURES)}')
+    if min(args.width_per_group, args.mlp_layers, args.mlp_dim, args.emb_dim) <= 0:
+      raise ConversionError('width_per_group, mlp_layers, mlp_dim and emb_dim must be positive')
+    out = pathlib.Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+      raise ConversionError(f'output {out} exists and is not an empty directory')
+    state_dict = load_torch_state_dict(args.checkpoint)
+    has_predictor = any(re.match(r'^(module\.)?predictor\.', k) for k in state_dict)
+    config = ml_collections.ConfigDict(dict(
+        arch=args.arch, width_per_group=args.width_per_group, stem=args.stem,
+        zero_init_residual=False, mlp_layers=args.mlp_layers, mlp_dim=args.mlp_dim,
+        emb_dim=args.emb_dim, predictor=has_predictor, dtype='float32'))
+    online, momentum = models.create_networks(config)
+    variables = convert_state_dict(state_dict, online, momentum)
+    save_converted(out, variables, {k: config[k] for k in config.keys()} |
+                   {'source': str(pathlib.Path(args.checkpoint).resolve())})
+  except ConversionError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(f'wrote {out} ({", ".join(sorted(variables))})')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,73 @@
+"""Layers shared by the ResNet, the projector and the predictor.
+
+BatchNorm and the initialisers follow PyTorch's conventions, so that the authors'
+checkpoints load unchanged and training statistics match theirs:
+
+* BatchNorm normalises with the biased batch variance and updates its running
+  variance with the unbiased one (n / (n - 1)), eps 1e-5; `momentum` 0.9 here is
+  PyTorch's 0.1.  Statistics are reduced in float32 over every axis but the last.
+  Under `jax.jit` on a global batch sharded over devices, the reduction is over the
+  global batch: XLA inserts the cross-device all-reduce, which is SyncBN.
+* Dense layers use PyTorch's default uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
+  kernel and bias; convolutions use He-normal with fan_out (torchvision ResNet).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def _dense_bias_init(fan_in: int):
+  bound = 1.0 / max(fan_in, 1) ** 0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over all axes but the last, PyTorch semantics (module docstring)."""
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  scale_init: Any = nn.initializers.ones
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(features, jnp.float32))
+    running_var = self.variable('batch_stats', 'var', lambda: jnp.ones(features, jnp.float32))
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      xf = x.astype(jnp.float32)
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xf, axis=axes)
+      var = jnp.mean(jnp.square(xf - mean), axis=axes)  # two-pass: no cancellation
+      if not self.is_initializing():
+        count = x.size // features
+        unbiased = var * (count / max(count - 1, 1))
+        running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+        running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
+    scale = jax.lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      scale = scale * self.param('scale', self.scale_init, (features,), jnp.float32)
+    y = (x.astype(jnp.float32) - mean) * scale  # float32 math, fused by XLA
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    return y.astype(self.dtype)
+
+
+def dense(features: int, fan_in: int, dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
+  """nn.Dense with PyTorch's default initialisation (call inside a compact module)."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=dense_kernel_init, bias_init=_dense_bias_init(fan_in), name=name)
