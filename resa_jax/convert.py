@@ -57,19 +57,44 @@ def load_torch_state_dict(path) -> dict[str, np.ndarray]:
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise ConversionError(f'cannot read {path} as a PyTorch checkpoint: {type(e).__name__}: '
-                          f'{str(e).splitlines()[0] if str(e) else ""}') from e
+    raise ConversionError(f'cannot read {path} as a PyTorch checkpoint (torch.load with '
+                          f'weights_only=True): {type(e).__name__}: {_short_reason(e)}') from e
   for key in ('state_dict', 'model', 'teacher'):
     if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
       obj = obj[key]
       break
   if not isinstance(obj, Mapping):
     raise ConversionError(f'{path} holds a {type(obj).__name__}, not a state dict')
-  return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, 'detach')}
+  def to_numpy(v):
+    v = v.detach().cpu()
+    if v.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+      v = v.float()
+    return v.numpy()
+  return {k: to_numpy(v) for k, v in obj.items() if hasattr(v, 'detach')}
+
+
+def _short_reason(error: Exception, max_len: int = 200) -> str:
+  """One line from a torch.load error: the unpickler's own reason where it gives one."""
+  text = re.sub(r'\x1b\[[0-9;]*m', '', str(error))
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  for i, line in enumerate(lines):  # weights_only failures bury the reason in advice
+    if 'WeightsUnpickler error:' in line:
+      reason = line.split('WeightsUnpickler error:', 1)[1].strip()
+      if not reason and i + 1 < len(lines):
+        reason = lines[i + 1]
+      if reason:
+        reason = reason.split('. ', 1)[0]
+        if 'Unsupported global' in reason:
+          reason += ' (the file holds objects other than tensors and plain containers)'
+        return reason[:max_len]
+  return lines[0].split('. ', 1)[0][:max_len] if lines else ''
 
 
 def split_subnets(state_dict: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-  """Groups keys by sub-network; a plain encoder state dict becomes {'encoder': ...}."""
+  """Groups keys by sub-network; a plain encoder state dict becomes {'encoder': ...}.
+
+  In a full checkpoint, a key outside the five sub-networks is a `ConversionError`.
+  """
   stripped = {re.sub(r'^module\.', '', k): v for k, v in state_dict.items()}
   groups: dict[str, dict[str, np.ndarray]] = {}
   for key, value in stripped.items():
@@ -77,6 +102,11 @@ def split_subnets(state_dict: Mapping[str, np.ndarray]) -> dict[str, dict[str, n
     if head in SUBNETS and rest:
       groups.setdefault(head, {})[rest] = value
   if groups:
+    stray = sorted(k for k in state_dict
+                   if re.sub(r'^module\.', '', k).partition('.')[0] not in SUBNETS)
+    if stray:
+      raise ConversionError(f'{len(stray)} checkpoint key(s) belong to none of {SUBNETS}, '
+                            f'e.g. {stray[0]!r}')
     return groups
   # A plain encoder: torchvision-style keys, classifier dropped.
   return {'encoder': {k: v for k, v in stripped.items() if not k.startswith('fc.')}}
@@ -125,6 +155,14 @@ def _to_flax(value: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
   return value
 
 
+def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The PyTorch shape of a Flax leaf: HWIO -> OIHW, (in, out) -> (out, in)."""
+  shape = tuple(int(d) for d in flax_shape)
+  if len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return shape[::-1] if len(shape) == 2 else shape
+
+
 def convert_subnet(subnet: str, torch_sd: Mapping[str, np.ndarray], template: Mapping[str, Any],
                    *, strict: bool = True) -> dict[str, Any]:
   """Fills `template` ({'params': ..., 'batch_stats': ...}) from one sub-network's keys."""
@@ -140,7 +178,7 @@ def convert_subnet(subnet: str, torch_sd: Mapping[str, np.ndarray], template: Ma
       value = _to_flax(np.asarray(torch_sd[key]), ref.shape)
       if value.shape != tuple(ref.shape):
         raise ConversionError(f'{subnet}: {key!r} has shape {tuple(torch_sd[key].shape)}, the '
-                              f'model expects {tuple(ref.shape)} (after layout change) for '
+                              f'model expects {_torch_shape(ref.shape)} for '
                               f'{"/".join(names)}; is the architecture right?')
       used.add(key)
       return jnp.asarray(value, ref.dtype)

@@ -1,0 +1,580 @@
+"""resa_jax.convert against independent PyTorch references.
+
+The references are small PyTorch ResNets written here in the authors' layout
+(torchvision-style names, SwAV-style `width_per_group`, ImageNet stem as a 1-pixel
+zero pad + 7x7 stride-2 conv with padding 2 + max-pool, CIFAR stem as a 3x3 stride-1
+conv without max-pool, strides on the 3x3 convs), with random weights and random
+BatchNorm affine parameters and running statistics.  Widths are tiny so that the
+whole file runs in well under a minute on two CPU cores.
+
+PyTorch runs in float64 on float32-representable weights and inputs, so the torch
+numbers are an accurate reference for the float32 Flax model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+from torch import nn  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+
+from resa_jax import convert, models  # noqa: E402
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+MLP_DIM, EMB_DIM = 16, 8
+
+
+# ------------------------------------------------- PyTorch reference model ----
+
+class TorchBasicBlock(nn.Module):
+  expansion = 1
+
+  def __init__(self, inplanes, planes, stride, downsample, base_width):
+    super().__init__()
+    del base_width  # a BasicBlock's width is `planes`
+    self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.relu = nn.ReLU()
+    self.downsample = downsample
+
+  def forward(self, x):
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    return self.relu(out + identity)
+
+
+class TorchBottleneck(nn.Module):
+  expansion = 4
+
+  def __init__(self, inplanes, planes, stride, downsample, base_width):
+    super().__init__()
+    width = int(planes * (base_width / 64.0))
+    self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(width)
+    self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.relu = nn.ReLU()
+    self.downsample = downsample
+
+  def forward(self, x):
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    return self.relu(out + identity)
+
+
+TORCH_ARCHS = {'resnet18': (TorchBasicBlock, (2, 2, 2, 2)),
+               'resnet50': (TorchBottleneck, (3, 4, 6, 3))}
+
+
+class TorchResNet(nn.Module):
+  """The authors' ResNet trunk (no classifier): NCHW images -> pooled features."""
+
+  def __init__(self, arch, width_per_group, stem):
+    super().__init__()
+    block, layers = TORCH_ARCHS[arch]
+    width = width_per_group
+    self.stem = stem
+    if stem == 'imagenet':
+      self.padding = nn.ConstantPad2d(1, 0.0)  # + padding 2 in the conv = padding 3
+      self.conv1 = nn.Conv2d(3, width, 7, 2, 2, bias=False)
+      self.maxpool = nn.MaxPool2d(3, 2, 1)
+    else:
+      self.padding = nn.Identity()
+      self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+      self.maxpool = nn.Identity()
+    self.bn1 = nn.BatchNorm2d(width)
+    self.relu = nn.ReLU()
+    inplanes = width
+    for i, n in enumerate(layers):
+      planes = width * 2 ** i
+      blocks = []
+      for j in range(n):
+        stride = 2 if (i > 0 and j == 0) else 1
+        downsample = None
+        if stride != 1 or inplanes != planes * block.expansion:
+          downsample = nn.Sequential(
+              nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
+              nn.BatchNorm2d(planes * block.expansion))
+        blocks.append(block(inplanes, planes, stride, downsample, width_per_group))
+        inplanes = planes * block.expansion
+      setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
+    self.num_features = inplanes
+
+  def forward(self, x):
+    x = self.maxpool(self.relu(self.bn1(self.conv1(self.padding(x)))))
+    for i in range(4):
+      x = getattr(self, f'layer{i + 1}')(x)
+    return x.mean(dim=(2, 3))
+
+
+def torch_projector(in_dim, mlp_dim, emb_dim):
+  return nn.Sequential(nn.Linear(in_dim, mlp_dim), nn.BatchNorm1d(mlp_dim), nn.ReLU(),
+                       nn.Linear(mlp_dim, mlp_dim), nn.BatchNorm1d(mlp_dim), nn.ReLU(),
+                       nn.Linear(mlp_dim, emb_dim), nn.BatchNorm1d(emb_dim, affine=False))
+
+
+def torch_predictor(emb_dim, mlp_dim):
+  return nn.Sequential(nn.Linear(emb_dim, mlp_dim), nn.BatchNorm1d(mlp_dim), nn.ReLU(),
+                       nn.Linear(mlp_dim, emb_dim))
+
+
+def randomise(module, seed):
+  """Random float32 weights and random BN affine parameters / running statistics."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in module.modules():
+      if isinstance(m, (nn.Conv2d, nn.Linear)):
+        fan_in = m.weight[0].numel()
+        m.weight.normal_(0.0, (2.0 / fan_in) ** 0.5, generator=gen)
+        if m.bias is not None:
+          m.bias.uniform_(-0.5, 0.5, generator=gen)
+      elif isinstance(m, nn.modules.batchnorm._BatchNorm):  # pylint: disable=protected-access
+        if m.affine:
+          m.weight.uniform_(0.5, 1.5, generator=gen)
+          m.bias.uniform_(-0.5, 0.5, generator=gen)
+        m.running_mean.uniform_(-0.5, 0.5, generator=gen)
+        m.running_var.uniform_(0.5, 2.0, generator=gen)
+        m.num_batches_tracked.fill_(11)
+  return module
+
+
+def float32_state_dict(module, prefix=''):
+  return {prefix + k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).clone()
+          for k, v in module.state_dict().items()}
+
+
+def flax_bn_path(torch_module_name):
+  """'layer2.0.downsample.1' -> ('layer2_0', 'downsample_bn') (the documented naming)."""
+  name = re.sub(r'^layer(\d+)\.(\d+)', r'layer\1_\2', torch_module_name)
+  name = name.replace('downsample.0', 'downsample_conv').replace('downsample.1', 'downsample_bn')
+  return tuple(name.split('.'))
+
+
+# -------------------------------------------------------------- Flax side ----
+
+def networks(arch, stem, width_per_group, predictor=False):
+  config = ml_collections.ConfigDict(dict(
+      arch=arch, width_per_group=width_per_group, stem=stem, zero_init_residual=False,
+      mlp_layers=3, mlp_dim=MLP_DIM, emb_dim=EMB_DIM, predictor=predictor, dtype='float32'))
+  return models.create_networks(config)
+
+
+_JIT_CACHE = {}
+
+
+def encoder_fn(encoder, train):
+  """A cached jitted encoder forward (eval: features; train: features, batch_stats)."""
+  key = (encoder, train)
+  if key not in _JIT_CACHE:
+    if train:
+      _JIT_CACHE[key] = jax.jit(lambda v, x: encoder.apply(v, x, train=True,
+                                                           mutable=['batch_stats']))
+    else:
+      _JIT_CACHE[key] = jax.jit(lambda v, x: encoder.apply(v, x, train=False))
+  return _JIT_CACHE[key]
+
+
+def encoder_variables(converted, prefix=''):
+  return {'params': converted[prefix + 'params']['encoder'],
+          'batch_stats': converted[prefix + 'batch_stats']['encoder']}
+
+
+def assert_close(got, want, rtol=1e-5, err_msg=''):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, (got.shape, want.shape, err_msg)
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(np.abs(want).max()),
+                             err_msg=err_msg)
+
+
+def assert_trees_equal(a, b):
+  a_flat, a_def = jax.tree_util.tree_flatten_with_path(a)
+  b_flat, b_def = jax.tree_util.tree_flatten_with_path(b)
+  assert a_def == b_def
+  for (path, x), (_, y) in zip(a_flat, b_flat):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+def images(n, size, seed):
+  """(NCHW float64 torch tensor, NHWC float32 jax array) with the same values."""
+  x = np.random.default_rng(seed).standard_normal((n, 3, size, size)).astype(np.float32)
+  return torch.from_numpy(x).double(), jnp.asarray(x.transpose(0, 2, 3, 1))
+
+
+# (arch, stem, width_per_group, image size): a BasicBlock ResNet with the CIFAR stem
+# and a Bottleneck ResNet-50 (inner widths 1/2/4/8) with the ImageNet stem.
+CASES = [('resnet18', 'cifar', 4, 16), ('resnet50', 'imagenet', 8, 64)]
+
+
+@pytest.fixture(scope='module', params=CASES, ids=lambda c: f'{c[0]}-{c[1]}-w{c[2]}')
+def encoder_case(request):
+  arch, stem, wpg, size = request.param
+  model = randomise(TorchResNet(arch, wpg, stem), seed=1).eval()
+  state_dict = {k: v.numpy() for k, v in float32_state_dict(model).items()}
+  model = model.double()
+  online, momentum = networks(arch, stem, wpg)
+  converted = convert.convert_state_dict(state_dict, online, momentum, image_size=size)
+  return dict(arch=arch, stem=stem, wpg=wpg, size=size, model=model, state_dict=state_dict,
+              online=online, momentum=momentum, converted=converted)
+
+
+@pytest.fixture(scope='module')
+def resnet18_case():
+  """The CIFAR ResNet-18 (width 4) of `CASES`, for the tests that need only one model."""
+  arch, stem, wpg, size = CASES[0]
+  model = randomise(TorchResNet(arch, wpg, stem), seed=1).eval()
+  state_dict = float32_state_dict(model)
+  online, momentum = networks(arch, stem, wpg)
+  return dict(arch=arch, stem=stem, wpg=wpg, size=size, model=model.double(),
+              state_dict=state_dict, online=online, momentum=momentum,
+              features=model_features(model.double(), size))
+
+
+def model_features(model, size):
+  x_torch, x_jax = images(4, size, seed=7)
+  with torch.no_grad():
+    return x_jax, model.eval()(x_torch).numpy()
+
+
+# ------------------------------------------------ 1. numerical parity ----
+
+def test_eval_features_match_torch(encoder_case):
+  """Eval mode (BN running statistics): torch features == Flax features of the converted
+  variables, 1e-5 relative; the plain encoder gives only the encoder subtrees."""
+  c = encoder_case
+  assert set(c['converted']) == {'params', 'batch_stats'}
+  assert set(c['converted']['params']) == {'encoder'}
+  x_torch, x_jax = images(4, c['size'], seed=2)
+  with torch.no_grad():
+    want = c['model'].eval()(x_torch).numpy()
+  assert want.shape == (4, c['model'].num_features) == (4, c['online'].encoder.num_features)
+  got = encoder_fn(c['online'].encoder, False)(encoder_variables(c['converted']), x_jax)
+  assert_close(got, want, err_msg='eval features')
+
+
+def test_train_forward_and_running_stats_match_torch(encoder_case):
+  """Train mode (BN batch statistics): same features; after one forward every BN's
+  running mean/var (PyTorch: momentum 0.1, unbiased variance) equals Flax's
+  returned `batch_stats`, and they did move away from the checkpoint's values.
+
+  Batch statistics make a deep float32 network less well conditioned than eval mode:
+  PyTorch's own float32 forward of the ResNet-50 here is ~3e-5 (relative to the
+  largest feature) off its float64 forward.  The tolerance is therefore 1e-5 or
+  5x PyTorch's own float32 error, whichever is larger.
+  """
+  c = encoder_case
+  model = copy.deepcopy(c['model']).train()
+  x_torch, x_jax = images(4, c['size'], seed=3)
+  with torch.no_grad():
+    want = model(x_torch).numpy()
+    torch32 = copy.deepcopy(model).float()(x_torch.float()).double().numpy()
+  float32_error = float(np.abs(torch32 - want).max() / np.abs(want).max())
+  rtol = max(1e-5, 5 * float32_error)
+  variables = encoder_variables(c['converted'])
+  got, updated = encoder_fn(c['online'].encoder, True)(variables, x_jax)
+  assert_close(got, want, rtol=rtol, err_msg=f'train features (torch float32 error '
+                                              f'{float32_error:.1e})')
+  stats = updated['batch_stats']
+  bn_modules = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+  assert len(bn_modules) == len(jax.tree.leaves(stats)) // 2
+  for name, bn in bn_modules:
+    node, old = stats, variables['batch_stats']
+    for part in flax_bn_path(name):
+      node, old = node[part], old[part]
+    assert not np.allclose(np.asarray(node['var']), np.asarray(old['var'])), name
+    assert_close(node['mean'], bn.running_mean.numpy(), rtol=rtol, err_msg=f'{name}.running_mean')
+    assert_close(node['var'], bn.running_var.numpy(), rtol=rtol, err_msg=f'{name}.running_var')
+
+
+# ----------------------------------------- 2. plain encoder state dicts ----
+
+PLAIN_LAYOUTS = {
+    'plain': lambda sd: sd,
+    'module': lambda sd: {'module.' + k: v for k, v in sd.items()},
+    'state_dict': lambda sd: {'epoch': 3, 'state_dict': sd},
+    'state_dict+module': lambda sd: {'state_dict': {'module.' + k: v for k, v in sd.items()}},
+    'module.encoder': lambda sd: {'state_dict': {'module.encoder.' + k: v for k, v in sd.items()}},
+}
+
+
+def test_plain_encoder_layouts_convert_to_same_features(resnet18_case, tmp_path):
+  """A torchvision-style encoder state dict with an `fc` classifier, saved as {k: v},
+  with a `module.` prefix, inside {'state_dict': ...} and with `module.encoder.`,
+  converts to identical variables, whose features match torch."""
+  c = resnet18_case
+  sd = dict(c['state_dict'])
+  sd['fc.weight'] = torch.randn(10, c['model'].num_features)
+  sd['fc.bias'] = torch.randn(10)
+  results = {}
+  for name, layout in PLAIN_LAYOUTS.items():
+    path = tmp_path / f'{name.replace(".", "_")}.pth'
+    torch.save(layout(sd), path)
+    loaded = convert.load_torch_state_dict(path)
+    results[name] = convert.convert_state_dict(loaded, c['online'], c['momentum'], c['size'])
+  first = results.pop('plain')
+  for name, result in results.items():
+    assert set(result) == {'params', 'batch_stats'}, name
+    assert_trees_equal(result, first)
+  x_jax, want = c['features']
+  got = encoder_fn(c['online'].encoder, False)(encoder_variables(first), x_jax)
+  assert_close(got, want, err_msg='plain encoder features')
+
+
+@pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
+def test_half_precision_checkpoint_converts(resnet18_case, tmp_path, dtype):
+  """A checkpoint saved in float16 / bfloat16 converts to float32 variables holding
+  exactly the stored values."""
+  c = resnet18_case
+  torch_dtype = getattr(torch, dtype)
+  sd = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in c['state_dict'].items()}
+  path = tmp_path / 'half.pth'
+  torch.save(sd, path)
+  result = convert.convert_state_dict(convert.load_torch_state_dict(path), c['online'],
+                                      c['momentum'], c['size'])
+  want = convert.convert_state_dict({k: v.float().numpy() for k, v in sd.items()},
+                                    c['online'], c['momentum'], c['size'])
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(result))
+  assert_trees_equal(result, want)
+
+
+# ------------------------------------------------------ 3. clear errors ----
+
+def expect_error(fn, *patterns):
+  """Runs fn, expects a one-line ConversionError matching every regex in `patterns`."""
+  with pytest.raises(convert.ConversionError) as info:
+    fn()
+  message = str(info.value)
+  assert message and '\n' not in message, repr(message)
+  for pattern in patterns:
+    assert re.search(pattern, message), (pattern, message)
+  return message
+
+
+def numpy_sd(sd):
+  return {k: v.numpy() for k, v in sd.items()}
+
+
+def test_error_other_architecture(resnet18_case):
+  """resnet18 weights into a resnet50 (and back), or with another width: the error
+  names a checkpoint key and, for a shape clash, both shapes in PyTorch layout."""
+  c = resnet18_case
+  sd18 = numpy_sd(c['state_dict'])
+  net50 = networks('resnet50', c['stem'], 16)
+  expect_error(lambda: convert.convert_state_dict(sd18, *net50, image_size=c['size']),
+               r"'(layer\d\.\d\.)?(conv|bn)\d\.(weight|bias|running_mean|running_var)'")
+  sd50 = numpy_sd(float32_state_dict(randomise(TorchResNet('resnet50', 16, 'cifar'), 5)))
+  net18 = networks('resnet18', c['stem'], 16)
+  expect_error(lambda: convert.convert_state_dict(sd50, *net18, image_size=c['size']),
+               r"'layer1\.0\.(conv|bn)\d\.\w+' has shape \([\d, ]+\), the model expects")
+  # A conv kernel of the wrong size: both shapes in (O, I, H, W).
+  bad = dict(sd18, **{'conv1.weight': np.zeros((c['wpg'], 3, 5, 5), np.float32)})
+  expect_error(lambda: convert.convert_state_dict(bad, c['online'], c['momentum'], c['size']),
+               re.escape(f"'conv1.weight' has shape ({c['wpg']}, 3, 5, 5), the model expects "
+                         f"({c['wpg']}, 3, 3, 3)"))
+  wide = networks(c['arch'], c['stem'], 2 * c['wpg'])
+  message = expect_error(lambda: convert.convert_state_dict(sd18, *wide, image_size=c['size']),
+                         r"'[\w.]+' has shape \([\d, ]+\)", 'expects')
+  # The expected shape is given in the checkpoint's (PyTorch) layout.
+  key, got, want = re.search(r"'([\w.]+)' has shape (\([\d, ]+\)).*expects (\([\d, ]+\))",
+                             message).groups()
+  assert got == str(tuple(sd18[key].shape))
+  want = eval(want)  # pylint: disable=eval-used
+  assert len(want) == sd18[key].ndim and want != sd18[key].shape
+  if sd18[key].ndim == 4:
+    assert want[2:] == sd18[key].shape[2:]  # same kernel size, (O, I, H, W) order
+
+
+def test_error_missing_key(resnet18_case):
+  """A checkpoint without one of the model's keys: the error names that key."""
+  c = resnet18_case
+  sd = numpy_sd(c['state_dict'])
+  for key in ('layer3.0.downsample.1.running_var', 'layer4.1.conv2.weight', 'bn1.bias'):
+    partial = {k: v for k, v in sd.items() if k != key}
+    expect_error(lambda: convert.convert_state_dict(partial, c['online'], c['momentum'],
+                                                    c['size']),
+                 re.escape(repr(key)), 'missing')
+
+
+def test_error_unexpected_key(resnet18_case):
+  """An extra key the model does not use (encoder-only, or in a full checkpoint, also
+  outside the known sub-networks): the error names it."""
+  c = resnet18_case
+  sd = numpy_sd(c['state_dict'])
+  extra = dict(sd, **{'layer1.0.conv3.weight': np.zeros((4, 4, 1, 1), np.float32)})
+  expect_error(lambda: convert.convert_state_dict(extra, c['online'], c['momentum'], c['size']),
+               re.escape("'layer1.0.conv3.weight'"))
+  full = {f'module.{net}.{k}': v for net in ('encoder', 'momentum_encoder') for k, v in sd.items()}
+  expect_error(lambda: convert.convert_state_dict(
+      dict(full, **{'module.momentum_encoder.layer5.0.bn1.weight': np.ones(4, np.float32)}),
+      c['online'], c['momentum'], c['size']), re.escape("'layer5.0.bn1.weight'"))
+  expect_error(lambda: convert.convert_state_dict(
+      dict(full, **{'module.queue': np.zeros((4, 8), np.float32)}),
+      c['online'], c['momentum'], c['size']), re.escape("'module.queue'"))
+
+
+def test_error_predictor_not_in_model(resnet18_case):
+  """A full checkpoint with a predictor for a model built without one."""
+  c = resnet18_case
+  full, _ = full_checkpoint(c)
+  expect_error(lambda: convert.convert_state_dict(numpy_sd(full['state_dict']), c['online'],
+                                                  c['momentum'], c['size']),
+               r'predictor')
+
+
+def test_error_not_a_checkpoint(tmp_path):
+  """Random bytes, a zip that is not a checkpoint, a pickle of a non-mapping and a
+  missing file: one-line errors naming the file."""
+  rng = np.random.default_rng(0)
+  junk = tmp_path / 'junk.pth'
+  junk.write_bytes(rng.bytes(512))
+  fake_zip = tmp_path / 'zip.pth'
+  fake_zip.write_bytes(b'PK\x03\x04' + rng.bytes(512))
+  for message in (
+      expect_error(lambda: convert.load_torch_state_dict(junk), re.escape(str(junk)),
+                   'cannot read'),
+      expect_error(lambda: convert.load_torch_state_dict(fake_zip), re.escape(str(fake_zip)),
+                   'cannot read')):
+    # Short, and without torch's advice to load untrusted files with weights_only=False.
+    assert len(message) < 400 and 'arbitrary code' not in message, message
+  listing = tmp_path / 'list.pth'
+  torch.save([torch.zeros(2)], listing)
+  expect_error(lambda: convert.load_torch_state_dict(listing), 'list', 'not a state dict')
+  missing = tmp_path / 'nope' / 'missing.pth'
+  expect_error(lambda: convert.load_torch_state_dict(missing), 'not found',
+               re.escape(str(missing)))
+
+
+# ------------------------------------------------------------------ 4. CLI ----
+
+def full_checkpoint(c):
+  """{'epoch', 'state_dict'} in the authors' DDP layout, from fresh torch modules
+  (online and momentum networks differ), and those modules (float64, eval mode)."""
+  encoder = randomise(TorchResNet(c['arch'], c['wpg'], c['stem']), seed=11)
+  dim = encoder.num_features
+  nets = {'encoder': encoder,
+          'projector': randomise(torch_projector(dim, MLP_DIM, EMB_DIM), seed=12),
+          'predictor': randomise(torch_predictor(EMB_DIM, MLP_DIM), seed=13),
+          'momentum_encoder': randomise(TorchResNet(c['arch'], c['wpg'], c['stem']), seed=14),
+          'momentum_projector': randomise(torch_projector(dim, MLP_DIM, EMB_DIM), seed=15)}
+  state = {}
+  for name, net in nets.items():
+    state.update(float32_state_dict(net, prefix=f'module.{name}.'))
+  return {'epoch': 7, 'state_dict': state}, {k: v.double().eval() for k, v in nets.items()}
+
+
+def run_cli(*args):
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES='', JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'resa_jax.convert', *map(str, args)],
+                        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120,
+                        check=False)
+
+
+def cli_args(c, checkpoint, out, arch=None):
+  return ['--checkpoint', checkpoint, '--arch', arch or c['arch'], '--stem', c['stem'],
+          '--width_per_group', c['wpg'], '--mlp_dim', MLP_DIM, '--emb_dim', EMB_DIM,
+          '--out', out]
+
+
+def test_cli_encoder_checkpoint_round_trip(resnet18_case, tmp_path):
+  """The CLI on a plain encoder .pth writes an orbax checkpoint that `load_converted`
+  reads back equal to `convert_state_dict`, with the options in the metadata."""
+  c = resnet18_case
+  ckpt, out = tmp_path / 'enc.pth', tmp_path / 'out'
+  torch.save({'state_dict': {'module.' + k: v for k, v in c['state_dict'].items()}}, ckpt)
+  proc = run_cli(*cli_args(c, ckpt, out))
+  assert proc.returncode == 0, proc.stderr
+  variables, meta = convert.load_converted(out)
+  want = convert.convert_state_dict(convert.load_torch_state_dict(ckpt), c['online'],
+                                    c['momentum'], c['size'])
+  assert_trees_equal(variables, want)
+  assert (meta['arch'], meta['stem'], meta['width_per_group'], meta['predictor']) == (
+      c['arch'], c['stem'], c['wpg'], False)
+
+
+def test_cli_full_checkpoint_round_trip_matches_torch(resnet18_case, tmp_path):
+  """A full DDP checkpoint (encoder, projector, predictor, momentum encoder and
+  projector) through the CLI: read back equal to `convert_state_dict`, and the online
+  (h, predictor(projector(h))) and momentum (h, projector(h)) outputs in eval mode
+  match the torch modules."""
+  c = resnet18_case
+  full, nets = full_checkpoint(c)
+  ckpt, out = tmp_path / 'full.pth', tmp_path / 'out'
+  torch.save(full, ckpt)
+  proc = run_cli(*cli_args(c, ckpt, out))
+  assert proc.returncode == 0, proc.stderr
+  variables, meta = convert.load_converted(out)
+  assert meta['predictor'] is True and meta['mlp_dim'] == MLP_DIM
+  online, momentum = networks(c['arch'], c['stem'], c['wpg'], predictor=True)
+  want = convert.convert_state_dict(convert.load_torch_state_dict(ckpt), online, momentum,
+                                    c['size'])
+  assert set(want) == {'params', 'batch_stats', 'momentum_params', 'momentum_batch_stats'}
+  assert set(want['params']) == {'encoder', 'projector', 'predictor'}
+  assert_trees_equal(variables, want)
+
+  x_torch, x_jax = images(6, c['size'], seed=4)
+  with torch.no_grad():
+    h = nets['encoder'](x_torch)
+    want_online = (h, nets['predictor'](nets['projector'](h)))
+    hm = nets['momentum_encoder'](x_torch)
+    want_momentum = (hm, nets['momentum_projector'](hm))
+  for prefix, net, expected in (('', online, want_online), ('momentum_', momentum, want_momentum)):
+    got = jax.jit(lambda v, x, net=net: net.apply(v, x, train=False))(
+        {'params': variables[prefix + 'params'],
+         'batch_stats': variables[prefix + 'batch_stats']}, x_jax)
+    for name, g, w in zip(('h', 'z'), got, expected):
+      assert_close(g, w.numpy(), err_msg=f'{prefix}{name}')
+
+
+def test_cli_errors_write_nothing(resnet18_case, tmp_path):
+  """Exit code 2 with one `error: ...` line on stderr: an unknown --arch (no output
+  written) and a non-empty --out directory (its files untouched)."""
+  c = resnet18_case
+  ckpt = tmp_path / 'enc.pth'
+  torch.save(c['state_dict'], ckpt)
+
+  out = tmp_path / 'new_out'
+  proc = run_cli(*cli_args(c, ckpt, out, arch='resnet19'))
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and 'resnet19' in lines[0], lines
+  assert not out.exists()
+
+  busy = tmp_path / 'busy'
+  busy.mkdir()
+  (busy / 'keep.txt').write_text('precious')
+  before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in busy.iterdir()}
+  proc = run_cli(*cli_args(c, ckpt, busy))
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and str(busy) in lines[0], lines
+  assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in busy.iterdir()} == before
+
+  # And a conversion error (wrong width) is reported the same way, writing nothing.
+  out = tmp_path / 'wrong_width'
+  args = cli_args(c, ckpt, out)
+  args[args.index('--width_per_group') + 1] = 2 * c['wpg']
+  proc = run_cli(*args)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and 'shape' in lines[0], lines
+  assert not out.exists()
