@@ -23,6 +23,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = 'fashion_mnist'
   config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir
   config.manual_dir = ml_collections.config_dict.placeholder(str)
+  # Let TFDS download and prepare a missing dataset on first use, as tfds.load does
+  # (ImageNet: from manual_dir).  False: fail at once with how to prepare it (offline,
+  # a download only fails after minutes of retries).  Fashion-MNIST is prepared from
+  # the Debian package dataset-fashion-mnist when installed, whatever this says.
+  config.tfds_download = True
   config.train_split = 'train'
   config.eval_train_split = 'train'  # kNN memory bank / linear-probe training set
   config.eval_split = 'test'
@@ -45,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_resize = 256  # ImageNet-sized eval: resize then centre-crop crops_size[0]
   config.shuffle_buffer = 16_384
   config.prefetch = 2
+  # dataset='fake': random uint8 images (3 channels), no TFDS; for benchmarks/tests.
+  config.fake_image_size = 224
+  config.fake_num_classes = 1000
+  config.fake_num_examples = 10_000  # per split
 
   # ---- model ----
   config.arch = 'resnet50'
@@ -68,9 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.base_lr = 0.5  # lr = base_lr * batch_size / 256
   config.weight_decay = 1e-5
   config.sgd_momentum = 0.9
-  config.warmup_epochs = 2
+  config.warmup_epochs = 2.0
   config.final_lr_ratio = 0.1  # cosine decays to final_lr_ratio * lr
-  config.num_epochs = 100
+  config.num_epochs = 100.0
   config.batch_size = 256  # global, over all devices and hosts
   config.grad_clip = ml_collections.config_dict.placeholder(float)
 
@@ -89,4 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.knn_max_train_examples = -1  # -1: the whole eval_train_split
   config.steps_per_epoch = -1  # -1: derived from the dataset size
   config.num_train_steps = -1  # -1: num_epochs * steps_per_epoch
+  # Stop (with a checkpoint) after this many steps of this invocation; rerunning the
+  # same command resumes.  -1: run to the end.  For long runs done in parts.
+  config.run_steps = -1
   return config

@@ -1,0 +1,327 @@
+"""ReSA's image augmentations as TensorFlow ops on one image, with stateless randomness.
+
+The views follow the authors' torchvision pipelines (SPEC.md section 1):
+
+* the *weak* view (view 0): RandomResizedCrop (bilinear, as torchvision's default in
+  the authors' weak transform) + horizontal flip, nothing else;
+* every *strong* view: RandomResizedCrop (bicubic), colour jitter (brightness,
+  contrast, saturation, hue, applied in a random order, as torchvision's
+  ColorJitter) with probability `color_jitter_prob`, grayscale with probability
+  `grayscale_prob`, Gaussian blur (sigma uniform in [0.1, 2]) with probability
+  `gaussian_prob`, solarisation with probability `solarization_prob`, horizontal flip.
+
+Every random draw is a function of an explicit `seed`, an int32 tensor of shape (2,)
+(TensorFlow's stateless RNG), so an image's views depend only on the seed the input
+pipeline derives from (config.seed, global step, position in the global batch), never
+on thread scheduling or on what ran before.
+
+Conventions: the input of a view is the decoded uint8 image (H, W, C), C in {1, 3};
+intermediate images are float32 in [0, 1]; `normalize` turns them into
+(x - mean) / std.  One-channel images (Fashion-MNIST) keep one channel: saturation,
+hue and grayscale are colour-only operations and are no-ops there (brightness,
+contrast, blur, solarisation and flips apply as usual).
+
+Differences from the PIL pipeline, on purpose: the ops run on float images (PIL
+rounds to uint8 after each op), and the blur is a separable Gaussian with a kernel of
+about 10% of the view's side (odd, at least 3) and reflect padding, as in
+SimCLR/BYOL, rather than PIL's box-filter approximation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import tensorflow as tf
+
+# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma).
+_LUMA = (0.299, 0.587, 0.114)
+_RRC_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewSpec:
+  """How to make one view.  `weak` views use only the crop and the flip."""
+  size: int
+  min_scale: float
+  max_scale: float
+  weak: bool = False
+  flip_prob: float = 0.5
+  color_jitter_prob: float = 0.8
+  brightness: float = 0.4
+  contrast: float = 0.4
+  saturation: float = 0.2
+  hue: float = 0.1
+  grayscale_prob: float = 0.2
+  gaussian_prob: float = 0.5
+  solarization_prob: float = 0.2
+
+
+def view_specs(config) -> list[ViewSpec]:
+  """The V = sum(config.crops_nmb) views of a config, view 0 weak.
+
+  Crop group g contributes `crops_nmb[g]` views of side `crops_size[g]` with scale
+  range [crops_min_scale[g], crops_max_scale[g]] and blur / solarisation
+  probabilities `gaussian_prob[g]` / `solarization_prob[g]`.  The first view of
+  group 0 is the weak view.
+  """
+  specs = []
+  for g, count in enumerate(config.crops_nmb):
+    for _ in range(count):
+      specs.append(ViewSpec(
+          size=int(config.crops_size[g]),
+          min_scale=float(config.crops_min_scale[g]),
+          max_scale=float(config.crops_max_scale[g]),
+          weak=not specs,
+          flip_prob=float(config.flip_prob),
+          color_jitter_prob=float(config.color_jitter_prob),
+          brightness=float(config.brightness),
+          contrast=float(config.contrast),
+          saturation=float(config.saturation),
+          hue=float(config.hue),
+          grayscale_prob=float(config.grayscale_prob),
+          gaussian_prob=float(config.gaussian_prob[g]),
+          solarization_prob=float(config.solarization_prob[g])))
+  return specs
+
+
+# ---------------------------------------------------------------------------
+# Randomness helpers
+
+
+def split_seed(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
+  """`num` independent (2,) seeds from one (2,) seed."""
+  return tf.unstack(tf.random.experimental.stateless_split(seed, num))
+
+
+def _uniform(seed, shape=(), minval=0.0, maxval=1.0) -> tf.Tensor:
+  return tf.random.stateless_uniform(shape, seed, minval=minval, maxval=maxval)
+
+
+def _maybe(seed, prob: float, fn, image: tf.Tensor) -> tf.Tensor:
+  """fn(image) with probability `prob` (static shortcuts for 0 and 1)."""
+  if prob <= 0.0:
+    return image
+  if prob >= 1.0:
+    return fn(image)
+  return tf.cond(_uniform(seed) < prob, lambda: fn(image), lambda: image)
+
+
+# ---------------------------------------------------------------------------
+# Geometry
+
+
+def random_resized_crop_box(seed, height, width, scale: Sequence[float],
+                            ratio: Sequence[float] = (3 / 4, 4 / 3)):
+  """torchvision's RandomResizedCrop.get_params: (top, left, h, w), int32 scalars.
+
+  Up to 10 boxes of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio)
+  are drawn at once; the first that fits is used, else the central crop with the
+  aspect ratio clamped to `ratio`.
+  """
+  height = tf.cast(height, tf.int32)
+  width = tf.cast(width, tf.int32)
+  h_f = tf.cast(height, tf.float32)
+  w_f = tf.cast(width, tf.float32)
+  s_area, s_ratio, s_top, s_left = split_seed(seed, 4)
+  area = h_f * w_f * _uniform(s_area, [_RRC_ATTEMPTS], scale[0], scale[1])
+  aspect = tf.exp(_uniform(s_ratio, [_RRC_ATTEMPTS], math.log(ratio[0]), math.log(ratio[1])))
+  ws = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)  # (10,)
+  hs = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)  # (10,)
+  fits = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+  found = tf.reduce_any(fits)
+
+  # Fallback, as torchvision: whole image with the aspect ratio clamped, centred.
+  in_ratio = w_f / h_f
+  fallback_w = tf.where(in_ratio > ratio[1],
+                        tf.cast(tf.round(h_f * ratio[1]), tf.int32), width)
+  fallback_h = tf.where(in_ratio < ratio[0],
+                        tf.cast(tf.round(w_f / ratio[0]), tf.int32), height)
+  h = tf.where(found, hs[first], fallback_h)
+  w = tf.where(found, ws[first], fallback_w)
+  # torch.randint(0, H - h + 1): floor(u * (H - h + 1)), u in [0, 1).
+  random_top = tf.cast(_uniform(s_top) * tf.cast(height - h + 1, tf.float32), tf.int32)
+  random_left = tf.cast(_uniform(s_left) * tf.cast(width - w + 1, tf.float32), tf.int32)
+  top = tf.where(found, tf.minimum(random_top, height - h), (height - h) // 2)
+  left = tf.where(found, tf.minimum(random_left, width - w), (width - w) // 2)
+  return top, left, h, w
+
+
+def random_resized_crop(image: tf.Tensor, seed, size: int, scale: Sequence[float],
+                        method: str = 'bilinear',
+                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+  """uint8 (H, W, C) -> float32 (size, size, C) in [0, 1].
+
+  Resampling is antialiased (as PIL's) when shrinking; bicubic overshoot is clipped.
+  """
+  shape = tf.shape(image)
+  top, left, h, w = random_resized_crop_box(seed, shape[0], shape[1], scale, ratio)
+  crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([h, w, -1]))
+  resized = tf.image.resize(crop, (size, size), method=method, antialias=True)
+  resized = tf.ensure_shape(resized, [size, size, image.shape[-1]])
+  return tf.clip_by_value(resized / 255.0, 0.0, 1.0)
+
+
+def random_flip(image: tf.Tensor, seed, prob: float = 0.5) -> tf.Tensor:
+  return _maybe(seed, prob, tf.image.flip_left_right, image)
+
+
+# ---------------------------------------------------------------------------
+# Colour (float images in [0, 1])
+
+
+def grayscale(image: tf.Tensor) -> tf.Tensor:
+  """(H, W, 3) -> (H, W, 1) luma; one-channel images are returned as they are."""
+  if image.shape[-1] == 1:
+    return image
+  return tf.tensordot(image, tf.constant(_LUMA, image.dtype), axes=[[-1], [0]])[..., None]
+
+
+def _blend(image, other, factor):
+  return tf.clip_by_value(factor * image + (1.0 - factor) * other, 0.0, 1.0)
+
+
+def adjust_brightness(image, factor):
+  return tf.clip_by_value(image * factor, 0.0, 1.0)
+
+
+def adjust_contrast(image, factor):
+  # Blend with the mean luma, a scalar (torchvision).
+  return _blend(image, tf.reduce_mean(grayscale(image)), factor)
+
+
+def adjust_saturation(image, factor):
+  if image.shape[-1] == 1:  # colour-only
+    return image
+  return _blend(image, grayscale(image), factor)
+
+
+def adjust_hue(image, delta):
+  if image.shape[-1] == 1:  # colour-only
+    return image
+  return tf.clip_by_value(tf.image.adjust_hue(image, delta), 0.0, 1.0)
+
+
+def color_jitter(image: tf.Tensor, seed, brightness: float, contrast: float,
+                 saturation: float, hue: float) -> tf.Tensor:
+  """torchvision's ColorJitter: four factors drawn once, applied in a random order.
+
+  Factors: brightness, contrast, saturation ~ U[max(0, 1 - s), 1 + s]; hue shift
+  ~ U[-hue, hue] (a fraction of the colour circle).  A zero strength skips the op.
+  """
+  s_order, s_b, s_c, s_s, s_h = split_seed(seed, 5)
+
+  def factor(s, strength):
+    return _uniform(s, (), max(0.0, 1.0 - strength), 1.0 + strength)
+
+  ops = [
+      (brightness, lambda x: adjust_brightness(x, factor(s_b, brightness))),
+      (contrast, lambda x: adjust_contrast(x, factor(s_c, contrast))),
+      (saturation, lambda x: adjust_saturation(x, factor(s_s, saturation))),
+      (hue, lambda x: adjust_hue(x, _uniform(s_h, (), -hue, hue))),
+  ]
+  order = tf.argsort(_uniform(s_order, [len(ops)]))  # a random permutation of 0..3
+  branches = [fn if strength > 0 else (lambda x: x) for strength, fn in ops]
+  for position in range(len(ops)):
+    image = tf.switch_case(
+        order[position], [lambda fn=fn, x=image: fn(x) for fn in branches])
+  return image
+
+
+def random_grayscale(image: tf.Tensor, seed, prob: float) -> tf.Tensor:
+  if image.shape[-1] == 1:  # colour-only
+    return image
+  return _maybe(seed, prob, lambda x: tf.tile(grayscale(x), [1, 1, 3]), image)
+
+
+def gaussian_blur(image: tf.Tensor, sigma, kernel_size: int) -> tf.Tensor:
+  """Separable Gaussian blur of an (H, W, C) image, reflect padding, odd kernel."""
+  radius = kernel_size // 2
+  x = tf.range(-radius, radius + 1, dtype=tf.float32)
+  kernel = tf.exp(-0.5 * tf.square(x / sigma))
+  kernel /= tf.reduce_sum(kernel)  # (k,)
+  channels = image.shape[-1]
+  padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]],
+                  mode='REFLECT')
+  vertical = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+  horizontal = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
+  out = tf.nn.depthwise_conv2d(padded, vertical, [1, 1, 1, 1], 'VALID')
+  out = tf.nn.depthwise_conv2d(out, horizontal, [1, 1, 1, 1], 'VALID')
+  return out[0]
+
+
+def blur_kernel_size(size: int) -> int:
+  """About 10% of the view's side, odd, at least 3 (SimCLR/BYOL)."""
+  k = max(3, size // 10)
+  return k if k % 2 else k + 1
+
+
+def random_gaussian_blur(image, seed, prob: float, size: int,
+                         sigma_range=(0.1, 2.0)) -> tf.Tensor:
+  s_apply, s_sigma = split_seed(seed, 2)
+  sigma = _uniform(s_sigma, (), sigma_range[0], sigma_range[1])
+  return _maybe(s_apply, prob,
+                lambda x: gaussian_blur(x, sigma, blur_kernel_size(size)), image)
+
+
+def solarize(image: tf.Tensor) -> tf.Tensor:
+  """PIL's ImageOps.solarize (threshold 128 of 255): invert the bright pixels."""
+  return tf.where(image >= 128.0 / 255.0, 1.0 - image, image)
+
+
+# ---------------------------------------------------------------------------
+# Views and evaluation preprocessing
+
+
+def make_view(image: tf.Tensor, seed, spec: ViewSpec) -> tf.Tensor:
+  """uint8 (H, W, C) -> float32 (spec.size, spec.size, C) in [0, 1]."""
+  s_crop, s_jitter, s_jitter_apply, s_gray, s_blur, s_solar, s_flip = split_seed(seed, 7)
+  scale = (spec.min_scale, spec.max_scale)
+  if spec.weak:
+    view = random_resized_crop(image, s_crop, spec.size, scale, method='bilinear')
+    return random_flip(view, s_flip, spec.flip_prob)
+  view = random_resized_crop(image, s_crop, spec.size, scale, method='bicubic')
+  view = _maybe(s_jitter_apply, spec.color_jitter_prob,
+                lambda x: color_jitter(x, s_jitter, spec.brightness, spec.contrast,
+                                       spec.saturation, spec.hue), view)
+  view = random_grayscale(view, s_gray, spec.grayscale_prob)
+  view = random_gaussian_blur(view, s_blur, spec.gaussian_prob, spec.size)
+  view = _maybe(s_solar, spec.solarization_prob, solarize, view)
+  return random_flip(view, s_flip, spec.flip_prob)
+
+
+def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+  """float [0, 1] (..., C) -> (x - mean) / std."""
+  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def resize_shorter_and_center_crop(image: tf.Tensor, resize: int, size: int) -> tf.Tensor:
+  """uint8 (H, W, C) -> float32 (size, size, C) in [0, 1].
+
+  torchvision's Resize(resize) (shorter side to `resize`, the longer one truncated,
+  bilinear, antialiased) then CenterCrop(size).
+  """
+  shape = tf.shape(image)
+  h = tf.cast(shape[0], tf.float32)
+  w = tf.cast(shape[1], tf.float32)
+  short = tf.minimum(h, w)
+  new_h = tf.where(h <= w, resize, tf.cast(resize * h / short, tf.int32))
+  new_w = tf.where(w <= h, resize, tf.cast(resize * w / short, tf.int32))
+  resized = tf.image.resize(image, tf.stack([new_h, new_w]), method='bilinear',
+                            antialias=True)
+  top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
+  crop = tf.slice(resized, tf.stack([top, left, 0]), tf.stack([size, size, -1]))
+  crop = tf.ensure_shape(crop, [size, size, image.shape[-1]])
+  return tf.clip_by_value(crop / 255.0, 0.0, 1.0)
+
+
+def plain(image: tf.Tensor, size: int) -> tf.Tensor:
+  """uint8 (H, W, C) -> float32 (size, size, C) in [0, 1]: the image itself,
+  resized (bilinear, antialiased) only when its side differs from `size`."""
+  image = tf.cast(image, tf.float32)
+  if image.shape[0] != size or image.shape[1] != size:
+    image = tf.image.resize(image, (size, size), method='bilinear', antialias=True)
+  return tf.clip_by_value(image / 255.0, 0.0, 1.0)
