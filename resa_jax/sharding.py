@@ -38,3 +38,20 @@ def shard_host_batch(mesh: Mesh, tree):
   sharding = batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+  """jax.distributed.initialize when running on several hosts; a no-op otherwise.
+
+  With an explicit coordinator address all three values are required; without
+  one, JAX's cluster auto-detection (TPU pod slices, SLURM, ...) is used when it
+  recognises the environment (JAX_COORDINATOR_ADDRESS / SLURM_* / TPU metadata).
+  """
+  import os
+  if coordinator_address is not None:
+    if num_processes is None or process_id is None:
+      raise ValueError('--coordinator_address needs --num_processes and --process_id')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif (os.environ.get('JAX_COORDINATOR_ADDRESS') or
+        int(os.environ.get('SLURM_NTASKS', '1')) > 1 or os.environ.get('TPU_WORKER_HOSTNAMES')):
+    jax.distributed.initialize()

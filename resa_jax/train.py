@@ -184,3 +184,348 @@ def make_train_step(config, *, online_net, momentum_net, tx, mesh, lr_schedule, 
   return jax.jit(step, in_shardings=(state_sharding, batch),
                  out_shardings=(state_sharding, replicated),
                  donate_argnums=(0,) if donate else ())
+
+
+# ================================================================ the loop ====
+# Everything below is host-side orchestration around `train_step`.
+
+import json  # noqa: E402
+import math  # noqa: E402
+import pathlib  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+from absl import logging  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss (or gradient) became NaN or Inf; the message names the step."""
+
+
+def validate_config(config) -> None:
+  """Raises ValueError with a one-line cause for a config that cannot train."""
+  from resa_jax import input_pipeline, models
+  if config.arch not in models.ARCHITECTURES:
+    raise ValueError(f'unknown architecture {config.arch!r}; expected one of '
+                     f'{", ".join(sorted(models.ARCHITECTURES))}')
+  if config.stem not in ('imagenet', 'cifar'):
+    raise ValueError(f"unknown stem {config.stem!r}; expected 'imagenet' or 'cifar'")
+  if config.optimizer not in ('sgd', 'adamw'):
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; expected 'sgd' or 'adamw'")
+  positive = ('batch_size', 'width_per_group', 'mlp_layers', 'mlp_dim', 'emb_dim', 'base_lr',
+              'temperature', 'sinkhorn_epsilon', 'sinkhorn_iters', 'num_epochs',
+              'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'knn_k',
+              'knn_temperature')
+  for name in positive:
+    if not config[name] > 0:
+      raise ValueError(f'{name} must be positive, got {config[name]!r}')
+  for name in ('weight_decay', 'warmup_epochs', 'final_lr_ratio'):
+    if config[name] < 0:
+      raise ValueError(f'{name} must be >= 0, got {config[name]!r}')
+  if not 0 <= config.ema_momentum <= 1:
+    raise ValueError(f'ema_momentum must be in [0, 1], got {config.ema_momentum!r}')
+  input_pipeline.validate_config(config)
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+  from resa_jax import evaluate
+  evaluate.write_json(path, obj)
+
+
+class Checkpoints:
+  """Orbax CheckpointManager of TrainStates with fallback over unreadable steps."""
+
+  def __init__(self, directory: pathlib.Path, keep: int):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self.manager = ocp.CheckpointManager(
+        directory.absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=True))
+
+  def restore_latest(self, template: TrainState):
+    """(state, step) from the newest readable checkpoint, or (template, None).
+
+    An unreadable checkpoint (truncated file, missing directory) is reported with
+    a warning and skipped; nothing is deleted here.
+    """
+    abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, template)
+    for step in sorted(self.manager.all_steps(read=True), reverse=True):
+      try:
+        state = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('checkpoint at step %d is unreadable (%s: %s); trying an older one',
+                        step, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
+        print(f'warning: checkpoint at step {step} is unreadable ({type(e).__name__}); '
+              'falling back to an older one', flush=True)
+        continue
+      return state, step
+    return template, None
+
+  def save(self, step: int, state: TrainState) -> float:
+    """Saves (asynchronously after the host copy); returns the blocking seconds."""
+    start = time.perf_counter()
+    if step in self.manager.all_steps():  # an unreadable leftover we fell back from
+      self.manager.delete(step)
+    self.manager.save(step, args=self._ocp.args.StandardSave(state), force=True)
+    return time.perf_counter() - start
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def make_encode_fn(net, mesh):
+  """jit: (variables, images (B,H,W,C)) -> float32 encodings (B, D), eval mode."""
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  batch = jax.sharding.NamedSharding(mesh, P(mesh.axis_names[0]))
+  return jax.jit(lambda variables, x: net.apply(variables, x, train=False,
+                                                method='encode').astype(jnp.float32),
+                 in_shardings=(replicated, batch), out_shardings=batch)
+
+
+def knn_top1(config, mesh, feature_fn, num_classes: int) -> float:
+  """Weighted kNN (DINO) top-1 in % with k = config.knn_k, T = config.knn_temperature.
+
+  The memory bank is config.eval_train_split (its first knn_max_train_examples
+  examples when that is > 0), the queries config.eval_split, both without
+  augmentation.  `feature_fn` maps a global image batch to (B, D) features.
+  """
+  from resa_jax import evaluate, input_pipeline
+  bank, bank_labels = evaluate.extract_features(
+      feature_fn, input_pipeline.create_eval_iterator(config, mesh, config.eval_train_split))
+  if config.knn_max_train_examples > 0:
+    bank, bank_labels = bank[:config.knn_max_train_examples], bank_labels[:config.knn_max_train_examples]
+  queries, query_labels = evaluate.extract_features(
+      feature_fn, input_pipeline.create_eval_iterator(config, mesh, config.eval_split))
+  result = evaluate.knn_weighted(bank, bank_labels, queries, query_labels, num_classes,
+                                 ks=(config.knn_k,), temperature=config.knn_temperature)
+  return float(result[f'top1_k{config.knn_k}'])
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+def _plot_history(history: dict, workdir: pathlib.Path) -> None:
+  """training_curves.png: loss over steps and kNN top-1 over epochs."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  if history['loss']:
+    steps, values = zip(*history['loss'])
+    axes[0].plot(steps, values)
+  axes[0].set(xlabel='step', ylabel='ReSA loss', title='training loss')
+  if history['knn']:
+    epochs, accs = zip(*history['knn'])
+    axes[1].plot(epochs, accs, 'o-', label='ReSA (momentum encoder)')
+  for key, style, label in (('knn_top1_raw_pixels', 'k--', 'raw pixels'),
+                            ('knn_top1_random_init', 'r:', 'random init')):
+    if history.get(key) is not None:
+      axes[1].axhline(history[key], linestyle=style[1:], color=style[0], label=label)
+  axes[1].set(xlabel='epoch', ylabel='kNN top-1 (%)', title='weighted kNN')
+  axes[1].legend(loc='lower right', fontsize=8)
+  fig.tight_layout()
+  fig.savefig(workdir / 'training_curves.png', dpi=100)
+  plt.close(fig)
+
+
+def train_and_evaluate(config, workdir) -> dict:
+  """Trains ReSA with `config`, checkpointing to and resuming from `workdir`.
+
+  Returns the results dict also written to workdir/results.json.  Raises
+  ValueError (bad config, missing data; nothing written) or TrainingDivergedError.
+  """
+  from clu import metric_writers
+  from resa_jax import input_pipeline, models, sharding
+
+  validate_config(config)
+  workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f'workdir {workdir} exists and is not a directory')
+  info = input_pipeline.dataset_info(config)  # DatasetNotFoundError before any write
+  mesh = sharding.create_mesh()
+  steps_per_epoch = input_pipeline.steps_per_epoch(config)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  online_net, momentum_net = models.create_networks(config)
+  schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
+  tx = create_optimizer(config, schedule)
+  size = int(config.crops_size[0])
+  image_shape = (size, size, int(info.image_shape[-1]))
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  init_fn = jax.jit(lambda rng: create_train_state(rng, online_net, momentum_net, tx, image_shape),
+                    out_shardings=replicated)
+  initial_state = init_fn(jax.random.key(config.seed))
+
+  is_chief = jax.process_index() == 0
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpoints = Checkpoints(workdir / 'checkpoints', config.keep_checkpoints)
+  state, restored_step = checkpoints.restore_latest(initial_state)
+  start_step = int(restored_step or 0)
+  history_path = workdir / 'history.json'
+  history = {'loss': [], 'knn': [], 'wall_time': 0.0}
+  if start_step and history_path.exists():
+    history.update(json.loads(history_path.read_text()))
+    history['loss'] = [p for p in history['loss'] if p[0] <= start_step]
+    history['knn'] = [p for p in history['knn'] if p[1] is not None and
+                      p[0] <= start_step / steps_per_epoch + 1e-9]
+  if is_chief:
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_chief)
+  print(f'ReSA: {config.arch} on {config.dataset}, global batch {config.batch_size} over '
+        f'{mesh.size} device(s) ({jax.devices()[0].platform}), {steps_per_epoch} steps/epoch, '
+        f'{total_steps} steps' + (f'; resumed at step {start_step}' if start_step else ''),
+        flush=True)
+
+  encode = make_encode_fn(momentum_net, mesh)
+
+  def momentum_encoder_features(s: TrainState):
+    variables = {'params': s.momentum_params, 'batch_stats': s.momentum_batch_stats}
+    return lambda images: encode(variables, images)
+  has_labels = info.num_classes > 0 and config.knn_every_epochs > 0
+  if has_labels and history.get('knn_top1_random_init') is None:
+    history['knn_top1_raw_pixels'] = knn_top1(
+        config, mesh, lambda x: jnp.reshape(x, (x.shape[0], -1)).astype(jnp.float32),
+        info.num_classes)
+    history['knn_top1_random_init'] = knn_top1(config, mesh,
+                                               momentum_encoder_features(initial_state),
+                                               info.num_classes)
+    print(f'kNN top-1 before training: raw pixels {history["knn_top1_raw_pixels"]:.2f}%, '
+          f'random encoder {history["knn_top1_random_init"]:.2f}%', flush=True)
+  del initial_state
+
+  step_fn = make_train_step(config, online_net=online_net, momentum_net=momentum_net, tx=tx,
+                            mesh=mesh, lr_schedule=schedule, total_steps=total_steps)
+  train_iter = input_pipeline.create_train_iterator(config, mesh, start_step=start_step)
+
+  stop_requested = []
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True)) \
+      if is_main_thread() else None
+  pending = []  # (step, device metrics) not yet checked on the host
+  last_loss = math.nan
+  run_start, prior_wall_time = time.time(), float(history.get('wall_time', 0.0))
+  timed_steps, timed_seconds = 0, 0.0
+  interval_start, interval_steps = None, 0
+  checkpoint_seconds = []
+
+  def flush_metrics(step):
+    """Fetches pending metrics, stops on NaN/Inf, writes the mean, prints progress."""
+    nonlocal last_loss, interval_start, interval_steps, timed_steps, timed_seconds
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m in pending])
+    for (s, _), m in zip(pending, fetched):
+      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+        raise TrainingDivergedError(
+            f'non-finite loss ({m["loss"]}) or gradient norm ({m["grad_norm"]}) at step {s}; '
+            f'the last good checkpoint is kept in {workdir / "checkpoints"}')
+    pending.clear()
+    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    last_loss = mean['loss']
+    now = time.time()
+    rate = ''
+    if interval_start is not None and interval_steps:
+      seconds = now - interval_start
+      timed_steps += interval_steps
+      timed_seconds += seconds
+      ips = interval_steps * config.batch_size / seconds
+      mean['images_per_sec'] = ips
+      eta = (total_steps - step) * seconds / interval_steps
+      rate = f' | {ips:.1f} img/s | ETA {_format_duration(eta)}'
+    interval_start, interval_steps = now, 0
+    writer.write_scalars(step, mean)
+    history['loss'].append((step, mean['loss']))
+    print(f'step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}) '
+          f'loss {mean["loss"]:.4f} lr {mean["lr"]:.4g} ema {mean["ema_momentum"]:.5f} '
+          f'entropy {mean["assignment_entropy"]:.3f}{rate}', flush=True)
+
+  def save(step):
+    flush_metrics(step)  # never checkpoint a state we have not checked
+    checkpoint_seconds.append(checkpoints.save(step, state))
+    history['wall_time'] = prior_wall_time + time.time() - run_start
+    if is_chief:
+      _write_json(history_path, history)
+
+  step = start_step
+  stop_at = total_steps if config.run_steps <= 0 else min(total_steps, start_step + config.run_steps)
+  try:
+    while step < stop_at:
+      batch = next(train_iter)
+      state, metrics = step_fn(state, batch['views'])
+      step += 1
+      pending.append((step, metrics))
+      if step == start_step + 1:  # the first step compiles: time from its end
+        flush_metrics(step)
+      else:
+        interval_steps += 1
+      if step % config.log_every_steps == 0 or step == total_steps:
+        flush_metrics(step)
+      epoch_done = step % steps_per_epoch == 0 or step == total_steps
+      epoch = step / steps_per_epoch
+      if (has_labels and epoch_done and
+          (round(epoch) % config.knn_every_epochs == 0 or step == total_steps)):
+        flush_metrics(step)
+        accuracy = knn_top1(config, mesh, momentum_encoder_features(state), info.num_classes)
+        history['knn'].append((epoch, accuracy))
+        writer.write_scalars(step, {'knn_top1': accuracy})
+        print(f'epoch {epoch:.2f}: kNN top-1 {accuracy:.2f}% (k={config.knn_k})', flush=True)
+        interval_start, interval_steps = time.time(), 0  # do not count eval as training
+      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        save(step)
+      if stop_requested:
+        save(step)
+        checkpoints.close()
+        print(f'SIGTERM at step {step}: checkpoint saved, exiting', flush=True)
+        raise SystemExit(143)
+  finally:
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+    checkpoints.wait()
+  if step < total_steps:  # config.run_steps reached: checkpoint and leave
+    if checkpoints.manager.latest_step() != step:
+      save(step)
+    checkpoints.close()
+    writer.flush()
+    print(f'stopped after {step - start_step} steps (run_steps) at step {step}/{total_steps}; '
+          'run the same command again to continue', flush=True)
+    return {'step': step, 'finished': False}
+  checkpoints.close()
+  writer.flush()
+  history['wall_time'] = prior_wall_time + time.time() - run_start
+
+  results = {
+      'finished': True,
+      'step': step,
+      'epoch': step / steps_per_epoch,
+      'final_loss': last_loss,
+      'knn_top1': history['knn'][-1][1] if history['knn'] else None,
+      'knn_top1_raw_pixels': history.get('knn_top1_raw_pixels'),
+      'knn_top1_random_init': history.get('knn_top1_random_init'),
+      'knn_k': config.knn_k,
+      'images_per_sec': (timed_steps * config.batch_size / timed_seconds
+                         if timed_seconds else None),
+      'wall_time_sec': history.get('wall_time', 0.0),
+      'checkpoint_save_sec_mean': float(np.mean(checkpoint_seconds)) if checkpoint_seconds else None,
+      'devices': mesh.size,
+      'platform': jax.devices()[0].platform,
+  }
+  if is_chief:
+    _write_json(history_path, history)
+    _write_json(workdir / 'results.json', results)
+    _plot_history(history, workdir)
+  print('results: ' + json.dumps(results), flush=True)
+  return results
+
+
+def is_main_thread() -> bool:
+  import threading
+  return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,46 @@
+"""Fashion-MNIST, the default demo: pre-training plus kNN evaluation on a laptop CPU.
+
+Command:
+    python -m resa_jax.main --config=configs/fashion_mnist.py --workdir=/tmp/resa_fmnist
+
+Hardware: written for 2 CPU cores.  Expected runtime and accuracy: see README
+("Demo") and experiments/RESULTS.md for the measured figures.
+A width-16 ResNet-18 with the CIFAR stem on 28x28 grey images; no predictor,
+no blur (28 px), ReSA's tau / epsilon / EMA as the authors'.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.dataset = 'fashion_mnist'
+  config.crops_nmb = (2,)
+  config.crops_size = (28,)
+  config.crops_min_scale = (0.2,)
+  config.crops_max_scale = (1.0,)
+  config.gaussian_prob = (0.0,)
+  config.solarization_prob = (0.2,)
+
+  config.arch = 'resnet18'
+  config.width_per_group = 16
+  config.stem = 'cifar'
+  config.zero_init_residual = False
+  config.mlp_layers = 3
+  config.mlp_dim = 512
+  config.emb_dim = 128
+  config.predictor = False
+  config.dtype = 'float32'
+
+  config.optimizer = 'sgd'
+  config.base_lr = 0.3
+  config.weight_decay = 1e-4
+  config.warmup_epochs = 0.2
+  config.num_epochs = 2.0
+  config.batch_size = 128
+
+  config.log_every_steps = 20
+  config.checkpoint_every_steps = 200
+  config.knn_every_epochs = 1
+  config.knn_k = 20
+  return config
