@@ -1,14 +1,23 @@
-"""Evaluation of learned representations on fixed features.
+"""Evaluation of learned representations: kNN, linear probes, semi-supervised
+fine-tuning and the clustering analysis (SPEC section 3), library and command line.
 
-Everything here works on features that were computed once (SPEC section 3: the
-momentum encoder in eval mode), so no function below knows about models,
-checkpoints or augmentations.  The functions take and return numpy arrays at the
-boundary; the heavy parts are jit-compiled JAX, chunked so that no N x M matrix
-has to exist at once.
+    python -m resa_jax.evaluate --config=configs/fashion_mnist.py --checkpoint=WORKDIR \
+        --eval=knn,linear,semi,clustering [--output=DIR] [--encoder=momentum|online] \
+        [--linear_protocol=features|imagenet] [--semi_fraction=0.01] [--config.x=y ...]
+
+The first part works on features that were computed once (SPEC section 3: the
+momentum encoder in eval mode) and knows nothing of models, checkpoints or
+augmentations: numpy arrays at the boundary, the heavy parts jit-compiled JAX,
+chunked so that no N x M matrix has to exist at once.  The second part (from
+"Models" on) loads checkpoints, extracts features over the evaluation pipeline,
+trains the classifiers that need images (the ImageNet linear probe on a frozen
+encoder, semi-supervised fine-tuning) and runs the command line; its docstrings
+say what each protocol does.
 
 Feature extraction
   `extract_features(feature_fn, iterator)` runs a jitted `(B, H, W, C) -> (B, d)`
-  function over an input pipeline's batches and keeps the rows whose `mask` is True.
+  function (or one returning a dict of such arrays) over an input pipeline's
+  batches and keeps the rows whose `mask` is True.
 
 k-nearest neighbours (`nearest_neighbours`, `knn_weighted`, `knn_majority`)
   Every train row j gets a score against a query x, larger = nearer:
@@ -85,10 +94,14 @@ so a reader never sees half a file).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
+import pathlib
+import shutil
 import tempfile
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -207,44 +220,53 @@ def extract_features(
     feature_fn: Callable[[Any], Any],
     iterator: Iterable[Mapping[str, Any]],
     *,
+    label_keys: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     log_every: int = 50,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[Any, Any]:
   """Features and labels of every real example that `iterator` yields.
 
   Args:
     feature_fn: a (jitted) function mapping the batch's images (B, H, W, C) to
-      features (B, d).  Called with `batch['image']` as the iterator gives it
-      (typically a global array sharded over the batch axis).
+      features (B, d), or to a dict of such arrays (e.g. one per layer).  Called
+      with `batch['image']` as the iterator gives it (typically a global array
+      sharded over the batch axis; a global array that spans several processes
+      is gathered, so every process gets all rows).
     iterator: yields dicts with 'image' (B, H, W, C), 'label' (B,) and 'mask'
       (B,), mask False on the padding rows that complete the last batch ('mask'
-      may be absent: every row is real).  All three must describe the same
-      (global) batch.
+      may be absent: every row is real).  All must describe the same (global)
+      batch.
+    label_keys: None: return the 'label' array.  A sequence of keys (e.g.
+      ('label', 'coarse_label')): return a dict of those label arrays.
     progress: optional callback `progress(num_batches, num_examples)` called after
-      every batch, e.g. to drive a progress bar.
+      every batch, e.g. to print progress.
     log_every: an absl INFO line every `log_every` batches (0: never).
 
   Returns:
-    features (N, d) float32 and labels (N,) int64, N = number of mask-True rows,
-    in the iterator's order.
+    features (N, d) float32 (or a dict of them, as `feature_fn` returns) and
+    labels (N,) int64 (or a dict of them, per `label_keys`), N = number of
+    mask-True rows, in the iterator's order.
   """
+  keys = ('label',) if label_keys is None else tuple(label_keys)
   features_list, labels_list = [], []
   num_batches = num_examples = 0
   start = time.time()
   for batch in iterator:
-    features = _to_numpy(feature_fn(batch['image']))
-    labels = _to_numpy(batch['label'])
+    features = jax.tree.map(_to_numpy, feature_fn(batch['image']))
+    labels = {k: _to_numpy(batch[k]) for k in keys}
+    num_rows = labels[keys[0]].shape[0]
     if 'mask' in batch:
       mask = _to_numpy(batch['mask']).astype(bool)
     else:
-      mask = np.ones(labels.shape[0], bool)
-    if features.ndim != 2 or not (features.shape[0] == labels.shape[0] ==
-                                  mask.shape[0]):
+      mask = np.ones(num_rows, bool)
+    shapes = [f.shape for f in jax.tree.leaves(features)]
+    if (any(len(s) != 2 or s[0] != num_rows for s in shapes) or mask.shape != (num_rows,)
+        or any(l.shape != (num_rows,) for l in labels.values())):
       raise ValueError(
-          f'batch shapes disagree: features {features.shape}, labels '
-          f'{labels.shape}, mask {mask.shape}')
-    features_list.append(features[mask].astype(np.float32))
-    labels_list.append(labels[mask].astype(np.int64))
+          f'batch shapes disagree: features {shapes}, labels '
+          f'{[l.shape for l in labels.values()]}, mask {mask.shape}')
+    features_list.append(jax.tree.map(lambda f: f[mask].astype(np.float32), features))
+    labels_list.append({k: l[mask].astype(np.int64) for k, l in labels.items()})
     num_batches += 1
     num_examples += int(mask.sum())
     if progress is not None:
@@ -256,7 +278,9 @@ def extract_features(
     raise ValueError('the iterator yielded no batch')
   logging.info('extract_features: done, %d examples in %d batches, %.1f s',
                num_examples, num_batches, time.time() - start)
-  return np.concatenate(features_list), np.concatenate(labels_list)
+  features = jax.tree.map(lambda *parts: np.concatenate(parts), *features_list)
+  labels = {k: np.concatenate([l[k] for l in labels_list]) for k in keys}
+  return features, (labels['label'] if label_keys is None else labels)
 
 
 # ---------------------------------------------------------------------------
@@ -1078,7 +1102,1015 @@ def clustering_analysis(
 
 
 # ---------------------------------------------------------------------------
-# Command line: `python -m resa_jax.evaluate` (checkpoint and model loading,
-# feature extraction over TFDS splits, then the protocols above).  Added later by
-# the lead engineer; nothing below this line yet.
+# Models: checkpoints -> encoder variables -> feature functions.
 # ---------------------------------------------------------------------------
+
+EVALUATIONS = ('knn', 'linear', 'semi', 'clustering')
+# Config fields that fix the shapes of the encoder and the projector.
+_MODEL_FIELDS = ('arch', 'width_per_group', 'stem', 'mlp_layers', 'mlp_dim', 'emb_dim')
+_EVAL_PARTS = ('encoder', 'projector')  # what evaluation uses of a network
+_SUBSET_FILES = {0.01: '1percent.txt', 0.1: '10percent.txt'}
+
+
+class EvaluationError(ValueError):
+  """Input the evaluation cannot use: a missing checkpoint, one of another
+  architecture, a bad flag.  The message is one line."""
+
+
+@dataclasses.dataclass
+class Model:
+  """An encoder (and projector) ready for evaluation.
+
+  net: an SSLNetwork without predictor (the momentum network's class, whichever
+  encoder was chosen), so `net.apply(variables, x)` gives (encoding, embedding)
+  and `method='encode'` the encoding.  variables: {'params', 'batch_stats'},
+  each with 'encoder' and, when the checkpoint has one, 'projector'; replicated
+  over the mesh.  source: what was loaded, for the result files.
+  """
+  net: Any
+  variables: Any
+  source: dict
+
+  @property
+  def has_projector(self) -> bool:
+    return 'projector' in self.variables['params']
+
+
+def _model_summary(config) -> str:
+  return ', '.join(f'{k}={config[k]}' for k in _MODEL_FIELDS)
+
+
+def _path_name(path) -> str:
+  parts = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return '/'.join(parts)
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+  """{'params/encoder/conv1/kernel': shape, ...} of a pytree (arrays or metadata)."""
+  return {_path_name(path): tuple(getattr(leaf, 'shape', ()))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _shape_mismatch(stored: Mapping[str, tuple], expected: Mapping[str, tuple]) -> str | None:
+  """The first difference between two {name: shape} maps, in words, or None."""
+  # Parameters first: they make the clearest message.
+  for name in sorted(expected, key=lambda n: (not n.startswith('params/'), n)):
+    if name not in stored:
+      return f'the checkpoint has no {name}'
+    if tuple(stored[name]) != tuple(expected[name]):
+      return (f'{name} is {tuple(stored[name])} in the checkpoint, '
+              f'{tuple(expected[name])} in the model')
+  extra = sorted(set(stored) - set(expected))
+  if extra:
+    return f'the model has no {extra[0]}'
+  return None
+
+
+def _trained_config_note(workdir: pathlib.Path, config) -> str:
+  """'; its config.json has width_per_group=8' when the training config differs."""
+  path = workdir / 'config.json'
+  try:
+    trained = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return ''
+  differences = [f'{k}={trained[k]}' for k in _MODEL_FIELDS + ('predictor',)
+                 if k in trained and trained[k] != config[k]]
+  return f'; its config.json has {", ".join(differences)}' if differences else ''
+
+
+def _checkpoint_steps(directory: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _stored_shapes(step_dir: pathlib.Path) -> dict[str, tuple] | None:
+  """{name: shape} of a TrainState saved by train.Checkpoints, None if unreadable."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  item = step_dir / 'default'
+  if not item.is_dir():
+    return None
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # orbax warns that train.Checkpoints wrote no
+  try:                                  # step metadata file; the tree's is all we need
+    with ocp.StandardCheckpointer() as checkpointer:
+      metadata = checkpointer.metadata(item)
+  except Exception:  # pylint: disable=broad-except  (restore_latest reports it)
+    return None
+  finally:
+    logging.set_verbosity(verbosity)
+  tree = getattr(metadata, 'item_metadata', metadata)
+  return _flat_shapes(tree) if tree is not None else None
+
+
+def _abstract_train_state(config, image_channels: int):
+  """ShapeDtypeStructs of train.create_train_state for `config` (nothing computed)."""
+  from resa_jax import models, train  # pylint: disable=g-import-not-at-top
+  online_net, momentum_net = models.create_networks(config)
+  tx = train.create_optimizer(config, train.learning_rate_schedule(config, 1, 1))
+  size = int(config.crops_size[0])
+  return jax.eval_shape(lambda: train.create_train_state(
+      jax.random.key(0), online_net, momentum_net, tx, (size, size, image_channels)))
+
+
+def restore_train_state(config, checkpoint_dir, mesh: Mesh, image_channels: int):
+  """(TrainState, step): the newest readable checkpoint of a training run.
+
+  `checkpoint_dir` is `<workdir>/checkpoints`.  The template comes from
+  train.create_train_state with `config`; before restoring, the stored shapes of
+  the newest step are compared with it, so a checkpoint of another architecture
+  is an EvaluationError that names the first parameter that differs.
+  """
+  from resa_jax import train  # pylint: disable=g-import-not-at-top
+  checkpoint_dir = pathlib.Path(checkpoint_dir).absolute()
+  steps = _checkpoint_steps(checkpoint_dir) if checkpoint_dir.is_dir() else []
+  if not steps:
+    raise EvaluationError(f'no checkpoint in {checkpoint_dir}')
+  try:
+    abstract = _abstract_train_state(config, image_channels)
+  except Exception as e:  # pylint: disable=broad-except  (e.g. a zero-width layer)
+    raise EvaluationError(f'cannot build the model of --config ({_model_summary(config)}): '
+                          f'{type(e).__name__}: {_first_line(e)}') from e
+  stored = _stored_shapes(checkpoint_dir / str(steps[-1]))
+  if stored is not None:
+    where = f'the checkpoint in {checkpoint_dir} (step {steps[-1]})'
+    roots = ('params', 'batch_stats', 'momentum_params', 'momentum_batch_stats')
+    is_model = lambda name: name.split('/', 1)[0] in roots
+    expected = _flat_shapes(abstract)
+    mismatch = _shape_mismatch({k: v for k, v in stored.items() if is_model(k)},
+                               {k: v for k, v in expected.items() if is_model(k)})
+    if mismatch:
+      raise EvaluationError(
+          f'{where} is of another architecture than --config ({_model_summary(config)}): '
+          f'{mismatch}' + _trained_config_note(checkpoint_dir.parent, config))
+    mismatch = _shape_mismatch({k: v for k, v in stored.items() if not is_model(k)},
+                               {k: v for k, v in expected.items() if not is_model(k)})
+    if mismatch:
+      raise EvaluationError(
+          f'{where} has an optimizer state that --config (optimizer={config.optimizer}, '
+          f'grad_clip={config.get("grad_clip")}) does not make: {mismatch}')
+  replicated = NamedSharding(mesh, P())
+  template = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
+  checkpoints = train.Checkpoints(checkpoint_dir, int(config.keep_checkpoints))
+  try:
+    state, step = checkpoints.restore_latest(template)
+  finally:
+    checkpoints.close()
+  if step is None:
+    raise EvaluationError(
+        f'no readable checkpoint in {checkpoint_dir} (steps {steps}); does --config '
+        'match the training run (optimizer, architecture)?')
+  return state, int(step)
+
+
+def _select_parts(params, batch_stats) -> dict:
+  return {'params': {k: params[k] for k in _EVAL_PARTS if k in params},
+          'batch_stats': {k: batch_stats[k] for k in _EVAL_PARTS if k in batch_stats}}
+
+
+def load_model(config, checkpoint, mesh: Mesh, *, encoder: str = 'momentum',
+               image_channels: int = 3) -> Model:
+  """The encoder (and projector) of a checkpoint, for evaluation.
+
+  Args:
+    config: the model fields (arch, width_per_group, stem, mlp_layers, mlp_dim,
+      emb_dim, dtype) say what the checkpoint must hold.
+    checkpoint: a training workdir (its newest readable TrainState in
+      `checkpoints/`), the `checkpoints/` folder itself, or a folder written by
+      `python -m resa_jax.convert` (the authors' weights).
+    mesh: the variables are replicated over it.
+    encoder: 'momentum' (SPEC section 3: features are the momentum encoder's) or
+      'online'.  A converted checkpoint without a momentum network falls back to
+      its online encoder (said in `source['encoder']`).
+    image_channels: input channels of the encoder's first convolution.
+
+  Raises:
+    EvaluationError: missing checkpoint, or one of another architecture.
+  """
+  from resa_jax import convert, models  # pylint: disable=g-import-not-at-top
+  if encoder not in ('momentum', 'online'):
+    raise EvaluationError(f"--encoder must be 'momentum' or 'online', got {encoder!r}")
+  path = pathlib.Path(checkpoint).absolute()
+  if not path.exists():
+    raise EvaluationError(f'checkpoint {path} does not exist')
+  _, net = models.create_networks(config)  # no predictor: encoder + projector
+  prefix = 'momentum_' if encoder == 'momentum' else ''
+  if (path / convert.METADATA_FILE).is_file():
+    try:
+      converted, metadata = convert.load_converted(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise EvaluationError(f'cannot read the converted checkpoint {path}: '
+                            f'{type(e).__name__}: {_first_line(e)}') from e
+    differences = [f'{k}={metadata[k]} (--config: {config[k]})' for k in _MODEL_FIELDS
+                   if k in metadata and metadata[k] != config[k]]
+    if differences:
+      raise EvaluationError(f'{path} was converted for another architecture than '
+                            f'--config: {", ".join(differences)}')
+    used = encoder
+    if prefix + 'params' not in converted:
+      prefix, used = '', f'online (the checkpoint has no {encoder} network)'
+    selected = _select_parts(converted.get(prefix + 'params', {}),
+                             converted.get(prefix + 'batch_stats', {}))
+    if 'encoder' not in selected['params']:
+      raise EvaluationError(f'{path} holds no encoder weights')
+    size = int(config.crops_size[0])
+    expected = jax.eval_shape(lambda: net.init(
+        jax.random.key(0), jnp.zeros((2, size, size, image_channels)), train=False))
+    expected = _select_parts(expected['params'], expected['batch_stats'])
+    parts = set(selected['params'])
+    expected = {c: {k: v for k, v in t.items() if k in parts} for c, t in expected.items()}
+    mismatch = _shape_mismatch(_flat_shapes(selected), _flat_shapes(expected))
+    if mismatch:
+      raise EvaluationError(f'the checkpoint in {path} is of another architecture than '
+                            f'--config ({_model_summary(config)}): {mismatch}')
+    variables = jax.tree.map(lambda x: _place(np.asarray(x), mesh, P()), selected)
+    source = {'kind': 'converted', 'path': str(path), 'step': None, 'encoder': used,
+              'origin': metadata.get('source')}
+  else:
+    checkpoint_dir = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
+    if not _checkpoint_steps(checkpoint_dir):
+      raise EvaluationError(
+          f'{path} is neither a training workdir with checkpoints nor a converted '
+          f'checkpoint (no checkpoints/ and no {convert.METADATA_FILE})')
+    state, step = restore_train_state(config, checkpoint_dir, mesh, image_channels)
+    variables = _select_parts(getattr(state, prefix + 'params'),
+                              getattr(state, prefix + 'batch_stats'))
+    source = {'kind': 'workdir', 'path': str(path), 'step': step, 'encoder': encoder}
+  return Model(net=net, variables=variables, source=source)
+
+
+def _is_projector_batchnorm(module, method_name: str) -> bool:
+  path = tuple(getattr(module, 'path', ()))
+  return (method_name == '__call__' and len(path) == 2 and path[0] == 'projector'
+          and path[1].startswith('bn'))
+
+
+def make_feature_fn(model: Model, mesh: Mesh, *, layers: bool = False):
+  """A function: global image batch (B, H, W, C) -> {name: (B, d) float32}, eval mode.
+
+  Names: 'encoding' (the encoder's pooled output h); with `layers` and a
+  projector, also 'projector_hidden{i}' (after BN + ReLU of the i-th
+  Linear-BN-ReLU block, i < mlp_layers - 1) and 'embedding' (the projector's
+  output z, before normalisation).  Jit-compiled with the variables replicated
+  and the batch sharded over the mesh's data axis (so the output is too).
+  """
+  net = model.net
+  with_layers = layers and model.has_projector
+
+  def features(variables, images):
+    if not with_layers:
+      h = net.apply(variables, images, train=False, method='encode')
+      return {'encoding': h.astype(jnp.float32)}
+    (h, z), state = net.apply(variables, images, train=False,
+                              capture_intermediates=_is_projector_batchnorm,
+                              mutable=['intermediates'])
+    captured = state['intermediates']['projector']
+    out = {'encoding': h}
+    for i in range(net.mlp_layers - 1):
+      out[f'projector_hidden{i}'] = jax.nn.relu(captured[f'bn{i}']['__call__'][0])
+    out['embedding'] = z
+    return {k: v.astype(jnp.float32) for k, v in out.items()}
+
+  replicated = NamedSharding(mesh, P())
+  batch = NamedSharding(mesh, P(mesh.axis_names[0]))
+  jitted = jax.jit(features, in_shardings=(replicated, batch), out_shardings=batch)
+  return lambda images: jitted(model.variables, images)
+
+
+# ---------------------------------------------------------------------------
+# Progress lines.
+# ---------------------------------------------------------------------------
+
+def _first_line(error) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'
+
+
+def _say(text: str) -> None:
+  """Prints on the first process only (every process runs the same program)."""
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
+class _Progress:
+  """Prints 'label: done/total unit (pct), rate, ETA' about every 10% or `every_s`."""
+
+  def __init__(self, label: str, total: int, unit: str = 'batches', every_s: float = 30.0,
+               print_fn: Callable[[str], None] | None = None):
+    self.label, self.total, self.unit, self.every_s = label, max(int(total), 1), unit, every_s
+    self.print_fn = print_fn or (lambda line: print(line, flush=True))
+    self.start = self.last = time.time()
+    self.next_fraction = 0.1
+
+  def __call__(self, done: int, *_) -> None:
+    now = time.time()
+    fraction = done / self.total
+    if done < self.total and fraction < self.next_fraction and now - self.last < self.every_s:
+      return
+    while self.next_fraction <= fraction:
+      self.next_fraction += 0.1
+    self.last = now
+    elapsed = now - self.start
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = ''
+    if rate and done < self.total:
+      eta = f', ETA {_format_seconds((self.total - done) / rate)}'
+    if jax.process_index() == 0:
+      self.print_fn(f'{self.label}: {done}/{self.total} {self.unit} ({100 * fraction:.0f}%), '
+                    f'{rate:.1f} {self.unit}/s, {_format_seconds(elapsed)}{eta}')
+
+
+def extract_split(config, mesh: Mesh, feature_fn, split: str, *, batch_size: int,
+                  num_examples: int, label_keys: Sequence[str] = ('label',)):
+  """`extract_features` over one pass of `split` (the evaluation pipeline), with progress."""
+  from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  iterator = input_pipeline.create_eval_iterator(config, mesh, split, batch_size=batch_size)
+  processes = jax.process_count()  # every process pads its share to the same batches
+  num_batches = -(-(-(-num_examples // processes)) // (batch_size // processes))
+  progress = _Progress(f'features of {split!r}', num_batches)
+  return extract_features(feature_fn, iterator, label_keys=label_keys, progress=progress)
+
+
+# ---------------------------------------------------------------------------
+# A linear classifier on the encoder: the ImageNet linear probe (frozen) and
+# semi-supervised fine-tuning (SPEC section 3; the authors' eval_linear.py).
+# ---------------------------------------------------------------------------
+
+def epoch_lr_factor(schedule: str, epoch, epochs: int):
+  """The learning-rate multiplier of an epoch (constant within the epoch).
+
+  'step': 0.1 ** (number of milestones <= epoch), milestones at 60% and 80% of
+  `epochs` (epochs 60 and 80 of 100, PyTorch's MultiStepLR); 'cosine':
+  (1 + cos(pi * epoch / epochs)) / 2 (CosineAnnealingLR stepped per epoch,
+  eta_min 0).  Works on Python numbers and jnp arrays.
+  """
+  if schedule == 'step':
+    milestones = (round(0.6 * epochs), round(0.8 * epochs))
+    return 0.1 ** sum((epoch >= m) * 1 for m in milestones)
+  if schedule == 'cosine':
+    return 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
+  raise ValueError(f"schedule must be 'step' or 'cosine', got {schedule!r}")
+
+
+def train_classifier(
+    model: Model,
+    mesh: Mesh,
+    train_batches: Iterable[Mapping[str, Any]],
+    eval_batches: Iterable[Mapping[str, Any]],
+    *,
+    num_classes: int,
+    steps_per_epoch: int,
+    epochs: int,
+    head_lr: float,
+    encoder_lr: float | None = None,
+    schedule: str = 'step',
+    seed: int = 0,
+    label: str = 'classifier',
+) -> dict[str, Any]:
+  """Trains a linear classifier on the encoder, then measures it on `eval_batches`.
+
+  Frozen encoder (`encoder_lr` None; the ImageNet linear probe): the encoder runs
+  in eval mode (BatchNorm running statistics), without gradient; only the linear
+  layer learns.  Fine-tuning (`encoder_lr` set; semi-supervised): the encoder
+  runs in train mode (BatchNorm over the global batch, running statistics
+  updated) and learns with its own learning rate.  Both: SGD momentum 0.9, no
+  weight decay, learning rates per epoch as `epoch_lr_factor(schedule)`,
+  classifier initialised N(0, 0.01) with zero bias, cross-entropy; as the
+  authors' eval_linear.py.  One jit-compiled step per batch, the batch sharded
+  over the mesh, everything else replicated.
+
+  Args:
+    train_batches: endless iterator of {'image': (B, H, W, C), 'label': (B,)}.
+    eval_batches: one pass of {'image', 'label', 'mask'} (the evaluation pipeline).
+    head_lr, encoder_lr: learning rates already scaled by batch / 256.
+
+  Returns:
+    {'top1', 'top5' (%), 'train_loss' (mean of the last epoch), 'num_eval',
+    'steps', 'epochs'}.
+  """
+  finetune = encoder_lr is not None
+  net = model.net
+  encoder_variables = {'params': {'encoder': model.variables['params']['encoder']},
+                       'batch_stats': {'encoder': model.variables['batch_stats']['encoder']}}
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
+
+  train_batches = iter(train_batches)
+  first = next(train_batches, None)
+  if first is None:
+    raise EvaluationError(f'{label}: the training input is empty')
+  image_shape = first['image'].shape[1:]
+  dim = jax.eval_shape(
+      lambda v: net.apply(v, jnp.zeros((1,) + tuple(image_shape), first['image'].dtype),
+                          train=False, method='encode'), encoder_variables).shape[-1]
+  init_head = lambda key: {
+      'kernel': 0.01 * jax.random.normal(key, (dim, num_classes), jnp.float32),
+      'bias': jnp.zeros((num_classes,), jnp.float32)}
+  params = {'head': jax.jit(init_head, out_shardings=replicated)(jax.random.key(seed))}
+  frozen = {}
+  if finetune:
+    params['encoder'] = encoder_variables['params']['encoder']
+  else:
+    frozen = encoder_variables['params']['encoder']
+  batch_stats = encoder_variables['batch_stats']['encoder']
+
+  def lr(base):
+    return lambda count: base * epoch_lr_factor(schedule, count // steps_per_epoch, epochs)
+
+  if finetune:
+    tx = optax.multi_transform(
+        {'head': optax.sgd(lr(head_lr), momentum=0.9),
+         'encoder': optax.sgd(lr(encoder_lr), momentum=0.9)},
+        {'head': 'head', 'encoder': 'encoder'})
+  else:
+    tx = optax.sgd(lr(head_lr), momentum=0.9)
+  opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
+
+  def logits_fn(params, batch_stats, frozen, images, train):
+    encoder_params = params['encoder'] if finetune else frozen
+    variables = {'params': {'encoder': encoder_params}, 'batch_stats': {'encoder': batch_stats}}
+    if train and finetune:
+      h, updates = net.apply(variables, images, train=True, method='encode',
+                             mutable=['batch_stats'])
+      batch_stats = updates['batch_stats']['encoder']
+    else:
+      h = lax.stop_gradient(net.apply(variables, images, train=False, method='encode'))
+    logits = h.astype(jnp.float32) @ params['head']['kernel'] + params['head']['bias']
+    return logits, batch_stats
+
+  def train_step(params, batch_stats, opt_state, frozen, images, labels):
+    def loss_fn(params):
+      logits, new_stats = logits_fn(params, batch_stats, frozen, images, train=True)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, new_stats
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+  def eval_step(params, batch_stats, frozen, images, labels, mask):
+    logits, _ = logits_fn(params, batch_stats, frozen, images, train=False)
+    _, ranked = lax.top_k(logits, min(5, num_classes))  # equal logits: lower class first
+    is_label = ranked == labels[:, None]
+    return (jnp.sum(is_label[:, 0] & mask), jnp.sum(jnp.any(is_label, axis=1) & mask),
+            jnp.sum(mask))
+
+  step_fn = jax.jit(train_step, in_shardings=(replicated,) * 4 + (batch_sharding,) * 2,
+                    out_shardings=replicated)
+  eval_fn = jax.jit(eval_step, in_shardings=(replicated,) * 3 + (batch_sharding,) * 3,
+                    out_shardings=replicated)
+
+  total_steps = epochs * steps_per_epoch
+  progress = _Progress(f'{label} training', total_steps, 'steps', every_s=60.0)
+  batches = itertools.chain([first], train_batches)
+  epoch_losses, train_loss = [], math.nan
+  start = time.time()
+  for step in range(total_steps):
+    batch = next(batches, None)
+    if batch is None:
+      raise EvaluationError(f'{label}: the training input ended after {step} steps')
+    params, batch_stats, opt_state, loss = step_fn(params, batch_stats, opt_state, frozen,
+                                                   batch['image'], batch['label'])
+    epoch_losses.append(loss)
+    progress(step + 1)
+    if (step + 1) % steps_per_epoch == 0:
+      epoch = (step + 1) // steps_per_epoch
+      train_loss = float(np.mean([_to_numpy(l) for l in epoch_losses]))
+      epoch_losses = []
+      factor = float(epoch_lr_factor(schedule, epoch - 1, epochs))
+      _say(f'{label}: epoch {epoch}/{epochs} loss {train_loss:.4f} '
+           f'lr {head_lr * factor:.4g} (head)'
+           + (f' {encoder_lr * factor:.4g} (encoder)' if finetune else '')
+           + f', {_format_seconds(time.time() - start)}')
+  hits1 = hits5 = count = 0
+  for batch in eval_batches:
+    h1, h5, n = eval_fn(params, batch_stats, frozen, batch['image'], batch['label'],
+                        batch['mask'])
+    hits1, hits5, count = (hits1 + int(_to_numpy(h1)), hits5 + int(_to_numpy(h5)),
+                           count + int(_to_numpy(n)))
+  if count == 0:
+    raise ValueError('the evaluation split is empty')
+  return {'top1': 100.0 * hits1 / count, 'top5': 100.0 * hits5 / count,
+          'train_loss': train_loss, 'num_eval': count, 'steps': total_steps,
+          'epochs': epochs}
+
+
+# ---------------------------------------------------------------------------
+# Labelled subsets for semi-supervised fine-tuning.
+# ---------------------------------------------------------------------------
+
+def imagenet_subset_file_names(fraction: float) -> list[str]:
+  """The file names (e.g. 'n01440764_10026.JPEG') of the 1% or 10% ImageNet subset.
+
+  The lists of SimCLR / SwAV / the ReSA authors, shipped in resa_jax/data.
+  """
+  import importlib.resources  # pylint: disable=g-import-not-at-top
+  if fraction not in _SUBSET_FILES:
+    raise EvaluationError(f'the ImageNet subsets are 1% and 10% (--semi_fraction=0.01 '
+                          f'or 0.1), not {fraction}')
+  text = importlib.resources.files('resa_jax').joinpath(
+      'data', _SUBSET_FILES[fraction]).read_text()
+  return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def file_name_filter(file_names: Sequence[str]):
+  """A tf.data predicate: record -> whether record['file_name'] is in `file_names`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(
+          tf.constant(list(file_names), tf.string),
+          tf.ones([len(file_names)], tf.int32)), default_value=0)
+  return lambda record: table.lookup(record['file_name']) > 0
+
+
+def balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+  """Sorted indices of a class-balanced subset: round(fraction * n_c) (at least 1)
+  random examples of each class c, drawn with a seeded generator (deterministic)."""
+  if not 0 < fraction <= 1:
+    raise EvaluationError(f'--semi_fraction must be in (0, 1], got {fraction}')
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    count = max(1, int(round(fraction * len(members))))
+    chosen.append(rng.permutation(members)[:count])
+  return np.sort(np.concatenate(chosen))
+
+
+def _subset_records(config, fraction: float, seed: int):
+  """(records, size, source): the labelled subset of config.eval_train_split.
+
+  records: tf.data.Dataset of {'image': encoded, 'label': int32} over the whole
+  subset (every process), in file order.  ImageNet (imagenet2012): the shipped
+  1% / 10% lists, matched on TFDS's 'file_name' feature.  Other datasets:
+  `balanced_subset` of the split's labels.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  source = input_pipeline.open_source(config)  # pylint: disable=protected-access
+  split = config.eval_train_split
+  if config.dataset == 'imagenet2012':
+    names = imagenet_subset_file_names(fraction)
+    # pylint: disable-next=protected-access
+    builder = input_pipeline.prepared_builder('imagenet2012', config)
+    records = builder.as_dataset(split=split, shuffle_files=False,
+                                 decoders={'image': tfds.decode.SkipDecoding()})
+    records = records.filter(file_name_filter(names)).map(
+        lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)})
+    return records, len(names), source
+  records = source.read(split, 0, 1, None, True)
+  labels = np.concatenate(list(
+      records.map(lambda r: r['label']).batch(8192).as_numpy_iterator()))
+  keep = balanced_subset(labels, fraction, seed)
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(keep, tf.int64),
+                                          tf.ones([len(keep)], tf.int32)), default_value=0)
+  records = records.enumerate().filter(lambda i, r: table.lookup(i) > 0).map(
+      lambda i, r: {'image': r['image'], 'label': r['label']})
+  return records, len(keep), source
+
+
+def create_subset_train_iterator(config, mesh: Mesh, fraction: float, *, batch_size: int,
+                                 seed: int = 0, cache_file: str = ''):
+  """(endless iterator, subset size): augmented labelled batches of a subset.
+
+  The subset of `_subset_records`; each process takes every process_count-th
+  record.  The records are cached (in memory, or in `cache_file`, so ImageNet is
+  read once) and reshuffled every pass with a fixed seed; each image gets
+  RandomResizedCrop(crops_size[0], scale 0.08-1) + horizontal flip, normalised,
+  with a stateless seed of (seed, process, example counter).  Yields
+  {'image': (B, S, S, C) config.dtype, 'label': (B,) int32} as global arrays
+  sharded over the mesh.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from resa_jax import augment, sharding  # pylint: disable=g-import-not-at-top
+  from resa_jax.input_pipeline import check_batch_size  # pylint: disable=g-import-not-at-top
+  check_batch_size(batch_size, mesh.size)
+  records, size, source = _subset_records(config, fraction, seed)
+  process_count, process_index = jax.process_count(), jax.process_index()
+  if size < batch_size:
+    raise EvaluationError(f'the {fraction:g} subset has {size} examples, fewer than one '
+                          f'batch of {batch_size}; lower --semi_batch_size')
+  if process_count > 1:
+    records = records.shard(process_count, process_index)
+  crop = int(config.crops_size[0])
+  dtype = tf.dtypes.as_dtype(config.dtype)
+  base_seed = tf.constant([seed, 7919 * (process_index + 1)], tf.int64)
+
+  def make_example(counter, record):
+    crop_seed, flip_seed = augment.split_seed(
+        tf.random.experimental.stateless_fold_in(base_seed, counter), 2)
+    view = augment.random_resized_crop(source.decode(record['image']), crop_seed, crop,
+                                       (0.08, 1.0), method='bilinear')
+    view = augment.random_flip(view, flip_seed, 0.5)
+    return {'image': tf.cast(augment.normalize(view, source.mean, source.std), dtype),
+            'label': record['label']}
+
+  ds = records.cache(cache_file)
+  ds = ds.shuffle(min(int(config.shuffle_buffer), size), seed=seed,
+                  reshuffle_each_iteration=True).repeat().enumerate()
+  ds = ds.map(make_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size // process_count, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+  def batches():
+    for batch in ds.as_numpy_iterator():
+      yield sharding.shard_host_batch(mesh, batch)
+
+  return batches(), size
+
+
+# ---------------------------------------------------------------------------
+# The command line: `python -m resa_jax.evaluate`.
+# ---------------------------------------------------------------------------
+
+def parse_evaluations(text: str) -> list[str]:
+  """'knn,clustering' -> ['knn', 'clustering']; EvaluationError on an unknown name."""
+  names = [n.strip() for n in text.split(',') if n.strip()]
+  unknown = [n for n in names if n not in EVALUATIONS]
+  if unknown or not names:
+    raise EvaluationError(f'unknown evaluation {", ".join(unknown) or repr(text)}; '
+                          f'expected a comma-separated list of {", ".join(EVALUATIONS)}')
+  return list(dict.fromkeys(names))
+
+
+def default_linear_protocol(config) -> str:
+  """'imagenet' for ImageNet-sized data (variable image size), else 'features'."""
+  return 'imagenet' if config.dataset in ('imagenet2012', 'imagenet100') else 'features'
+
+
+@dataclasses.dataclass
+class Options:
+  """What the command line asks for (flags of the same names)."""
+  evaluations: Sequence[str]
+  encoder: str = 'momentum'
+  batch_size: int = 0  # feature extraction / evaluation; 0: config.batch_size
+  knn_ks: Sequence[int] = (5, 10, 15, 20, 25)
+  linear_protocol: str = ''  # '': default_linear_protocol(config)
+  linear_epochs: int = -1  # -1: 500 (features) / 100 (imagenet)
+  linear_batch_size: int = -1  # -1: 1000 (features) / 256 (imagenet)
+  # ImageNet protocol, x batch / 256; -1: 40 if pretrained with batch >= 1024, else 10.
+  linear_lr: float = -1.0
+  semi_fraction: float = 0.01
+  semi_epochs: int = 20
+  semi_batch_size: int = 256
+  semi_encoder_lr: float = 0.0002  # x batch / 256
+  semi_head_lr: float = 40.0  # x batch / 256
+  clustering_samples: int = 10_000
+  clustering_metric: str = 'cosine'
+  tsne: bool = False
+  save_features: bool = False
+  seed: int = 0
+
+  def check(self) -> None:
+    """EvaluationError (one line) on a bad combination; cheap, before any work."""
+    if self.encoder not in ('momentum', 'online'):
+      raise EvaluationError(f"--encoder must be 'momentum' or 'online', got {self.encoder!r}")
+    if self.linear_protocol not in ('', 'features', 'imagenet'):
+      raise EvaluationError("--linear_protocol must be 'features' or 'imagenet', got "
+                            f'{self.linear_protocol!r}')
+    if self.clustering_metric not in ('cosine', 'euclidean'):
+      raise EvaluationError("--clustering_metric must be 'cosine' or 'euclidean', got "
+                            f'{self.clustering_metric!r}')
+    if not self.knn_ks or min(self.knn_ks) < 1:
+      raise EvaluationError(f'--knn_ks must be positive, got {list(self.knn_ks)}')
+    if self.batch_size < 0 or self.semi_batch_size < 1 or self.semi_epochs < 1:
+      raise EvaluationError('--batch_size must be >= 0, --semi_batch_size and '
+                            '--semi_epochs positive')
+    if not 0 < self.semi_fraction <= 1:
+      raise EvaluationError(f'--semi_fraction must be in (0, 1], got {self.semi_fraction}')
+    if self.clustering_samples < 3:
+      raise EvaluationError('--clustering_samples must be at least 3')
+
+
+class _Evaluation:
+  """One checkpoint under evaluation: the model, the data, the features (extracted
+  once per split, on first use) and one method per protocol."""
+
+  def __init__(self, config, mesh: Mesh, model: Model, info, options: Options, output):
+    self.config, self.mesh, self.model, self.info = config, mesh, model, info
+    self.options, self.output = options, pathlib.Path(output)
+    self.batch_size = options.batch_size or int(config.batch_size)
+    self.label_keys = ('label', 'coarse_label') if info.num_coarse_classes else ('label',)
+    # The eval split's features serve kNN, the probe and the clustering analysis: its
+    # projector layers are extracted with it when the analysis is asked for.
+    self.layers = 'clustering' in options.evaluations
+    self._features = {}
+
+  def features(self, which: str):
+    """(features {name: (N, d)}, labels {key: (N,)}) of 'train' (eval_train_split)
+    or 'test' (eval_split)."""
+    if which not in self._features:
+      config, info = self.config, self.info
+      split, num_examples, layers = {
+          'train': (config.eval_train_split, info.num_eval_train_examples, False),
+          'test': (config.eval_split, info.num_eval_examples, self.layers)}[which]
+      features, labels = extract_split(
+          config, self.mesh, make_feature_fn(self.model, self.mesh, layers=layers), split,
+          batch_size=self.batch_size, num_examples=num_examples,
+          label_keys=self.label_keys)
+      if self.options.save_features and jax.process_index() == 0:
+        self.output.mkdir(parents=True, exist_ok=True)
+        np.savez(self.output / f'features_{split}.npz', **features, **labels)
+      self._features[which] = (features, labels)
+    return self._features[which]
+
+  def _eval_batches(self):
+    from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    return input_pipeline.create_eval_iterator(self.config, self.mesh, self.config.eval_split,
+                                               batch_size=self.batch_size)
+
+  def knn(self) -> dict:
+    (train, train_labels), (test, test_labels) = self.features('train'), self.features('test')
+    train_x, train_y = train['encoding'], train_labels['label']
+    test_x, test_y = test['encoding'], test_labels['label']
+    ks = sorted({k for k in self.options.knn_ks if k <= len(train_y)})
+    temperature = float(self.config.knn_temperature)
+    mesh = self.mesh if self.mesh.size > 1 else None
+    weighted = knn_weighted(train_x, train_y, test_x, test_y, self.info.num_classes, ks=ks,
+                            temperature=temperature, mesh=mesh)
+    majority = knn_majority(train_x, train_y, test_x, test_y, self.info.num_classes, k=5,
+                            mesh=mesh)
+    _say('kNN weighted (DINO, cosine, T=%g): ' % temperature + ', '.join(
+        f'k={k} top-1 {weighted[f"top1_k{k}"]:.2f} top-5 {weighted[f"top5_k{k}"]:.2f}'
+        for k in ks) + f'; 5-NN majority (Euclidean) top-1 {majority:.2f}')
+    return {'weighted': {'metric': 'cosine', 'temperature': temperature, 'ks': ks, **weighted},
+            'majority': {'metric': 'euclidean', 'k': 5, 'top1': majority},
+            'num_train': len(train_y), 'num_test': len(test_y)}
+
+  def linear(self) -> dict:
+    protocol = self.options.linear_protocol or default_linear_protocol(self.config)
+    return self._linear_features() if protocol == 'features' else self._linear_imagenet()
+
+  def _linear_features(self) -> dict:
+    """SPEC section 3, CIFAR: Adam on fixed features of un-augmented images."""
+    options = self.options
+    epochs = options.linear_epochs if options.linear_epochs > 0 else 500
+    batch_size = options.linear_batch_size if options.linear_batch_size > 0 else 1000
+    (train, train_labels), (test, test_labels) = self.features('train'), self.features('test')
+    result = linear_probe_features(
+        train['encoding'], train_labels['label'], test['encoding'], test_labels['label'],
+        self.info.num_classes, epochs=epochs, batch_size=batch_size, seed=options.seed)
+    _say(f'linear probe (fixed features, {epochs} epochs): top-1 {result["top1"]:.2f} '
+         f'top-5 {result["top5"]:.2f}')
+    return {'protocol': 'features', 'optimizer': 'adam', 'lr': 1e-2, 'final_lr': 1e-6,
+            'weight_decay': 5e-6, 'epochs': epochs, 'batch_size': batch_size,
+            'num_train': len(train_labels['label']), 'num_test': len(test_labels['label']),
+            **result}
+
+  def _linear_imagenet(self) -> dict:
+    """SPEC section 3, ImageNet: frozen encoder, augmented images, SGD, steps at 60/80."""
+    from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    options, config = self.options, self.config
+    epochs = options.linear_epochs if options.linear_epochs > 0 else 100
+    batch_size = options.linear_batch_size if options.linear_batch_size > 0 else 256
+    base_lr = (options.linear_lr if options.linear_lr > 0
+               else 40.0 if config.batch_size >= 1024 else 10.0)
+    steps_per_epoch = self.info.num_eval_train_examples // batch_size
+    if steps_per_epoch < 1:
+      raise EvaluationError(f'{config.eval_train_split} has fewer examples than one batch of '
+                            f'{batch_size}; lower --linear_batch_size')
+    result = train_classifier(
+        self.model, self.mesh,
+        input_pipeline.create_linear_probe_train_iterator(config, self.mesh,
+                                                          batch_size=batch_size),
+        self._eval_batches(), num_classes=self.info.num_classes,
+        steps_per_epoch=steps_per_epoch, epochs=epochs,
+        head_lr=base_lr * batch_size / 256, schedule='step', seed=options.seed,
+        label='linear probe')
+    _say(f'linear probe (frozen encoder, {epochs} epochs): top-1 {result["top1"]:.2f} '
+         f'top-5 {result["top5"]:.2f}')
+    return {'protocol': 'imagenet', 'optimizer': 'sgd', 'momentum': 0.9, 'weight_decay': 0.0,
+            'base_lr': base_lr, 'batch_size': batch_size,
+            'lr_milestones': [round(0.6 * epochs), round(0.8 * epochs)], **result}
+
+  def semi(self) -> dict:
+    """SPEC section 3: fine-tune encoder and classifier on a labelled subset."""
+    options, config = self.options, self.config
+    cache_dir = ''
+    if config.dataset == 'imagenet2012':  # read ImageNet once, then the cache
+      cache_dir = str(self.output / f'.semi_cache_{jax.process_index()}')
+      os.makedirs(cache_dir, exist_ok=True)
+    try:
+      batches, subset_size = create_subset_train_iterator(
+          config, self.mesh, options.semi_fraction, batch_size=options.semi_batch_size,
+          seed=options.seed, cache_file=os.path.join(cache_dir, 'records') if cache_dir else '')
+      _say(f'semi-supervised: {subset_size} labelled examples '
+           f'({100 * options.semi_fraction:g}% of {config.eval_train_split!r})')
+      scale = options.semi_batch_size / 256
+      result = train_classifier(
+          self.model, self.mesh, batches, self._eval_batches(),
+          num_classes=self.info.num_classes,
+          steps_per_epoch=max(1, subset_size // options.semi_batch_size),
+          epochs=options.semi_epochs, head_lr=options.semi_head_lr * scale,
+          encoder_lr=options.semi_encoder_lr * scale, schedule='cosine', seed=options.seed,
+          label='semi-supervised')
+    finally:
+      if cache_dir:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    _say(f'semi-supervised ({100 * options.semi_fraction:g}% labels, {options.semi_epochs} '
+         f'epochs): top-1 {result["top1"]:.2f} top-5 {result["top5"]:.2f}')
+    return {'fraction': options.semi_fraction, 'num_labelled': subset_size,
+            'optimizer': 'sgd', 'momentum': 0.9, 'weight_decay': 0.0, 'schedule': 'cosine',
+            'batch_size': options.semi_batch_size,
+            'base_lr_encoder': options.semi_encoder_lr, 'base_lr_head': options.semi_head_lr,
+            **result}
+
+  def clustering(self) -> dict:
+    """The paper's analysis on a random subset of the eval split, every representation."""
+    options = self.options
+    features, labels = self.features('test')
+    num_rows = len(labels['label'])
+    rng = np.random.default_rng(options.seed)
+    subset = np.sort(rng.permutation(num_rows)[:min(options.clustering_samples, num_rows)])
+    order = (['encoding'] + sorted(k for k in features if k.startswith('projector_'))
+             + (['embedding'] if 'embedding' in features else []))
+    named = {k: features[k][subset] for k in order}
+    if 'coarse_label' in labels:
+      granularities = {'fine': labels['label'][subset], 'coarse': labels['coarse_label'][subset]}
+    else:
+      granularities = {'class': labels['label'][subset]}
+    _say(f'clustering analysis of {len(subset)} {self.config.eval_split!r} examples: '
+         f'{", ".join(named)} x {", ".join(granularities)}')
+    tables = None
+    if jax.process_index() == 0:  # local computations: the other processes skip them
+      tables = clustering_analysis(named, granularities, self.output,
+                                   metric=options.clustering_metric, seed=options.seed,
+                                   tsne=options.tsne, print_fn=_say)
+    return {'metric': options.clustering_metric, 'seed': options.seed,
+            'split': self.config.eval_split, 'num_samples': len(subset),
+            'representations': order, 'granularities': list(granularities),
+            'results': tables, 'png': 'clustering.png',
+            'tsne_png': 'tsne.png' if options.tsne else None}
+
+
+def run_evaluations(config, checkpoint, output, options: Options, mesh: Mesh | None = None):
+  """Loads the checkpoint and runs `options.evaluations` in order; returns the summary.
+
+  Writes <output>/<evaluation>.json after each evaluation (clustering also
+  clustering.png and, with `tsne`, tsne.png), and <output>/summary.json with all
+  results and what was evaluated.  Raises EvaluationError / ValueError on bad input.
+  """
+  from resa_jax import input_pipeline, sharding, train  # pylint: disable=g-import-not-at-top
+  options.check()
+  evaluations = parse_evaluations(','.join(options.evaluations))
+  train.validate_config(config)
+  mesh = sharding.create_mesh() if mesh is None else mesh
+  info = input_pipeline.dataset_info(config)
+  if info.num_classes <= 0:
+    raise EvaluationError(f'{config.dataset} has no labels to evaluate with')
+  if 'semi' in evaluations and config.dataset == 'imagenet2012':
+    imagenet_subset_file_names(options.semi_fraction)  # fail now on a fraction without list
+  start = time.time()
+  model = load_model(config, checkpoint, mesh, encoder=options.encoder,
+                     image_channels=int(info.image_shape[-1]) if info.image_shape else 3)
+  source = model.source
+  _say(f'evaluating the {source["encoder"]} encoder of {source["path"]}'
+       + (f' (step {source["step"]})' if source['step'] is not None else ' (converted)')
+       + f' on {config.dataset}, {mesh.size} device(s): {", ".join(evaluations)}')
+  run = _Evaluation(config, mesh, model, info, options, output)
+  summary = {'checkpoint': source, 'dataset': config.dataset,
+             'model': {k: config[k] for k in _MODEL_FIELDS}, 'devices': mesh.size,
+             'platform': jax.devices()[0].platform, 'results': {}}
+  for name in evaluations:
+    _say(f'--- {name}')
+    section_start = time.time()
+    result = getattr(run, name)()
+    result['wall_time_sec'] = time.time() - section_start
+    summary['results'][name] = result
+    summary['wall_time_sec'] = time.time() - start
+    if jax.process_index() == 0:
+      write_json(run.output / f'{name}.json',
+                 {'checkpoint': source, 'dataset': config.dataset, **result})
+      write_json(run.output / 'summary.json', summary)
+  _say(f'results in {run.output} ({_format_seconds(time.time() - start)})')
+  return summary
+
+
+def _define_flags():
+  """The command-line flags (defined only when this module runs as a script)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  defaults = Options(evaluations=())
+  config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py); '
+                                  'its model fields must match the checkpoint.',
+                                  lock_config=True)
+  flags.DEFINE_string('checkpoint', None, 'A training workdir (its newest checkpoint), its '
+                      'checkpoints/ folder, or a converted checkpoint (python -m '
+                      'resa_jax.convert).')
+  flags.DEFINE_string('eval', 'knn,linear,clustering',
+                      f'Comma-separated evaluations among {", ".join(EVALUATIONS)}.')
+  flags.DEFINE_string('output', None, 'Folder for the result files (default: '
+                      '<checkpoint>/eval).')
+  flags.DEFINE_string('encoder', defaults.encoder, "'momentum' (SPEC) or 'online'.")
+  flags.DEFINE_integer('batch_size', defaults.batch_size, 'Global batch of feature '
+                       'extraction and evaluation; 0: config.batch_size.')
+  flags.DEFINE_list('knn_ks', [str(k) for k in defaults.knn_ks], 'k of the weighted kNN.')
+  flags.DEFINE_string('linear_protocol', defaults.linear_protocol,
+                      "'features' (CIFAR: Adam on fixed features) or 'imagenet' (frozen "
+                      'encoder, augmented images, SGD); default: imagenet for ImageNet '
+                      'datasets, features otherwise.')
+  flags.DEFINE_integer('linear_epochs', defaults.linear_epochs,
+                       '-1: 500 (features) or 100 (imagenet).')
+  flags.DEFINE_integer('linear_batch_size', defaults.linear_batch_size,
+                       '-1: 1000 (features) or 256 (imagenet).')
+  flags.DEFINE_float('linear_lr', defaults.linear_lr, 'ImageNet protocol base lr (x batch '
+                     '/ 256); -1: 40 if config.batch_size >= 1024 else 10.')
+  flags.DEFINE_float('semi_fraction', defaults.semi_fraction, 'Labelled fraction: 0.01 or '
+                     '0.1 for ImageNet (the shipped lists), any in (0, 1] elsewhere '
+                     '(class-balanced, seeded).')
+  flags.DEFINE_integer('semi_epochs', defaults.semi_epochs, 'Fine-tuning epochs.')
+  flags.DEFINE_integer('semi_batch_size', defaults.semi_batch_size, 'Fine-tuning batch.')
+  flags.DEFINE_float('semi_encoder_lr', defaults.semi_encoder_lr, 'x batch / 256.')
+  flags.DEFINE_float('semi_head_lr', defaults.semi_head_lr, 'x batch / 256.')
+  flags.DEFINE_integer('clustering_samples', defaults.clustering_samples,
+                       'Random examples of the eval split for the clustering analysis.')
+  flags.DEFINE_string('clustering_metric', defaults.clustering_metric,
+                      "Silhouette distance: 'cosine' or 'euclidean'.")
+  flags.DEFINE_bool('tsne', defaults.tsne, 'Also write tsne.png.')
+  flags.DEFINE_bool('save_features', defaults.save_features, 'Also write the extracted '
+                    'features and labels of each split to features_<split>.npz.')
+  flags.DEFINE_integer('seed', defaults.seed, 'Seed of subsets, initialisations, shuffles.')
+  flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
+  flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+  flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+  return flags.FLAGS
+
+
+def _fail(message: str, code: int = 2):
+  import sys  # pylint: disable=g-import-not-at-top
+  print(f'error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _parse_flags(argv):
+  """absl flag parsing with a one-line error (exit 2) instead of usage text."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    _fail(lines[0].rstrip(':') + (f': {lines[-1]}' if len(lines) > 1 else ''))
+  except Exception as e:  # pylint: disable=broad-except  (a config file that fails to load)
+    _fail(f'cannot load the config: {type(e).__name__}: {_first_line(e)}')
+  return rest
+
+
+def _main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags_ = flags.FLAGS
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not flags_['verbosity'].present:  # orbax and TF are chatty at INFO
+    logging.set_verbosity(logging.WARNING)
+  try:
+    evaluations = parse_evaluations(flags_.eval)
+    if flags_.config is None:
+      raise EvaluationError('--config is required, e.g. --config=configs/fashion_mnist.py')
+    if not flags_.checkpoint:
+      raise EvaluationError('--checkpoint is required (a training workdir or a converted '
+                            'checkpoint)')
+    if not os.path.exists(flags_.checkpoint):
+      raise EvaluationError(f'checkpoint {flags_.checkpoint} does not exist')
+    try:
+      knn_ks = [int(k) for k in flags_.knn_ks]
+    except ValueError as e:
+      raise EvaluationError(f'--knn_ks must be integers, got {flags_.knn_ks}') from e
+    options = Options(
+        evaluations=evaluations, encoder=flags_.encoder, batch_size=flags_.batch_size,
+        knn_ks=knn_ks, linear_protocol=flags_.linear_protocol,
+        linear_epochs=flags_.linear_epochs, linear_batch_size=flags_.linear_batch_size,
+        linear_lr=flags_.linear_lr, semi_fraction=flags_.semi_fraction,
+        semi_epochs=flags_.semi_epochs, semi_batch_size=flags_.semi_batch_size,
+        semi_encoder_lr=flags_.semi_encoder_lr, semi_head_lr=flags_.semi_head_lr,
+        clustering_samples=flags_.clustering_samples,
+        clustering_metric=flags_.clustering_metric, tsne=flags_.tsne,
+        save_features=flags_.save_features, seed=flags_.seed)
+    options.check()
+    output = flags_.output or os.path.join(flags_.checkpoint, 'eval')
+    from resa_jax import sharding  # pylint: disable=g-import-not-at-top
+    sharding.initialize_distributed(flags_.coordinator_address, flags_.num_processes,
+                                    flags_.process_id)
+    run_evaluations(flags_.config, flags_.checkpoint, output, options)
+  except ValueError as e:  # EvaluationError, bad config, missing data, conversion errors
+    _fail(_first_line(e))
+
+
+if __name__ == '__main__':
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(_main, flags_parser=_parse_flags)

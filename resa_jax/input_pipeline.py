@@ -157,10 +157,10 @@ def validate_config(config) -> None:
                      f'({groups["crops_size"][0]}): evaluation centre-crops the resized image')
   if config.dtype not in _DTYPES:
     raise ValueError(f'dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}')
-  _check_batch_size(config.batch_size, jax.device_count())
+  check_batch_size(config.batch_size, jax.device_count())
 
 
-def _check_batch_size(batch_size: int, num_devices: int) -> None:
+def check_batch_size(batch_size: int, num_devices: int) -> None:
   if batch_size < 1 or batch_size % num_devices:
     raise ValueError(f'batch size {batch_size} must be a positive multiple of the '
                      f'number of devices ({num_devices})')
@@ -212,7 +212,7 @@ def _prepare_hint(name: str, data_dir: str, manual_dir: str) -> str:
           'access, or copy a prepared data dir there')
 
 
-def _prepared_builder(name: str, config) -> tfds.core.DatasetBuilder:
+def prepared_builder(name: str, config) -> tfds.core.DatasetBuilder:
   """The TFDS builder of `name`, prepared in config.data_dir (TFDS's default if None).
 
   An unprepared dataset is prepared here when this is the only process: Fashion-MNIST
@@ -291,7 +291,7 @@ def _decode_image(channels: int):
 
 def _tfds_source(config) -> _Source:
   name = config.dataset
-  builder = _prepared_builder(name, config)
+  builder = prepared_builder(name, config)
   features = builder.info.features
   shape = tuple(features['image'].shape)
   mean, std = _MEAN_STD.get(name, _IMAGENET_MEAN_STD)
@@ -314,7 +314,7 @@ def imagenet100_classes() -> list[str]:
 
 
 def _imagenet100_source(config) -> _Source:
-  builder = _prepared_builder('imagenet2012', config)
+  builder = prepared_builder('imagenet2012', config)
   synsets = sorted(imagenet100_classes())
   names = builder.info.features['label'].names
   old_ids = tf.constant([names.index(s) for s in synsets], tf.int64)
@@ -402,7 +402,7 @@ def _fixed_shape(decode, shape):
   return lambda encoded: tf.ensure_shape(decode(encoded), shape)
 
 
-def _open_source(config) -> _Source:
+def open_source(config) -> _Source:
   if config.dataset not in DATASETS:
     raise ValueError(f'unknown dataset {config.dataset!r}; known: {", ".join(DATASETS)}')
   if config.dataset == 'fake':
@@ -497,7 +497,7 @@ def _prepare_fashion_mnist_from_files(local_dir: str, data_dir: str | None) -> N
 
 
 def dataset_info(config) -> DatasetInfo:
-  source = _open_source(config)
+  source = open_source(config)
   return DatasetInfo(
       num_train_examples=_num_examples(source, config.train_split),
       num_eval_train_examples=_num_examples(source, config.eval_train_split),
@@ -511,7 +511,7 @@ def steps_per_epoch(config) -> int:
   """Training steps per epoch: config.steps_per_epoch if > 0, else N // batch_size."""
   if config.steps_per_epoch > 0:
     return int(config.steps_per_epoch)
-  source = _open_source(config)
+  source = open_source(config)
   return max(1, _num_examples(source, config.train_split) // config.batch_size)
 
 
@@ -681,8 +681,8 @@ def create_train_iterator(config, mesh, *, start_step: int = 0) -> Iterator[dict
   batch over the mesh's data axis.
   """
   validate_config(config)
-  _check_batch_size(config.batch_size, mesh.size)
-  source = _open_source(config)
+  check_batch_size(config.batch_size, mesh.size)
+  source = open_source(config)
   host = _host_batches(
       config, source, config.train_split, batch_size=config.batch_size,
       start_step=start_step, make_example=_train_example_fn(config, source), salt='train',
@@ -699,8 +699,8 @@ def create_linear_probe_train_iterator(config, mesh, *, start_step: int = 0,
   config.batch_size; same determinism and resume rules as the training stream.
   """
   batch_size = batch_size or config.batch_size
-  _check_batch_size(batch_size, mesh.size)
-  source = _open_source(config)
+  check_batch_size(batch_size, mesh.size)
+  source = open_source(config)
   host = _host_batches(
       config, source, config.eval_train_split, batch_size=batch_size,
       start_step=start_step, make_example=_linear_probe_example_fn(config, source),
@@ -755,8 +755,8 @@ def create_eval_iterator(config, mesh, split: str, *,
   padded (mask False) so that every example appears exactly once with mask True.
   """
   batch_size = batch_size or config.batch_size
-  _check_batch_size(batch_size, mesh.size)
-  source = _open_source(config)
+  check_batch_size(batch_size, mesh.size)
+  source = open_source(config)
   ds = _eval_dataset(config, source, split, batch_size=batch_size,
                      process_index=jax.process_index(), process_count=jax.process_count())
   return _to_mesh(mesh, ds.as_numpy_iterator(), config.prefetch)

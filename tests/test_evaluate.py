@@ -282,3 +282,24 @@ def test_extract_features_drops_padding():
   np.testing.assert_array_equal(got_labels, labels)
   assert features.dtype == np.float32 and features.shape == (10, 3)
   assert calls == [(1, 4), (2, 8), (3, 10)]
+
+
+def test_extract_features_dict_outputs_and_extra_labels():
+  rng = np.random.default_rng(11)
+  images = rng.normal(size=(6, 2, 2, 1)).astype(np.float32)
+  fine, coarse = np.arange(6), np.arange(6) // 3
+  feature_fn = jax.jit(lambda x: {'flat': x.reshape(x.shape[0], -1),
+                                  'sum': jnp.sum(x, axis=(1, 2))})
+  batches = []
+  for start in (0, 4):  # the second batch ends with 2 padding rows
+    index = np.minimum(np.arange(start, start + 4), 5)
+    batches.append({'image': images[index], 'label': fine[index],
+                    'coarse_label': coarse[index], 'mask': np.arange(start, start + 4) < 6})
+  features, labels = evaluate.extract_features(
+      feature_fn, batches, label_keys=('label', 'coarse_label'))
+  np.testing.assert_array_equal(features['flat'], images.reshape(6, 4))
+  np.testing.assert_allclose(features['sum'], images.sum(axis=(1, 2)), rtol=1e-6)
+  np.testing.assert_array_equal(labels['label'], fine)
+  np.testing.assert_array_equal(labels['coarse_label'], coarse)
+  with pytest.raises(ValueError, match='shapes disagree'):
+    evaluate.extract_features(lambda x: x[:, 0, 0, :][:2], batches)

@@ -47,7 +47,7 @@ def mesh():
 
 def host_batches(config, num_steps, start_step=0, num_parallel_calls=AUTOTUNE,
                  process_index=0, process_count=1):
-  source = input_pipeline._open_source(config)
+  source = input_pipeline.open_source(config)
   it = input_pipeline._host_batches(
       config, source, config.train_split, batch_size=config.batch_size,
       start_step=start_step, make_example=input_pipeline._train_example_fn(config, source),
@@ -233,11 +233,11 @@ def test_result_does_not_depend_on_thread_count():
 def test_epochs_cover_each_example_once(monkeypatch):
   # Weak views of a constant image reveal which example they came from.
   config = small_config(crops_min_scale=(1.0, 0.05), flip_prob=0.0)
-  source = input_pipeline._open_source(config)
+  source = input_pipeline.open_source(config)
   const = dict(source.__dict__)
   const['decode'] = lambda salt_and_index: tf.fill(
       (32, 32, 3), tf.cast(salt_and_index[1], tf.uint8))
-  monkeypatch.setattr(input_pipeline, '_open_source',
+  monkeypatch.setattr(input_pipeline, 'open_source',
                       lambda _: input_pipeline._Source(**const))
   batches = host_batches(config, 3)  # one epoch
   info = input_pipeline.dataset_info(config)
@@ -284,7 +284,7 @@ def test_eval_iterator_one_pass_with_padding(mesh):
 
 def test_eval_shares_cover_the_split_once():
   config = small_config(fake_num_examples=44)
-  source = input_pipeline._open_source(config)
+  source = input_pipeline.open_source(config)
   seen = []
   for process_index in range(2):
     ds = input_pipeline._eval_dataset(config, source, 'test', batch_size=16,
