@@ -24,9 +24,15 @@ config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
 flags.DEFINE_string('coordinator_address', None,
                     'Multi-host: host:port of process 0 for jax.distributed.initialize '
-                    '(auto-detected on TPU pods and SLURM when unset).')
+                    '(or $JAX_COORDINATOR_ADDRESS; under srun/mpirun/GKE, and with '
+                    '--distributed, JAX detects what is unset).')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: total number of processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+flags.DEFINE_boolean('distributed', None,
+                     'Multi-host: --distributed calls jax.distributed.initialize() on JAX\'s '
+                     'cluster detection (use it on Cloud TPU VM pod slices); --nodistributed '
+                     'never does; unset: when the flags above, $JAX_COORDINATOR_ADDRESS or a '
+                     'multi-task srun/mpirun/GKE launch ask for it.')
 
 
 def _fail(message: str, code: int = 2):
@@ -42,8 +48,14 @@ def main(argv):
   if not FLAGS['verbosity'].present:  # orbax and TF are chatty at INFO
     logging.set_verbosity(logging.WARNING)
   from resa_jax import sharding
-  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                  FLAGS.process_id)
+  try:
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id, force=FLAGS.distributed)
+  except ValueError as e:
+    _fail(str(e))
+  import jax
+  if jax.process_index() > 0:  # one progress log per job (process 0's); errors still show
+    sys.stdout = open(os.devnull, 'w')  # pylint: disable=consider-using-with
   from resa_jax import train
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -61,9 +73,20 @@ def parse_flags(argv):
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     _fail(lines[0].rstrip(':') + (f': {lines[-1]}' if len(lines) > 1 else ''))
   except Exception as e:  # pylint: disable=broad-except  (a config file that fails to load)
+    field = str(e).strip('"\'')
+    unknown = [a.split('=')[0] for a in argv if a.startswith('--config.') and
+               field in a.split('=')[0].split('.')[1:]]
+    if isinstance(e, (AttributeError, KeyError)) and unknown:
+      _fail(f'{unknown[0]}: the config has no field {field!r} (the fields are in '
+            'configs/default.py)')
     _fail(f'cannot load the config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
   if FLAGS.config is None:
     _fail('--config is required, e.g. --config=configs/fashion_mnist.py')
+  try:  # a config file that cannot be read only raises when first used
+    FLAGS.config.keys()
+  except OSError as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    _fail(f'cannot load the config file {FLAGS["config"].config_filename}: {lines[-1]}')
   return rest
 
 

@@ -7,6 +7,8 @@ leading (batch) axis; the train state is replicated.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -40,18 +42,59 @@ def shard_host_batch(mesh: Mesh, tree):
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
-  """jax.distributed.initialize when running on several hosts; a no-op otherwise.
+def _multiprocess_environment() -> bool:
+  """True where a launcher has started this process as one of several.
 
-  With an explicit coordinator address all three values are required; without
-  one, JAX's cluster auto-detection (TPU pod slices, SLURM, ...) is used when it
-  recognises the environment (JAX_COORDINATOR_ADDRESS / SLURM_* / TPU metadata).
+  Only launchers whose settings jax.distributed.initialize() reads by itself: a
+  SLURM job step of several tasks (inside `srun`; the batch script's own shell is
+  not a step), Open MPI's `mpirun` of several ranks, and TPU slices on GKE
+  (TPU_WORKER_HOSTNAMES lists several hosts).  Cloud TPU VM slices announce
+  themselves only through the metadata server: pass `force=True` there.
   """
-  import os
-  if coordinator_address is not None:
-    if num_processes is None or process_id is None:
-      raise ValueError('--coordinator_address needs --num_processes and --process_id')
+  env = os.environ
+  return bool(
+      ('SLURM_STEP_NODELIST' in env and
+       int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1'))) > 1)
+      or ('OMPI_MCA_orte_hnp_uri' in env and int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1)
+      or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None, *,
+                           force=None) -> bool:
+  """jax.distributed.initialize when this is one of several processes; else a no-op.
+
+  Call it before anything touches a JAX device.  First match wins:
+
+  * `force=False`: never (one process).
+  * An address or a process count/id given -- as arguments (main.py's
+    --coordinator_address, --num_processes, --process_id) or as $JAX_COORDINATOR_ADDRESS,
+    $JAX_NUM_PROCESSES, $JAX_PROCESS_ID: those values; the count and the id go
+    together, and what is left unset comes from JAX's cluster detection.
+  * `force=True`: jax.distributed.initialize() on JAX's cluster detection alone
+    (Cloud TPU VMs and GKE, SLURM, Open MPI, Kubernetes).
+  * Otherwise the same where `_multiprocess_environment()` recognises a
+    multi-process launch, so that a plain single-process run never waits on a
+    cluster service.
+
+  Returns whether jax.distributed was initialised.  Across processes on CPU, JAX's
+  default collectives (gloo) are used.
+  """
+  env = os.environ
+  coordinator_address = coordinator_address or env.get('JAX_COORDINATOR_ADDRESS')
+  if num_processes is None and env.get('JAX_NUM_PROCESSES'):
+    num_processes = int(env['JAX_NUM_PROCESSES'])
+  if process_id is None and env.get('JAX_PROCESS_ID'):
+    process_id = int(env['JAX_PROCESS_ID'])
+  if force is False:
+    return False
+  if coordinator_address is not None or num_processes is not None or process_id is not None:
+    if (num_processes is None) != (process_id is None):
+      raise ValueError('--num_processes and --process_id (or $JAX_NUM_PROCESSES and '
+                       '$JAX_PROCESS_ID) go together')
+    # What is still None (all but the address, or the address) is auto-detected.
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif (os.environ.get('JAX_COORDINATOR_ADDRESS') or
-        int(os.environ.get('SLURM_NTASKS', '1')) > 1 or os.environ.get('TPU_WORKER_HOSTNAMES')):
+    return True
+  if force or _multiprocess_environment():
     jax.distributed.initialize()
+    return True
+  return False

@@ -168,8 +168,18 @@ def train_step(state: TrainState, views, *, online_net, momentum_net, tx, mesh, 
                             momentum_batch_stats=aux['momentum_batch_stats'],
                             opt_state=opt_state)
   metrics = dict(loss=loss, lr=lr_schedule(state.step), ema_momentum=momentum,
-                 assignment_entropy=aux['entropy'], grad_norm=optax.tree.norm(grads))
+                 assignment_entropy=aux['entropy'], grad_norm=optax.tree.norm(grads),
+                 # Health counters: the loop stops on any non-finite value (before saving).
+                 nonfinite_fraction=nonfinite_fraction(grads),
+                 state_finite=(nonfinite_fraction(new_state) == 0).astype(jnp.float32))
   return new_state, metrics
+
+
+def nonfinite_fraction(tree) -> jax.Array:
+  """Fraction (float32 scalar) of the floating-point entries of `tree` that are NaN or Inf."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  count = sum((jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves), jnp.int32(0))
+  return count.astype(jnp.float32) / max(sum(x.size for x in leaves), 1)
 
 
 def make_train_step(config, *, online_net, momentum_net, tx, mesh, lr_schedule, total_steps,
@@ -200,12 +210,12 @@ import numpy as np  # noqa: E402
 
 
 class TrainingDivergedError(RuntimeError):
-  """The loss (or gradient) became NaN or Inf; the message names the step."""
+  """The loss, gradient or new state became NaN or Inf; the message names the step."""
 
 
 def validate_config(config) -> None:
   """Raises ValueError with a one-line cause for a config that cannot train."""
-  from resa_jax import input_pipeline, models
+  from resa_jax import models
   if config.arch not in models.ARCHITECTURES:
     raise ValueError(f'unknown architecture {config.arch!r}; expected one of '
                      f'{", ".join(sorted(models.ARCHITECTURES))}')
@@ -218,13 +228,14 @@ def validate_config(config) -> None:
               'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'knn_k',
               'knn_temperature')
   for name in positive:
-    if not config[name] > 0:
-      raise ValueError(f'{name} must be positive, got {config[name]!r}')
+    if not 0 < config[name] < math.inf:  # also rejects NaN
+      raise ValueError(f'{name} must be positive and finite, got {config[name]!r}')
   for name in ('weight_decay', 'warmup_epochs', 'final_lr_ratio'):
-    if config[name] < 0:
-      raise ValueError(f'{name} must be >= 0, got {config[name]!r}')
+    if not 0 <= config[name] < math.inf:
+      raise ValueError(f'{name} must be >= 0 and finite, got {config[name]!r}')
   if not 0 <= config.ema_momentum <= 1:
     raise ValueError(f'ema_momentum must be in [0, 1], got {config.ema_momentum!r}')
+  from resa_jax import input_pipeline  # imports TensorFlow: after the cheap checks
   input_pipeline.validate_config(config)
 
 
@@ -233,40 +244,91 @@ def _write_json(path: pathlib.Path, obj) -> None:
   evaluate.write_json(path, obj)
 
 
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose arrays do not fit the config (another architecture)."""
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+  """{'params/encoder/conv1/kernel': shape, ...} of a pytree of arrays or metadata."""
+  def name(path):
+    return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                    for k in path)
+  return {name(path): tuple(getattr(leaf, 'shape', ()))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _first_shape_difference(stored: dict, expected: dict) -> str | None:
+  for name in sorted(expected):
+    if name not in stored:
+      return f'it has no {name}'
+    if stored[name] != expected[name]:
+      return f'{name} is {stored[name]} in it, {expected[name]} in the model'
+  extra = sorted(set(stored) - set(expected))
+  return f'the model has no {extra[0]}' if extra else None
+
+
 class Checkpoints:
   """Orbax CheckpointManager of TrainStates with fallback over unreadable steps."""
 
   def __init__(self, directory: pathlib.Path, keep: int):
     import orbax.checkpoint as ocp
     self._ocp = ocp
+    self.directory = directory.absolute()
+    # item_handlers fixes the single-item layout (<step>/default); left to orbax, it is
+    # guessed from the newest step, and an emptied newest step makes all unreadable.
     self.manager = ocp.CheckpointManager(
-        directory.absolute(),
+        self.directory, item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=True))
 
   def restore_latest(self, template: TrainState):
-    """(state, step) from the newest readable checkpoint, or (template, None).
+    """(state, step) from the newest readable checkpoint, or (template, None) if none.
 
     An unreadable checkpoint (truncated file, missing directory) is reported with
-    a warning and skipped; nothing is deleted here.
+    a warning and skipped; nothing is deleted here.  Raises ValueError (one line)
+    when a checkpoint's shapes do not fit `template` (another architecture or
+    optimizer) or when checkpoints exist but none is readable.
     """
     abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, template)
-    for step in sorted(self.manager.all_steps(read=True), reverse=True):
+    expected = _leaf_shapes(abstract)
+    self.manager.reload()  # see steps written by an earlier process
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for step in steps:
       try:
+        if not (self.directory / str(step) / 'default').is_dir():  # orbax's message misleads
+          raise FileNotFoundError(f'{self.directory / str(step) / "default"} is missing')
+        stored = _leaf_shapes(self.manager.item_metadata(step))
+        if not stored:
+          raise ValueError('no arrays in its metadata')
+        mismatch = _first_shape_difference(stored, expected)
+        if mismatch:
+          raise CheckpointMismatchError(
+              f'the checkpoint at step {step} in {self.directory} does not fit the config '
+              f'({mismatch}): rerun with the config it was trained with, or use a new workdir')
         state = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+      except CheckpointMismatchError:
+        raise
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning('checkpoint at step %d is unreadable (%s: %s); trying an older one',
-                        step, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
-        print(f'warning: checkpoint at step {step} is unreadable ({type(e).__name__}); '
+        for _ in range(10):  # the innermost cause names the file and what is wrong with it
+          e = e.__cause__ or e.__context__ or e
+        reason = f'{type(e).__name__}: {" ".join(str(e).split())[:300]}'
+        logging.warning('checkpoint at step %d is unreadable (%s); trying an older one',
+                        step, reason)
+        print(f'warning: checkpoint at step {step} is unreadable ({reason}); '
               'falling back to an older one', flush=True)
         continue
       return state, step
+    if steps:  # starting afresh here would mix new steps with the unreadable old ones
+      raise ValueError(f'no readable checkpoint in {self.directory} (steps '
+                       f'{", ".join(map(str, sorted(steps)))}; see the warnings above); '
+                       'move it away to start afresh')
     return template, None
 
   def save(self, step: int, state: TrainState) -> float:
     """Saves (asynchronously after the host copy); returns the blocking seconds."""
     start = time.perf_counter()
     if step in self.manager.all_steps():  # an unreadable leftover we fell back from
+      self.manager.wait_until_finished()  # never delete a save still being written
       self.manager.delete(step)
     self.manager.save(step, args=self._ocp.args.StandardSave(state), force=True)
     return time.perf_counter() - start
@@ -295,11 +357,15 @@ def knn_top1(config, mesh, feature_fn, num_classes: int) -> float:
   examples when that is > 0), the queries config.eval_split, both without
   augmentation.  `feature_fn` maps a global image batch to (B, D) features.
   """
+  import itertools
   from resa_jax import evaluate, input_pipeline
-  bank, bank_labels = evaluate.extract_features(
-      feature_fn, input_pipeline.create_eval_iterator(config, mesh, config.eval_train_split))
-  if config.knn_max_train_examples > 0:
-    bank, bank_labels = bank[:config.knn_max_train_examples], bank_labels[:config.knn_max_train_examples]
+  bank_batches = input_pipeline.create_eval_iterator(config, mesh, config.eval_train_split)
+  limit = config.knn_max_train_examples
+  if limit > 0:  # stop reading the split once the bank is full
+    bank_batches = itertools.islice(bank_batches, -(-limit // config.batch_size))
+  bank, bank_labels = evaluate.extract_features(feature_fn, bank_batches)
+  if limit > 0:
+    bank, bank_labels = bank[:limit], bank_labels[:limit]
   queries, query_labels = evaluate.extract_features(
       feature_fn, input_pipeline.create_eval_iterator(config, mesh, config.eval_split))
   result = evaluate.knn_weighted(bank, bank_labels, queries, query_labels, num_classes,
@@ -344,14 +410,16 @@ def train_and_evaluate(config, workdir) -> dict:
   Returns the results dict also written to workdir/results.json.  Raises
   ValueError (bad config, missing data; nothing written) or TrainingDivergedError.
   """
+  validate_config(config)  # first: a bad config fails before TensorFlow is imported
   from clu import metric_writers
   from resa_jax import input_pipeline, models, sharding
 
-  validate_config(config)
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f'workdir {workdir} exists and is not a directory')
   info = input_pipeline.dataset_info(config)  # DatasetNotFoundError before any write
+  if info.num_train_examples < 1:
+    raise ValueError(f'{config.dataset} split {config.train_split!r} has no examples')
   mesh = sharding.create_mesh()
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
@@ -408,8 +476,11 @@ def train_and_evaluate(config, workdir) -> dict:
   train_iter = input_pipeline.create_train_iterator(config, mesh, start_step=start_step)
 
   stop_requested = []
+  # Multi-host: saving is collective, so all processes must stop at the same step;
+  # JAX's preemption service (jax.distributed) catches SIGTERM there and picks it.
+  multihost = jax.process_count() > 1
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True)) \
-      if is_main_thread() else None
+      if is_main_thread() and not multihost else None
   pending = []  # (step, device metrics) not yet checked on the host
   last_loss = math.nan
   run_start, prior_wall_time = time.time(), float(history.get('wall_time', 0.0))
@@ -424,10 +495,12 @@ def train_and_evaluate(config, workdir) -> dict:
       return
     fetched = jax.device_get([m for _, m in pending])
     for (s, _), m in zip(pending, fetched):
-      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm']) and m['state_finite']):
         raise TrainingDivergedError(
-            f'non-finite loss ({m["loss"]}) or gradient norm ({m["grad_norm"]}) at step {s}; '
-            f'the last good checkpoint is kept in {workdir / "checkpoints"}')
+            f'training diverged at step {s}: loss {m["loss"]}, gradient norm {m["grad_norm"]} '
+            f'({m["nonfinite_fraction"]:.1%} of the gradient entries non-finite), parameters '
+            f'{"finite" if m["state_finite"] else "non-finite"} after the step; nothing of '
+            f'it was saved, the last good checkpoint is kept in {workdir / "checkpoints"}')
     pending.clear()
     mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     last_loss = mean['loss']
@@ -451,6 +524,7 @@ def train_and_evaluate(config, workdir) -> dict:
   def save(step):
     flush_metrics(step)  # never checkpoint a state we have not checked
     checkpoint_seconds.append(checkpoints.save(step, state))
+    writer.write_scalars(step, {'checkpoint_save_sec': checkpoint_seconds[-1]})
     history['wall_time'] = prior_wall_time + time.time() - run_start
     if is_chief:
       _write_json(history_path, history)
@@ -481,8 +555,9 @@ def train_and_evaluate(config, workdir) -> dict:
         interval_start, interval_steps = time.time(), 0  # do not count eval as training
       if step % config.checkpoint_every_steps == 0 or step == total_steps:
         save(step)
-      if stop_requested:
-        save(step)
+      if stop_requested or (multihost and _reached_preemption_sync_point(step)):
+        if checkpoints.manager.latest_step() != step:  # not saved just above
+          save(step)
         checkpoints.close()
         print(f'SIGTERM at step {step}: checkpoint saved, exiting', flush=True)
         raise SystemExit(143)
@@ -524,6 +599,11 @@ def train_and_evaluate(config, workdir) -> dict:
     _plot_history(history, workdir)
   print('results: ' + json.dumps(results), flush=True)
   return results
+
+
+def _reached_preemption_sync_point(step: int) -> bool:
+  from jax.experimental import multihost_utils
+  return multihost_utils.reached_preemption_sync_point(step)
 
 
 def is_main_thread() -> bool:
