@@ -1,0 +1,268 @@
+"""Multi-host training on one machine: 2 processes x 4 CPU devices against 1 x 8.
+
+Two `python -m resa_jax.main --coordinator_address=localhost:PORT --num_processes=2
+--process_id=i` processes, each with 4 simulated CPU devices and JAX's CPU
+collectives across processes (gloo, JAX's default), train the tiny config in two
+invocations: the first is preempted (SIGTERM to one process; both save the same
+step together and exit 143), the second restores that checkpoint on both processes
+and trains to the end.  One process with 8 devices trains on the same global
+batches in one go.  The final TrainStates, read back from both checkpoint
+directories, must agree (parameters and BatchNorm statistics to 1e-5 relative per
+element, 1e-6 as a whole), and so must the kNN results; only process 0 prints
+progress.
+
+The 8-device reference reads the 2-process data stream: its host batches are the
+concatenation of what processes 0 and 1 of 2 read (input_pipeline's per-process
+stream depends on the process count, by design).  All three processes compile
+into one persistent cache, so the resuming invocation does not compile again.
+"""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(ROOT / 'tests' / 'configs' / 'tiny.py')
+NUM_STEPS = 4  # one epoch of the tiny config: kNN before training and at its end
+OVERRIDES = {'num_train_steps': NUM_STEPS, 'checkpoint_every_steps': NUM_STEPS}
+TIMEOUT = 300
+
+# Runs train_and_evaluate on 8 devices with the training stream that 2 processes read.
+REFERENCE = textwrap.dedent('''
+    import importlib.util, json, sys
+    import jax
+    import numpy as np
+    from resa_jax import input_pipeline, train
+
+    spec = importlib.util.spec_from_file_location('tiny', sys.argv[1])
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    config = tiny.get_config()
+    config.update(json.loads(sys.argv[3]))
+
+    def two_process_stream(config, mesh, *, start_step=0):
+      source = input_pipeline.open_source(config)
+      hosts = [input_pipeline._host_batches(
+          config, source, config.train_split, batch_size=config.batch_size,
+          start_step=start_step, make_example=input_pipeline._train_example_fn(config, source),
+          salt='train', process_index=i, process_count=2) for i in range(2)]
+      batches = (jax.tree.map(lambda *parts: np.concatenate(parts), *both)
+                 for both in zip(*hosts))
+      return input_pipeline._to_mesh(mesh, batches, config.prefetch)
+
+    input_pipeline.create_train_iterator = two_process_stream
+    train.train_and_evaluate(config, sys.argv[2])
+''')
+
+
+def _env(devices: int, cache_dir) -> dict:
+  env = {k: v for k, v in os.environ.items()  # no cluster settings of the caller's
+         if not k.startswith(('SLURM_', 'OMPI_', 'JAX_', 'TPU_'))}
+  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
+             CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='3',
+             JAX_DISABLE_MOST_OPTIMIZATIONS='1', PYTHONPATH=str(ROOT),
+             # The resuming invocation reuses the first one's compiled programs.
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return env
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _start(cmd, devices, log_dir, name):
+  out = open(log_dir / f'{name}.out', 'w')  # files, not pipes: nobody blocks on a full pipe
+  err = open(log_dir / f'{name}.err', 'w')
+  return subprocess.Popen(cmd, cwd=ROOT, env=_env(devices, log_dir / 'jax_cache'), stdout=out,
+                          stderr=err, text=True)
+
+
+def _finish(procs: dict, log_dir, expected_code: int = 0) -> dict:
+  """Waits for every process; kills the rest as soon as one fails or times out."""
+  outputs = {}
+  try:
+    for name, proc in procs.items():
+      code = proc.wait(timeout=TIMEOUT)
+      stdout = (log_dir / f'{name}.out').read_text()
+      stderr = (log_dir / f'{name}.err').read_text()
+      assert code == expected_code, f'{name} exited {code}:\n{stdout[-2000:]}\n{stderr[-4000:]}'
+      outputs[name] = stdout
+  finally:
+    _kill(procs.values())
+  return outputs
+
+
+def _kill(procs):
+  for proc in procs:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def _wait_for(path: pathlib.Path, text: str, procs):
+  deadline = time.monotonic() + TIMEOUT
+  while text not in path.read_text():
+    assert all(p.poll() is None for p in procs), f'a process ended before {text!r}'
+    assert time.monotonic() < deadline, f'no {text!r} in {path.name} after {TIMEOUT} s'
+    time.sleep(0.2)
+
+
+def _main_cmd(workdir, port, process_id, *extra):
+  flags = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+  return [sys.executable, '-m', 'resa_jax.main', f'--config={TINY}', f'--workdir={workdir}',
+          *flags, *extra, f'--coordinator_address=localhost:{port}', '--num_processes=2',
+          f'--process_id={process_id}']
+
+
+def _two_processes(workdir, log_dir, name, *extra):
+  port = _free_port()
+  return {f'{name}{i}': _start(_main_cmd(workdir, port, i, *extra), 4, log_dir, f'{name}{i}')
+          for i in range(2)}
+
+
+def _restore(checkpoint_dir: pathlib.Path, step: int) -> dict:
+  """The saved TrainState at `step` as a flat {path: numpy array}."""
+  import jax
+  import orbax.checkpoint as ocp
+  path = checkpoint_dir / str(step) / 'default'
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(path).item_metadata
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    tree = checkpointer.restore(path, restore_args=restore_args)
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_two_processes_match_one_process(tmp_path):
+  multi, single = tmp_path / 'multi', tmp_path / 'single'
+  reference = _start([sys.executable, '-c', REFERENCE, TINY, str(single), json.dumps(OVERRIDES)],
+                     8, tmp_path, 'single')
+  try:
+    # Preemption: SIGTERM to process 1 alone, once both are past start-up (the kNN
+    # baselines gather across processes) and before training.  JAX's preemption
+    # service makes both save the same step and exit 143.
+    first = _two_processes(multi, tmp_path, 'first')
+    _wait_for(tmp_path / 'first0.out', 'kNN top-1 before training', first.values())
+    first['first1'].send_signal(signal.SIGTERM)
+    first = _finish(first, tmp_path, expected_code=143)
+    # Resuming: both processes restore that checkpoint and train to the end.
+    second = _finish({**_two_processes(multi, tmp_path, 'second'), 'single': reference},
+                     tmp_path)
+  finally:
+    _kill([reference])
+
+  match = re.search(r'SIGTERM at step (\d+): checkpoint saved', first['first0'])
+  assert match, first['first0'][-2000:]
+  stop_step = int(match.group(1))
+  assert 1 <= stop_step < NUM_STEPS
+  assert f'resumed at step {stop_step}' in second['second0']
+  assert 'over 8 device(s)' in second['second0'] and f'step {NUM_STEPS}/' in second['second0']
+  # Process 0 reports; process 1 prints nothing of its own (gloo's C++ lines aside).
+  for out in (first['first1'], second['second1']):
+    assert not any(word in out for word in ('ReSA', 'step', 'kNN', 'results')), out[-2000:]
+
+  results = json.loads((multi / 'results.json').read_text())
+  expected = json.loads((single / 'results.json').read_text())
+  assert results['finished'] and results['step'] == NUM_STEPS and results['devices'] == 8
+  for key in ('knn_top1_raw_pixels', 'knn_top1_random_init', 'knn_top1'):
+    assert results[key] == pytest.approx(expected[key], abs=1e-6), key
+  history = json.loads((multi / 'history.json').read_text())
+  assert [s for s, _ in history['loss']][-1] == NUM_STEPS
+  assert (multi / 'training_curves.png').exists() and (multi / 'config.json').exists()
+
+  steps = sorted(int(p.name) for p in (multi / 'checkpoints').iterdir() if p.name.isdigit())
+  assert steps == [stop_step, NUM_STEPS]
+  got = _restore(multi / 'checkpoints', NUM_STEPS)
+  want = _restore(single / 'checkpoints', NUM_STEPS)
+  assert got.keys() == want.keys() and int(got["['step']"]) == NUM_STEPS
+  # Parameters and BatchNorm statistics, leaf by leaf: the reduction order of the
+  # cross-process all-reduce differs from the in-process one, nothing else.
+  for part in ('params', 'momentum_params', 'batch_stats', 'momentum_batch_stats'):
+    keys = [k for k in want if k.startswith(f"['{part}']")]
+    assert keys, part
+    for k in keys:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert _relative_difference(got, want, keys) <= 1e-6, part
+  # SGD's momentum buffer accumulates raw gradients, whose float32 rounding noise
+  # Sinkhorn's exp(scores / 0.05) amplifies; as a whole it still agrees to 1e-4.
+  keys = [k for k in want if k.startswith("['opt_state']")]
+  assert _relative_difference(got, want, keys) <= 1e-4
+  # The tolerances are far below what the resumed steps change.
+  initial = _restore(multi / 'checkpoints', stop_step)
+  keys = [k for k in want if k.startswith("['params']")]
+  assert _relative_difference(initial, want, keys) > 1e-3
+
+
+def _relative_difference(a: dict, b: dict, keys) -> float:
+  diff = np.sqrt(sum(np.sum((a[k] - b[k]).astype(np.float64) ** 2) for k in keys))
+  return float(diff / np.sqrt(sum(np.sum(b[k].astype(np.float64) ** 2) for k in keys)))
+
+
+# ---------------------------------------------- when jax.distributed starts ----
+
+_CLUSTER_VARS = ('SLURM_', 'OMPI_', 'TPU_WORKER_HOSTNAMES', 'JAX_COORDINATOR_ADDRESS',
+                 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
+
+
+@pytest.fixture
+def initialize_calls(monkeypatch):
+  """A clean cluster environment; jax.distributed.initialize records its arguments."""
+  import jax
+  for name in list(os.environ):
+    if name.startswith(_CLUSTER_VARS):
+      monkeypatch.delenv(name)
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *args: calls.append(args))
+  return calls
+
+
+@pytest.mark.parametrize('env,expected', [
+    ({}, False),
+    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '16'}, False),  # the batch script, not a step
+    ({'SLURM_STEP_NODELIST': 'n[1-2]', 'SLURM_STEP_NUM_TASKS': '1'}, False),
+    ({'SLURM_STEP_NODELIST': 'n[1-2]', 'SLURM_STEP_NUM_TASKS': '16'}, True),  # srun
+    ({'OMPI_MCA_orte_hnp_uri': '1.0;tcp://h:1', 'OMPI_COMM_WORLD_SIZE': '1'}, False),
+    ({'OMPI_MCA_orte_hnp_uri': '1.0;tcp://h:1', 'OMPI_COMM_WORLD_SIZE': '4'}, True),
+    ({'TPU_WORKER_HOSTNAMES': 'h0'}, False),
+    ({'TPU_WORKER_HOSTNAMES': 'h0,h1,h2,h3'}, True),
+])
+def test_auto_detected_launches(initialize_calls, monkeypatch, env, expected):
+  from resa_jax import sharding
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  assert sharding.initialize_distributed() is expected
+  assert initialize_calls == ([()] if expected else [])
+  assert sharding.initialize_distributed(force=False) is False  # --nodistributed
+  assert len(initialize_calls) == int(expected)
+
+
+def test_explicit_and_forced_initialisation(initialize_calls, monkeypatch):
+  from resa_jax import sharding
+  assert sharding.initialize_distributed('host0:1234', 2, 1)
+  assert sharding.initialize_distributed(force=True)  # --distributed: JAX detects all
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', 'host0:99')
+  assert sharding.initialize_distributed()  # the rest from the cluster
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '4')
+  monkeypatch.setenv('JAX_PROCESS_ID', '3')
+  assert sharding.initialize_distributed()
+  assert sharding.initialize_distributed('host1:5', 8, 0)  # flags win over the environment
+  assert initialize_calls == [('host0:1234', 2, 1), (), ('host0:99', None, None),
+                              ('host0:99', 4, 3), ('host1:5', 8, 0)]
+  monkeypatch.delenv('JAX_PROCESS_ID')
+  with pytest.raises(ValueError, match='go together'):
+    sharding.initialize_distributed('host0:1234')
