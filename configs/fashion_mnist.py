@@ -3,8 +3,10 @@
 Command:
     python -m resa_jax.main --config=configs/fashion_mnist.py --workdir=/tmp/resa_fmnist
 
-Hardware: written for 2 CPU cores.  Expected runtime and accuracy: see README
-("Demo") and experiments/RESULTS.md for the measured figures.
+Hardware: written for 2 CPU cores.  Measured on the project's 2-core AMD EPYC (ours,
+experiments/RESULTS.md "Fashion-MNIST demo"): 11.5 min for `bash scripts/demo.sh` with the
+installs done; weighted kNN top-1 (k 20) 83.3% after 1.5 epochs, vs 79.0% for the randomly
+initialised encoder and 85.7% for raw pixels.
 A width-16 ResNet-18 with the CIFAR stem on 28x28 grey images; no predictor,
 no blur (28 px), ReSA's tau / epsilon / EMA as the authors'.
 """
@@ -36,12 +38,12 @@ def get_config():
   config.base_lr = 1.0  # lr 0.5 at batch 128: short runs want a large lr
   config.weight_decay = 1e-4
   config.warmup_epochs = 0.2
-  config.ema_momentum = 0.99  # targets follow the online network faster in short runs
+  config.ema_momentum = 0.98  # the momentum encoder (kNN, targets) must track a short run
   config.num_epochs = 1.5
   config.batch_size = 128
 
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200
-  config.knn_every_epochs = 1
+  config.knn_every_epochs = 2  # in the demo: only at the end (1.5 epochs)
   config.knn_k = 20
   return config
