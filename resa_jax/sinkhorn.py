@@ -35,9 +35,17 @@ Numerical choices
   shift of a potential; constants on ``g`` are cancelled exactly by the next row
   normalisation, so they are dropped, and the result is the same fixed point
   iteration, not an approximation of it.
-* The potentials are updated without writing ``L`` back: each iteration reads the
-  ``(b, B)`` matrix twice (one max pass and one exp-sum pass per logsumexp, fused
-  by XLA) and writes only vectors.
+* One pass over the ``(b, B)`` matrix per normalisation.  A logsumexp needs a
+  shift at least as large as its inputs; rather than a max pass, each
+  normalisation after the first takes the bound that the previous one guarantees
+  (after a row step every entry of ``P`` is at most 1, after a column step at most
+  ``1 / B``), so ``num_iters`` iterations read the matrix ``2 * num_iters + 2``
+  times (one extra max pass at the start, one write at the end) instead of
+  ``4 * num_iters + 3`` times, and write only vectors in between.  A bound can
+  leave a nearly empty row or column with a sum that underflows; if any sum falls
+  below 1e-30 (only with a tiny epsilon or extreme scores) the call recomputes
+  with an exact max before every logsumexp, inside a ``lax.cond`` (so only then
+  does it cost more; under ``vmap`` a cond runs both branches).
 * float32 throughout: ``bfloat16`` (or any float) scores are cast up first, so the
   result equals the float32 answer on the bfloat16-rounded inputs.
 * Rows sum to 1 up to float32 rounding after every call, because the last step is
@@ -144,17 +152,109 @@ def sinkhorn(scores: jax.Array,
   """
   if num_iters < 0:
     raise ValueError(f'num_iters must be >= 0, got {num_iters}')
-  logits = scores.astype(jnp.float32) / jnp.float32(epsilon)  # (..., b, B)
+  logits = _logits(scores, epsilon)  # (..., b, B)
+  if num_iters == 0:
+    return jax.nn.softmax(logits, axis=-1)
+  *fast, safe = _bounded_shift_potentials(logits, num_iters, axis_name)
+  # `safe` is one scalar for the whole call (and, under shard_map, for all
+  # devices), so every device takes the same branch.  Only vectors go through the
+  # cond; the exact branch recomputes the logits from `scores` itself.
+  col_potential, row_shift, row_sum = jax.lax.cond(
+      safe, lambda: tuple(fast),
+      lambda: _max_shift_potentials(_logits(scores, epsilon), num_iters, axis_name))
+  return _assignment(logits, col_potential, row_shift, row_sum)
+
+
+def _logits(scores, epsilon):
+  return scores.astype(jnp.float32) / jnp.float32(epsilon)
+
+
+# A sum of exp() terms below this has lost (or is about to lose) float32 precision
+# (the smallest normal float32 is 1.2e-38): the fast path then defers to the exact one.
+_TINY_SUM = 1e-30
+
+
+def _shifted_exp_sum(x, shift, axis):
+  """sum exp(x - shift) along `axis`; `shift` (x without `axis`) is an upper bound of x."""
+  return jnp.sum(jnp.exp(x - jnp.expand_dims(shift, axis)), axis=axis)
+
+
+def _bounded_shift_potentials(logits, num_iters, axis_name):
+  """The fixed-iteration Sinkhorn with one pass over (b, B) per normalisation.
+
+  A logsumexp needs a shift c >= max(x) so that exp(x - c) <= 1.  Instead of a
+  max pass, every normalisation after the first uses the bound that the previous
+  one guarantees:
+    * after a row step, every row of exp(L + f + g) sums to 1, so each entry is
+      <= 1 and L + f <= -g: the next column step shifts column j by -g_j;
+    * after a column step, every column sums to 1 / B, so L + g <= -f_prev - log B:
+      the next row step shifts row i by -f_prev_i - log B.
+  The shifts are constants for differentiation (stop_gradient'ed wherever they
+  appear), as the max in jax.nn.logsumexp.  Only the first column step pays for
+  an exact column max.  This is the same iteration as `_max_shift_potentials`
+  (equal up to float32 rounding).  A bound is not the max: when a row or column
+  holds almost no mass its shifted sum can underflow, so the function also
+  returns `safe`, False as soon as any sum is below _TINY_SUM.
+
+  Returns:
+    (g (..., B), the last row step's shift (..., b) and shifted sum (..., b),
+    safe: a bool scalar, the same on every device); the assignment is
+    exp(L + g - shift) / sum.
+  """
   log_num_cols = jnp.log(jnp.float32(logits.shape[-1]))
-  row_potential = jnp.zeros(logits.shape[:-1], jnp.float32)  # f: (..., b)
-  col_potential = jnp.zeros(logits.shape[:-2] + logits.shape[-1:], jnp.float32)  # g
+  smallest = []
+  # First column step (f = 0): exact column max, global over devices.
+  col_max = jnp.max(jax.lax.stop_gradient(logits), axis=-2)
+  if axis_name is not None:
+    col_max = jax.lax.pmax(col_max, axis_name)
+  col_max = jnp.where(jnp.isfinite(col_max), col_max, 0.0)
+  col_sum = _shifted_exp_sum(logits, col_max, axis=-2)
+  if axis_name is not None:
+    col_sum = jax.lax.psum(col_sum, axis_name)
+  smallest.append(jnp.min(col_sum))
+  col_potential = -(jnp.log(col_sum) + col_max) - log_num_cols  # g: (..., B)
+  row_potential = jnp.zeros_like(logits[..., 0])  # f: (..., b)
+  for it in range(num_iters):
+    if it > 0:  # column step, shifted by -g of the previous column step
+      col_shift = jax.lax.stop_gradient(-col_potential)
+      col_sum = _shifted_exp_sum(logits + row_potential[..., :, None], col_shift, axis=-2)
+      if axis_name is not None:
+        col_sum = jax.lax.psum(col_sum, axis_name)
+      smallest.append(jnp.min(col_sum))
+      col_potential = -(jnp.log(col_sum) + col_shift) - log_num_cols
+    # Row step, shifted by -f - log B of the previous row step.
+    row_shift = jax.lax.stop_gradient(-row_potential - log_num_cols)
+    row_sum = _shifted_exp_sum(logits + col_potential[..., None, :], row_shift, axis=-1)
+    smallest.append(jnp.min(row_sum))
+    row_potential = -(jnp.log(row_sum) + row_shift)
+  unsafe = jnp.sum((jnp.stack(smallest) < _TINY_SUM).astype(jnp.int32))
+  if axis_name is not None:
+    unsafe = jax.lax.psum(unsafe, axis_name)
+  return col_potential, row_shift, row_sum, unsafe == 0
+
+
+def _max_shift_potentials(logits, num_iters, axis_name):
+  """The same iteration with every logsumexp shifted by its exact max (two passes each).
+
+  Returns what `_bounded_shift_potentials` returns, without `safe`; the last row
+  step's shift is the row max, so the assignment is the softmax of L + g.
+  """
+  log_num_cols = jnp.log(jnp.float32(logits.shape[-1]))
+  row_potential = jnp.zeros_like(logits[..., 0])  # f: (..., b)
+  col_potential = None
   for _ in range(num_iters):
     col_potential = _column_potential(logits, row_potential, log_num_cols, axis_name)
     row_potential = _row_potential(logits, col_potential)
-  # The last row normalisation, exp(L + f + g), written as a softmax: it shifts by
-  # the row max before exp, so rows sum to 1 to float32 rounding even when
-  # |L| = |S| / epsilon is in the hundreds.
-  return jax.nn.softmax(logits + col_potential[..., None, :], axis=-1)
+  x = logits + col_potential[..., None, :]
+  row_max = jnp.max(jax.lax.stop_gradient(x), axis=-1)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  return col_potential, row_max, _shifted_exp_sum(x, row_max, axis=-1)
+
+
+def _assignment(logits, col_potential, row_shift, row_sum):
+  """The last row normalisation, written out: dividing by the very sum of the very
+  terms makes every row sum to 1 to float32 rounding, however large |L| is."""
+  return jnp.exp(logits + col_potential[..., None, :] - row_shift[..., :, None]) / row_sum[..., :, None]
 
 
 def sinkhorn_with_tolerance(scores: jax.Array,

@@ -121,3 +121,47 @@ def test_sharded_rows_equal_single_device():
   assert int(tol_out.num_iters) == int(single.num_iters)
   np.testing.assert_allclose(np.asarray(tol_out.assignment), np.asarray(single.assignment),
                              atol=1e-5)
+
+
+def _nearly_empty_row_scores(n=16):
+  """Scores where row 0 is far below every column's best row: at epsilon 0.005 its
+  mass after the first column step is ~exp(-300), below float32's range."""
+  scores = np.random.default_rng(9).uniform(0.5, 1.0, size=(n, n)).astype(np.float32)
+  scores[0] = -1.0
+  return scores
+
+
+def test_bounded_shift_path_equals_max_shift_path_on_ordinary_scores():
+  for shape, epsilon in [((16, 16), 0.05), ((24, 40), 0.1), ((64, 64), 0.01)]:
+    logits = jnp.asarray(_scores(shape, seed=10)) / epsilon
+    *potentials, safe = sk._bounded_shift_potentials(logits, 3, None)
+    assert bool(safe), (shape, epsilon)
+    fast = sk._assignment(logits, *potentials)
+    # Both are float32 renderings of the same iteration: compare each with float64.
+    want = exp_domain_sinkhorn(_scores(shape, seed=10), epsilon, 3)
+    exact = np.asarray(sk._assignment(logits, *sk._max_shift_potentials(logits, 3, None)))
+    np.testing.assert_allclose(np.asarray(fast), want, atol=5e-6)
+    np.testing.assert_allclose(exact, want, atol=5e-6)
+
+
+def test_underflowing_sum_falls_back_to_exact_shifts():
+  scores = _nearly_empty_row_scores()
+  *_, safe = sk._bounded_shift_potentials(jnp.asarray(scores) / 0.005, 3, None)
+  assert not bool(safe), 'the case must exercise the fallback'
+  got = np.asarray(jax.jit(lambda s: sk.sinkhorn(s, 0.005, 3))(jnp.asarray(scores)))
+  want = exp_domain_sinkhorn(scores, 0.005, 3)  # float64 does not underflow here
+  assert np.all(np.isfinite(want)) and want[0].max() > 0.01
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_sharded_fallback_equals_single_device():
+  devices = jax.devices()
+  mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
+  P = jax.sharding.PartitionSpec
+  scores = jnp.asarray(_nearly_empty_row_scores(2 * len(devices)))
+  # Only device 0 holds the nearly empty row: all devices must still take the fallback.
+  got = jax.jit(jax.shard_map(lambda s: sk.sinkhorn(s, 0.005, 3, axis_name='data'), mesh=mesh,
+                              in_specs=P('data'), out_specs=P('data')))(scores)
+  np.testing.assert_allclose(np.asarray(got), exp_domain_sinkhorn(np.asarray(scores), 0.005, 3),
+                             atol=1e-5)
