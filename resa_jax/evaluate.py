@@ -970,13 +970,13 @@ def clustering_metrics(
 _METRIC_NAMES = ('silhouette_mean', 'silhouette_std', 'ari', 'nmi')
 
 
-def _save_figure(figure, path: str) -> None:
+def save_figure(figure, path: str, dpi: int = 120) -> None:
   """Saves a matplotlib Figure as PNG atomically (no pyplot, no global backend)."""
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp_path = tempfile.mkstemp(dir=folder, suffix='.png.tmp')
   os.close(fd)
   try:
-    figure.savefig(tmp_path, format='png', dpi=120, bbox_inches='tight')
+    figure.savefig(tmp_path, format='png', dpi=dpi, bbox_inches='tight')
     os.chmod(tmp_path, 0o644)
     os.replace(tmp_path, path)
   except BaseException:
@@ -1004,7 +1004,7 @@ def _plot_bars(results, path: str) -> None:
     ax.axhline(0.0, color='black', linewidth=0.5)
   axes[0].legend(title='labels')
   figure.tight_layout()
-  _save_figure(figure, path)
+  save_figure(figure, path)
 
 
 def _plot_tsne(named_features, labels, path: str, *, num_samples: int, metric: str,
@@ -1029,7 +1029,7 @@ def _plot_tsne(named_features, labels, path: str, *, num_samples: int, metric: s
       ax.set_xticks([])
       ax.set_yticks([])
   figure.tight_layout()
-  _save_figure(figure, path)
+  save_figure(figure, path)
 
 
 def clustering_analysis(

@@ -382,10 +382,11 @@ def _format_duration(seconds: float) -> str:
 
 def _plot_history(history: dict, workdir: pathlib.Path) -> None:
   """training_curves.png: loss over steps and kNN top-1 over epochs."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  # A bare Figure (no pyplot): leaves the user's matplotlib backend alone.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from resa_jax.evaluate import save_figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(10, 3.6))
+  axes = fig.subplots(1, 2)
   if history['loss']:
     steps, values = zip(*history['loss'])
     axes[0].plot(steps, values)
@@ -400,8 +401,7 @@ def _plot_history(history: dict, workdir: pathlib.Path) -> None:
   axes[1].set(xlabel='epoch', ylabel='kNN top-1 (%)', title='weighted kNN')
   axes[1].legend(loc='lower right', fontsize=8)
   fig.tight_layout()
-  fig.savefig(workdir / 'training_curves.png', dpi=100)
-  plt.close(fig)
+  save_figure(fig, str(workdir / 'training_curves.png'), dpi=100)
 
 
 def train_and_evaluate(config, workdir) -> dict:
