@@ -1140,39 +1140,6 @@ def _model_summary(config) -> str:
   return ', '.join(f'{k}={config[k]}' for k in _MODEL_FIELDS)
 
 
-def _path_name(path) -> str:
-  parts = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return '/'.join(parts)
-
-
-def _flat_shapes(tree) -> dict[str, tuple]:
-  """{'params/encoder/conv1/kernel': shape, ...} of a pytree (arrays or metadata)."""
-  return {_path_name(path): tuple(getattr(leaf, 'shape', ()))
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _shape_mismatch(stored: Mapping[str, tuple], expected: Mapping[str, tuple]) -> str | None:
-  """The first difference between two {name: shape} maps, in words, or None."""
-  # Parameters first: they make the clearest message.
-  for name in sorted(expected, key=lambda n: (not n.startswith('params/'), n)):
-    if name not in stored:
-      return f'the checkpoint has no {name}'
-    if tuple(stored[name]) != tuple(expected[name]):
-      return (f'{name} is {tuple(stored[name])} in the checkpoint, '
-              f'{tuple(expected[name])} in the model')
-  extra = sorted(set(stored) - set(expected))
-  if extra:
-    return f'the model has no {extra[0]}'
-  return None
-
-
 def _trained_config_note(workdir: pathlib.Path, config) -> str:
   """'; its config.json has width_per_group=8' when the training config differs."""
   path = workdir / 'config.json'
@@ -1205,7 +1172,8 @@ def _stored_shapes(step_dir: pathlib.Path) -> dict[str, tuple] | None:
   finally:
     logging.set_verbosity(verbosity)
   tree = getattr(metadata, 'item_metadata', metadata)
-  return _flat_shapes(tree) if tree is not None else None
+  from resa_jax import train  # pylint: disable=g-import-not-at-top
+  return train.leaf_shapes(tree) if tree is not None else None
 
 
 def _abstract_train_state(config, image_channels: int):
@@ -1241,15 +1209,15 @@ def restore_train_state(config, checkpoint_dir, mesh: Mesh, image_channels: int)
     where = f'the checkpoint in {checkpoint_dir} (step {steps[-1]})'
     roots = ('params', 'batch_stats', 'momentum_params', 'momentum_batch_stats')
     is_model = lambda name: name.split('/', 1)[0] in roots
-    expected = _flat_shapes(abstract)
-    mismatch = _shape_mismatch({k: v for k, v in stored.items() if is_model(k)},
-                               {k: v for k, v in expected.items() if is_model(k)})
+    expected = train.leaf_shapes(abstract)
+    model_part = lambda shapes, want: {k: v for k, v in shapes.items() if is_model(k) == want}
+    mismatch = train.first_shape_difference(model_part(stored, True), model_part(expected, True))
     if mismatch:
       raise EvaluationError(
           f'{where} is of another architecture than --config ({_model_summary(config)}): '
           f'{mismatch}' + _trained_config_note(checkpoint_dir.parent, config))
-    mismatch = _shape_mismatch({k: v for k, v in stored.items() if not is_model(k)},
-                               {k: v for k, v in expected.items() if not is_model(k)})
+    mismatch = train.first_shape_difference(model_part(stored, False),
+                                            model_part(expected, False))
     if mismatch:
       raise EvaluationError(
           f'{where} has an optimizer state that --config (optimizer={config.optimizer}, '
@@ -1325,7 +1293,9 @@ def load_model(config, checkpoint, mesh: Mesh, *, encoder: str = 'momentum',
     expected = _select_parts(expected['params'], expected['batch_stats'])
     parts = set(selected['params'])
     expected = {c: {k: v for k, v in t.items() if k in parts} for c, t in expected.items()}
-    mismatch = _shape_mismatch(_flat_shapes(selected), _flat_shapes(expected))
+    from resa_jax import train  # pylint: disable=g-import-not-at-top
+    mismatch = train.first_shape_difference(train.leaf_shapes(selected),
+                                            train.leaf_shapes(expected))
     if mismatch:
       raise EvaluationError(f'the checkpoint in {path} is of another architecture than '
                             f'--config ({_model_summary(config)}): {mismatch}')

@@ -248,7 +248,7 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint whose arrays do not fit the config (another architecture)."""
 
 
-def _leaf_shapes(tree) -> dict[str, tuple]:
+def leaf_shapes(tree) -> dict[str, tuple]:
   """{'params/encoder/conv1/kernel': shape, ...} of a pytree of arrays or metadata."""
   def name(path):
     return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
@@ -257,12 +257,17 @@ def _leaf_shapes(tree) -> dict[str, tuple]:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _first_shape_difference(stored: dict, expected: dict) -> str | None:
-  for name in sorted(expected):
+def first_shape_difference(stored: dict, expected: dict) -> str | None:
+  """The first difference between a checkpoint's and a model's {name: shape}, in words.
+
+  Parameters are compared first (they make the clearest message); None if equal.
+  """
+  for name in sorted(expected, key=lambda n: (not n.startswith('params/'), n)):
     if name not in stored:
-      return f'it has no {name}'
-    if stored[name] != expected[name]:
-      return f'{name} is {stored[name]} in it, {expected[name]} in the model'
+      return f'the checkpoint has no {name}'
+    if tuple(stored[name]) != tuple(expected[name]):
+      return (f'{name} is {tuple(stored[name])} in the checkpoint, '
+              f'{tuple(expected[name])} in the model')
   extra = sorted(set(stored) - set(expected))
   return f'the model has no {extra[0]}' if extra else None
 
@@ -290,17 +295,17 @@ class Checkpoints:
     optimizer) or when checkpoints exist but none is readable.
     """
     abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, template)
-    expected = _leaf_shapes(abstract)
+    expected = leaf_shapes(abstract)
     self.manager.reload()  # see steps written by an earlier process
     steps = sorted(self.manager.all_steps(), reverse=True)
     for step in steps:
       try:
         if not (self.directory / str(step) / 'default').is_dir():  # orbax's message misleads
           raise FileNotFoundError(f'{self.directory / str(step) / "default"} is missing')
-        stored = _leaf_shapes(self.manager.item_metadata(step))
+        stored = leaf_shapes(self.manager.item_metadata(step))
         if not stored:
           raise ValueError('no arrays in its metadata')
-        mismatch = _first_shape_difference(stored, expected)
+        mismatch = first_shape_difference(stored, expected)
         if mismatch:
           raise CheckpointMismatchError(
               f'the checkpoint at step {step} in {self.directory} does not fit the config '
