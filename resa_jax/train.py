@@ -419,6 +419,9 @@ def train_and_evaluate(config, workdir) -> dict:
   from clu import metric_writers
   from resa_jax import input_pipeline, models, sharding
 
+  if '://' in str(workdir):  # pathlib would quietly make a local folder 'gs:/...'
+    raise ValueError(f'workdir {workdir} is a URL; it must be a local or mounted path '
+                     '(e.g. a gcsfuse mount of the bucket)')
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f'workdir {workdir} exists and is not a directory')

@@ -595,3 +595,13 @@ def test_convert_refuses_another_architectures_checkpoint(env, tmp_path):
   assert 'encoder' in line, line
   assert not (tmp_path / 'out').exists()
   print(f'\n[reliability] convert, resnet18 weights as resnet50: {line}')
+
+
+def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+  sys.path.insert(0, str(ROOT / 'tests'))
+  from configs import tiny
+  from resa_jax import train as train_lib
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match='is a URL; it must be a local or mounted path'):
+    train_lib.train_and_evaluate(tiny.get_config(), 'gs://bucket/run')
+  assert not list(tmp_path.iterdir())  # no local 'gs:' folder
