@@ -41,7 +41,7 @@ Numerical choices
   (after a row step every entry of ``P`` is at most 1, after a column step at most
   ``1 / B``), so ``num_iters`` iterations read the matrix ``2 * num_iters + 2``
   times (one extra max pass at the start, one write at the end) instead of
-  ``4 * num_iters + 3`` times, and write only vectors in between.  A bound can
+  ``4 * num_iters + 1`` times, and write only vectors in between.  A bound can
   leave a nearly empty row or column with a sum that underflows; if any sum falls
   below 1e-30 (only with a tiny epsilon or extreme scores) the call recomputes
   with an exact max before every logsumexp, inside a ``lax.cond`` (so only then
