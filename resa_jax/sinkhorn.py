@@ -93,20 +93,30 @@ class SinkhornOutput(NamedTuple):
   num_iters: jax.Array
 
 
-def _logsumexp_over_rows(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
-  """log sum_i exp(x_i.) over axis -2 (rows), across devices when axis_name is set.
+def _shifted_sum(x, axis, axis_name=None, shift=None):
+  """(shift, sum exp(x - shift)) along `axis`: logsumexp(x) = log(sum) + shift.
 
-  (..., b, B) -> (..., B).  The shift by the (global) column max keeps exp() in
-  range; it is a stop_gradient'ed constant, as in jax.nn.logsumexp.
+  `shift` (x without `axis`) must bound x from above; None takes the exact max.
+  Over rows (axis -2) with `axis_name` set, both are global across devices.  The
+  shift is a stop_gradient'ed constant, as the max in jax.nn.logsumexp.
   """
-  col_max = jnp.max(jax.lax.stop_gradient(x), axis=-2)
-  if axis_name is not None:
-    col_max = jax.lax.pmax(col_max, axis_name)
-  col_max = jnp.where(jnp.isfinite(col_max), col_max, 0.0)
-  sums = jnp.sum(jnp.exp(x - col_max[..., None, :]), axis=-2)
-  if axis_name is not None:
+  across_devices = axis_name is not None and axis == -2
+  if shift is None:
+    shift = jnp.max(jax.lax.stop_gradient(x), axis=axis)
+    if across_devices:
+      shift = jax.lax.pmax(shift, axis_name)
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+  shift = jax.lax.stop_gradient(shift)
+  sums = jnp.sum(jnp.exp(x - jnp.expand_dims(shift, axis)), axis=axis)
+  if across_devices:
     sums = jax.lax.psum(sums, axis_name)
-  return jnp.log(sums) + col_max
+  return shift, sums
+
+
+def _logsumexp_over_rows(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
+  """log sum_i exp(x_i.) over axis -2 (rows), across devices when axis_name is set."""
+  shift, sums = _shifted_sum(x, -2, axis_name)
+  return jnp.log(sums) + shift
 
 
 def _global_rows(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
@@ -174,11 +184,6 @@ def _logits(scores, epsilon):
 _TINY_SUM = 1e-30
 
 
-def _shifted_exp_sum(x, shift, axis):
-  """sum exp(x - shift) along `axis`; `shift` (x without `axis`) is an upper bound of x."""
-  return jnp.sum(jnp.exp(x - jnp.expand_dims(shift, axis)), axis=axis)
-
-
 def _bounded_shift_potentials(logits, num_iters, axis_name):
   """The fixed-iteration Sinkhorn with one pass over (b, B) per normalisation.
 
@@ -203,30 +208,19 @@ def _bounded_shift_potentials(logits, num_iters, axis_name):
   """
   log_num_cols = jnp.log(jnp.float32(logits.shape[-1]))
   smallest = []
-  # First column step (f = 0): exact column max, global over devices.
-  col_max = jnp.max(jax.lax.stop_gradient(logits), axis=-2)
-  if axis_name is not None:
-    col_max = jax.lax.pmax(col_max, axis_name)
-  col_max = jnp.where(jnp.isfinite(col_max), col_max, 0.0)
-  col_sum = _shifted_exp_sum(logits, col_max, axis=-2)
-  if axis_name is not None:
-    col_sum = jax.lax.psum(col_sum, axis_name)
-  smallest.append(jnp.min(col_sum))
-  col_potential = -(jnp.log(col_sum) + col_max) - log_num_cols  # g: (..., B)
   row_potential = jnp.zeros_like(logits[..., 0])  # f: (..., b)
-  for it in range(num_iters):
-    if it > 0:  # column step, shifted by -g of the previous column step
-      col_shift = jax.lax.stop_gradient(-col_potential)
-      col_sum = _shifted_exp_sum(logits + row_potential[..., :, None], col_shift, axis=-2)
-      if axis_name is not None:
-        col_sum = jax.lax.psum(col_sum, axis_name)
-      smallest.append(jnp.min(col_sum))
-      col_potential = -(jnp.log(col_sum) + col_shift) - log_num_cols
+  col_shift = None  # the first column step (f = 0) takes the exact column max
+  for _ in range(num_iters):
+    col_shift, col_sum = _shifted_sum(logits + row_potential[..., :, None], -2, axis_name,
+                                      col_shift)
+    smallest.append(jnp.min(col_sum))
+    col_potential = -(jnp.log(col_sum) + col_shift) - log_num_cols  # g: (..., B)
     # Row step, shifted by -f - log B of the previous row step.
-    row_shift = jax.lax.stop_gradient(-row_potential - log_num_cols)
-    row_sum = _shifted_exp_sum(logits + col_potential[..., None, :], row_shift, axis=-1)
+    row_shift, row_sum = _shifted_sum(logits + col_potential[..., None, :], -1,
+                                      shift=-row_potential - log_num_cols)
     smallest.append(jnp.min(row_sum))
     row_potential = -(jnp.log(row_sum) + row_shift)
+    col_shift = -col_potential  # the next column step's bound
   unsafe = jnp.sum((jnp.stack(smallest) < _TINY_SUM).astype(jnp.int32))
   if axis_name is not None:
     unsafe = jax.lax.psum(unsafe, axis_name)
@@ -245,10 +239,8 @@ def _max_shift_potentials(logits, num_iters, axis_name):
   for _ in range(num_iters):
     col_potential = _column_potential(logits, row_potential, log_num_cols, axis_name)
     row_potential = _row_potential(logits, col_potential)
-  x = logits + col_potential[..., None, :]
-  row_max = jnp.max(jax.lax.stop_gradient(x), axis=-1)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  return col_potential, row_max, _shifted_exp_sum(x, row_max, axis=-1)
+  row_max, row_sum = _shifted_sum(logits + col_potential[..., None, :], -1)
+  return col_potential, row_max, row_sum
 
 
 def _assignment(logits, col_potential, row_shift, row_sum):
