@@ -19,15 +19,11 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.dataset = 'cifar10'
-  config.crops_nmb = (2,)
+  config.eval_split = 'test'
   config.crops_size = (32,)
-  config.crops_min_scale = (0.2,)
-  config.crops_max_scale = (1.0,)
   config.gaussian_prob = (0.0,)
-  config.solarization_prob = (0.2,)
 
   config.arch = 'resnet18'
-  config.width_per_group = 64
   config.stem = 'cifar'
   config.zero_init_residual = False
   config.predictor = False
@@ -35,10 +31,7 @@ def get_config():
 
   config.base_lr = 0.3
   config.weight_decay = 1e-4
-  config.warmup_epochs = 2.0
   config.num_epochs = 1000.0
-  config.batch_size = 256
   config.knn_every_epochs = 50
-  config.knn_k = 20
   config.checkpoint_every_steps = 2000
   return config

@@ -21,24 +21,20 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.dataset = 'fashion_mnist'
-  config.crops_nmb = (2,)
+  config.eval_split = 'test'
   config.crops_size = (28,)
   config.crops_min_scale = (0.25,)
-  config.crops_max_scale = (1.0,)
   config.gaussian_prob = (0.0,)
-  config.solarization_prob = (0.2,)
 
   config.arch = 'resnet18'
   config.width_per_group = 16
   config.stem = 'cifar'
   config.zero_init_residual = False
-  config.mlp_layers = 3
   config.mlp_dim = 512
   config.emb_dim = 128
   config.predictor = False
   config.dtype = 'float32'
 
-  config.optimizer = 'sgd'
   config.base_lr = 1.0  # lr 0.5 at batch 128: short runs want a large lr
   config.weight_decay = 1e-4
   config.warmup_epochs = 0.2
@@ -49,5 +45,4 @@ def get_config():
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200
   config.knn_every_epochs = 2  # in the demo: only at the end (1.5 epochs)
-  config.knn_k = 20
   return config
