@@ -31,7 +31,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import results_md  # noqa: E402
-from resa_jax import input_pipeline, sharding  # noqa: E402
+from resa_jax import datasets, input_pipeline, sharding  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 50, 'Timed batches.')
@@ -67,7 +67,7 @@ def main(argv):
   config = _CONFIG.value
   load_before = os.getloadavg()[0]  # other jobs on the machine slow tf.data down
   mesh = sharding.create_mesh()
-  info = input_pipeline.dataset_info(config)
+  info = datasets.dataset_info(config)
 
   start = time.perf_counter()
   iterator = input_pipeline.create_train_iterator(config, mesh)

@@ -60,7 +60,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import results_md  # noqa: E402
-from resa_jax import models, sharding, train  # noqa: E402
+from resa_jax import models, sharding  # noqa: E402
+from resa_jax import step as step_lib  # noqa: E402
 from resa_jax.models import layers  # noqa: E402
 from resa_jax import sinkhorn as sinkhorn_lib  # noqa: E402
 
@@ -190,7 +191,7 @@ def make_parts(config, mesh, online_net, momentum_net, state, views):
   parts = {}
 
   def online_loss(params, batch_stats, views):
-    _, embeddings, new_stats = train.forward_views(online_net, params, batch_stats, views)
+    _, embeddings, new_stats = step_lib.forward_views(online_net, params, batch_stats, views)
     # A scalar of every view's embedding, so the backward covers all of them.
     return sum(jnp.mean(jnp.square(z.astype(jnp.float32))) for z in embeddings), new_stats
 
@@ -200,7 +201,7 @@ def make_parts(config, mesh, online_net, momentum_net, state, views):
       online_fwd_bwd, lambda: (state.params, state.batch_stats, views))
 
   def momentum_forward(params, batch_stats, views):
-    encodings, embeddings, new_stats = train.forward_views(momentum_net, params, batch_stats,
+    encodings, embeddings, new_stats = step_lib.forward_views(momentum_net, params, batch_stats,
                                                            views)
     return encodings[0], embeddings, new_stats
 
@@ -269,7 +270,7 @@ def benchmark(config, steps: int = 20, warmup: int = 3, parts: bool = True,
   if steps < 1 or warmup < 0:
     raise ValueError(f'need steps >= 1 and warmup >= 0, got {steps} and {warmup}')
   devices = jax.devices() if devices is None else devices
-  mesh = sharding.create_mesh(devices, config.mesh_data_axis)
+  mesh = sharding.create_mesh(devices)
   if config.batch_size % mesh.size:
     raise ValueError(f'batch_size {config.batch_size} is not divisible by {mesh.size} devices')
   platform = devices[0].platform
@@ -279,12 +280,12 @@ def benchmark(config, steps: int = 20, warmup: int = 3, parts: bool = True,
   online_net, momentum_net = models.create_networks(config)
   # The schedules only set values; any horizon gives the same step program.
   steps_per_epoch, total_steps = 1000, 100_000
-  schedule = train.learning_rate_schedule(config, steps_per_epoch, total_steps)
-  tx = train.create_optimizer(config, schedule)
+  schedule = step_lib.learning_rate_schedule(config, steps_per_epoch, total_steps)
+  tx = step_lib.create_optimizer(config, schedule)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
   shapes = view_shapes(config)
-  state = jax.jit(lambda rng: train.create_train_state(rng, online_net, momentum_net, tx,
+  state = jax.jit(lambda rng: step_lib.create_train_state(rng, online_net, momentum_net, tx,
                                                        shapes[0]),
                   out_shardings=replicated)(jax.random.key(config.seed))
   rng = np.random.default_rng(config.seed)
@@ -293,7 +294,7 @@ def benchmark(config, steps: int = 20, warmup: int = 3, parts: bool = True,
                 for shape in shapes)
   _block((state, views))
 
-  step_fn = train.make_train_step(config, online_net=online_net, momentum_net=momentum_net,
+  step_fn = step_lib.make_train_step(config, online_net=online_net, momentum_net=momentum_net,
                                   tx=tx, mesh=mesh, lr_schedule=schedule,
                                   total_steps=total_steps)
   start = time.perf_counter()

@@ -292,6 +292,15 @@ def make_view(image: tf.Tensor, seed, spec: ViewSpec) -> tf.Tensor:
   return random_flip(view, s_flip, spec.flip_prob)
 
 
+def classifier_view(image: tf.Tensor, seed, size: int) -> tf.Tensor:
+  """uint8 (H, W, C) -> float32 (size, size, C) in [0, 1]: the view a linear probe or
+  fine-tuning trains on, RandomResizedCrop(size, scale 0.08-1, bilinear) + flip
+  (the authors' eval_linear.py)."""
+  crop_seed, flip_seed = split_seed(seed, 2)
+  view = random_resized_crop(image, crop_seed, size, (0.08, 1.0), method='bilinear')
+  return random_flip(view, flip_seed, 0.5)
+
+
 def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
   """float [0, 1] (..., C) -> (x - mean) / std."""
   return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)

@@ -1,8 +1,15 @@
-"""Device mesh, shardings and multi-host initialisation.
+"""Device mesh, shardings, placing host data on the mesh, multi-host initialisation.
 
-Data parallelism only for now: one mesh axis (`config.mesh_data_axis`, 'data') over
-every device of every process.  Batches are global `jax.Array`s sharded along their
-leading (batch) axis; the train state is replicated.
+Data parallelism: one mesh axis ('data') over every device of every process.
+Batches are global `jax.Array`s sharded along their leading (batch) axis
+(`batch_sharding`); the train state and everything small is replicated
+(`replicated_sharding`).  Every NamedSharding of the project is made here.
+
+Host <-> device: `place` / `place_padded` put a host array on the mesh (every
+process holds the whole array and hands out its own slices, so this works when
+the mesh spans several processes); `shard_host_batch` assembles a global batch from
+each process's share; `to_numpy` brings any array back, gathering a global array
+that spans several processes.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -28,6 +36,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  """The whole array on every device of the mesh."""
   return NamedSharding(mesh, P())
 
 
@@ -40,6 +49,54 @@ def shard_host_batch(mesh: Mesh, tree):
   sharding = batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def to_numpy(x) -> np.ndarray:
+  """Host copy of an array; a global array spanning several processes is gathered."""
+  if isinstance(x, jax.Array):
+    if x.is_fully_addressable:
+      return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def pad_rows(x: np.ndarray, num_rows: int, value=0) -> np.ndarray:
+  """Pads the leading axis of `x` to `num_rows` with `value`."""
+  if x.shape[0] == num_rows:
+    return x
+  pad = np.full((num_rows - x.shape[0],) + x.shape[1:], value, dtype=x.dtype)
+  return np.concatenate([x, pad], axis=0)
+
+
+def place(x: np.ndarray, mesh: Mesh | None, spec: P = P()) -> jax.Array:
+  """Puts a host array on the default device, or on `mesh` with partition `spec`."""
+  if mesh is None:
+    return jnp.asarray(x)
+  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec),
+                                      lambda index: x[index])
+
+
+def place_padded(x: np.ndarray, num_rows: int, value, mesh: Mesh | None,
+                 spec: P) -> jax.Array:
+  """`place` of `x` padded to `num_rows` rows, without a padded host copy.
+
+  A kNN bank can be most of the host's memory (ImageNet: 1.28M x 2048 float32 =
+  10 GB), so the padding is added on device or per shard.
+  """
+  if mesh is None:
+    pad = [(0, num_rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+    return jnp.pad(jnp.asarray(x), pad, constant_values=value)
+
+  def shard(index):
+    start, stop, _ = index[0].indices(num_rows)
+    block = x[min(start, x.shape[0]):min(stop, x.shape[0])]
+    return pad_rows(block, stop - start, value)[(slice(None),) + tuple(index[1:])]
+
+  return jax.make_array_from_callback((num_rows,) + x.shape[1:], NamedSharding(mesh, spec),
+                                      shard)
 
 
 def _multiprocess_environment() -> bool:

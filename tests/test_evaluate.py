@@ -11,6 +11,7 @@ from sklearn.cluster import KMeans
 from sklearn.neighbors import KNeighborsClassifier
 
 from resa_jax import evaluate
+from resa_jax import reporting
 from resa_jax import sharding
 
 
@@ -252,11 +253,11 @@ def test_clustering_analysis_writes_files(tmp_path):
 
 def test_write_json_atomic_and_numpy(tmp_path):
   path = tmp_path / 'sub' / 'result.json'
-  evaluate.write_json(
+  reporting.write_json(
       path, {'a': np.float32(1.5), 'b': np.arange(3), 'c': [np.int64(2)]})
   assert json.loads(path.read_text()) == {'a': 1.5, 'b': [0, 1, 2], 'c': [2]}
   with pytest.raises(TypeError):
-    evaluate.write_json(path, {'bad': object()})
+    reporting.write_json(path, {'bad': object()})
   # The failed write left the old file and no temporary file behind.
   assert json.loads(path.read_text())['a'] == 1.5
   assert [p.name for p in path.parent.iterdir()] == ['result.json']

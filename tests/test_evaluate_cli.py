@@ -1,6 +1,6 @@
 """`python -m resa_jax.evaluate` end to end, and the evaluation pieces that need a model.
 
-The checkpoint is the tiny test config's TrainState, saved through train.Checkpoints
+The checkpoint is the tiny test config's TrainState, saved through checkpoints.Checkpoints
 (no training: the numbers are those of a random network, but every one of them is
 checked against an independent computation on the same features).
 """
@@ -21,12 +21,13 @@ import tensorflow as tf
 from sklearn import metrics as sk_metrics
 from sklearn.neighbors import KNeighborsClassifier
 
+from resa_jax import checkpoints as checkpoints_lib
 from resa_jax import convert
 from resa_jax import evaluate
 from resa_jax import input_pipeline
 from resa_jax import models
 from resa_jax import sharding
-from resa_jax import train
+from resa_jax import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / 'tests' / 'configs' / 'tiny.py'
@@ -64,8 +65,8 @@ def run(tmp_path_factory):
   """
   config = tiny_config()
   online_net, momentum_net = models.create_networks(config)
-  tx = train.create_optimizer(config, train.learning_rate_schedule(config, 1, 1))
-  state = jax.device_get(jax.jit(lambda: train.create_train_state(
+  tx = step_lib.create_optimizer(config, step_lib.learning_rate_schedule(config, 1, 1))
+  state = jax.device_get(jax.jit(lambda: step_lib.create_train_state(
       jax.random.key(1), online_net, momentum_net, tx, (16, 16, 3)))())
   rng = np.random.default_rng(0)
   perturb = lambda x: x + 0.5 * np.std(x) * rng.normal(size=x.shape).astype(x.dtype)
@@ -81,7 +82,7 @@ def run(tmp_path_factory):
                         momentum_batch_stats=perturb_stats(state.momentum_batch_stats))
   workdir = tmp_path_factory.mktemp('run')
   (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  checkpoints = train.Checkpoints(workdir / 'checkpoints', 3)
+  checkpoints = checkpoints_lib.Checkpoints(workdir / 'checkpoints', 3)
   checkpoints.save(STEP, state)
   checkpoints.close()
   return workdir, config, state
@@ -170,7 +171,7 @@ def test_imagenet_linear_protocol_and_semi_supervised(run, tmp_path):
 
   semi = json.loads((tmp_path / 'semi.json').read_text())
   _, train_labels = eval_images(config, 'train')
-  assert semi['num_labelled'] == len(evaluate.balanced_subset(train_labels, 0.25))
+  assert semi['num_labelled'] == len(evaluate.semi_supervised.balanced_subset(train_labels, 0.25))
   assert semi['steps'] == 1 and math.isfinite(semi['train_loss'])
   assert 0 <= semi['top1'] <= semi['top5'] <= 100
   assert summary['results']['semi']['top1'] == semi['top1']
@@ -226,8 +227,8 @@ def test_sharded_and_single_device_features_are_identical(run):
   for num_devices, batch_size in ((1, 2), (8, 16), (1, 16)):
     mesh = sharding.create_mesh(jax.devices()[:num_devices])
     model = evaluate.load_model(config, workdir, mesh)
-    features[num_devices, batch_size] = evaluate.extract_split(
-        config, mesh, evaluate.make_feature_fn(model, mesh, layers=True), 'test',
+    features[num_devices, batch_size] = evaluate.features.extract_split(
+        config, mesh, model.feature_fn(mesh, layers=True), 'test',
         batch_size=batch_size, num_examples=64)
   assert len(jax.devices()) == 8
   sharded, sharded_labels = features[8, 16]
@@ -276,31 +277,31 @@ def test_converted_checkpoints(run, tmp_path):
 
 def test_subsets_and_schedules():
   labels = np.repeat(np.arange(5), [10, 20, 30, 1, 39])
-  subset = evaluate.balanced_subset(labels, 0.1, seed=3)
-  assert np.array_equal(subset, evaluate.balanced_subset(labels, 0.1, seed=3))
+  subset = evaluate.semi_supervised.balanced_subset(labels, 0.1, seed=3)
+  assert np.array_equal(subset, evaluate.semi_supervised.balanced_subset(labels, 0.1, seed=3))
   assert np.bincount(labels[subset]).tolist() == [1, 2, 3, 1, 4]
   assert np.all(np.diff(subset) > 0)
 
-  one, ten = (evaluate.imagenet_subset_file_names(f) for f in (0.01, 0.1))
+  one, ten = (evaluate.semi_supervised.imagenet_subset_file_names(f) for f in (0.01, 0.1))
   assert (len(one), len(ten)) == (12811, 128116) and len(set(one)) == len(one)
   assert all(n.endswith('.JPEG') and n.startswith('n') for n in one[:100])
   with pytest.raises(evaluate.EvaluationError, match='1% and 10%'):
-    evaluate.imagenet_subset_file_names(0.05)
-  keep = evaluate.file_name_filter(one)
+    evaluate.semi_supervised.imagenet_subset_file_names(0.05)
+  keep = evaluate.semi_supervised.file_name_filter(one)
   records = tf.data.Dataset.from_tensor_slices(
       {'file_name': [one[0], 'n01440764_0.JPEG', one[-1], 'x.JPEG'], 'label': [0, 1, 2, 3]})
   kept = [int(r['label']) for r in records.filter(keep).as_numpy_iterator()]
   assert kept == [0, 2]
 
-  step = [float(evaluate.epoch_lr_factor('step', e, 100)) for e in (0, 59, 60, 79, 80, 99)]
+  step = [float(evaluate.linear.epoch_lr_factor('step', e, 100)) for e in (0, 59, 60, 79, 80, 99)]
   assert step == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
-  cosine = [float(evaluate.epoch_lr_factor('cosine', e, 20)) for e in (0, 10, 19)]
+  cosine = [float(evaluate.linear.epoch_lr_factor('cosine', e, 20)) for e in (0, 10, 19)]
   assert cosine == pytest.approx([1.0, 0.5, (1 + math.cos(math.pi * 19 / 20)) / 2],
                                 rel=1e-5, abs=1e-7)  # float32
 
-  assert evaluate.parse_evaluations('clustering, knn,knn') == ['clustering', 'knn']
+  assert evaluate.run.parse_evaluations('clustering, knn,knn') == ['clustering', 'knn']
   with pytest.raises(evaluate.EvaluationError, match='unknown evaluation'):
-    evaluate.parse_evaluations('knn,svm')
+    evaluate.run.parse_evaluations('knn,svm')
   with pytest.raises(evaluate.EvaluationError, match='semi_fraction'):
     evaluate.Options(evaluations=['semi'], semi_fraction=0.0).check()
 

@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import default
-from resa_jax import augment, input_pipeline, sharding
+from resa_jax import augment, datasets, input_pipeline, sharding
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -20,6 +20,7 @@ def small_config(**overrides):
   """Fake 32x32 data, a weak + a strong 32 px view and a 16 px view, batch 16."""
   config = default.get_config()
   config.dataset = 'fake'
+  config.eval_split = 'test'
   config.fake_image_size = 32
   config.fake_num_examples = 48
   config.fake_num_classes = 10
@@ -47,7 +48,7 @@ def mesh():
 
 def host_batches(config, num_steps, start_step=0, num_parallel_calls=AUTOTUNE,
                  process_index=0, process_count=1):
-  source = input_pipeline.open_source(config)
+  source = datasets.open_source(config)
   it = input_pipeline._host_batches(
       config, source, config.train_split, batch_size=config.batch_size,
       start_step=start_step, make_example=input_pipeline._train_example_fn(config, source),
@@ -86,7 +87,7 @@ def test_validate_config_rejects(overrides, match):
   with pytest.raises(ValueError, match=match) as error:
     input_pipeline.validate_config(small_config(**overrides))
   assert '\n' not in str(error.value)
-  assert not isinstance(error.value, input_pipeline.DatasetNotFoundError)
+  assert not isinstance(error.value, datasets.DatasetNotFoundError)
 
 
 def test_validate_config_accepts_defaults():
@@ -186,7 +187,7 @@ def test_train_batches_shapes_dtypes_ranges_and_sharding(mesh):
   assert set(batch) == {'views'}
   views = batch['views']
   assert [v.shape for v in views] == [(16, 32, 32, 3), (16, 32, 32, 3), (16, 16, 16, 3)]
-  info = input_pipeline.dataset_info(config)
+  info = datasets.dataset_info(config)
   low = ((0 - np.array(info.mean)) / np.array(info.std)).min() - 0.02
   high = ((1 - np.array(info.mean)) / np.array(info.std)).max() + 0.02
   for v in views:
@@ -233,14 +234,14 @@ def test_result_does_not_depend_on_thread_count():
 def test_epochs_cover_each_example_once(monkeypatch):
   # Weak views of a constant image reveal which example they came from.
   config = small_config(crops_min_scale=(1.0, 0.05), flip_prob=0.0)
-  source = input_pipeline.open_source(config)
+  source = datasets.open_source(config)
   const = dict(source.__dict__)
   const['decode'] = lambda salt_and_index: tf.fill(
       (32, 32, 3), tf.cast(salt_and_index[1], tf.uint8))
-  monkeypatch.setattr(input_pipeline, 'open_source',
-                      lambda _: input_pipeline._Source(**const))
+  monkeypatch.setattr(datasets, 'open_source',
+                      lambda _: datasets.Source(**const))
   batches = host_batches(config, 3)  # one epoch
-  info = input_pipeline.dataset_info(config)
+  info = datasets.dataset_info(config)
   ids = [np.rint(b['views'][0][:, 0, 0, 0] * info.std[0] * 255 + info.mean[0] * 255)
          for b in batches]
   assert sorted(np.concatenate(ids).astype(int).tolist()) == list(range(48))
@@ -273,7 +274,7 @@ def test_eval_iterator_one_pass_with_padding(mesh):
     assert b['image'].sharding == sharding.batch_sharding(mesh)
   masks = np.concatenate([np.asarray(b['mask']) for b in batches])
   assert masks.sum() == 44 and masks[:44].all()
-  info = input_pipeline.dataset_info(config)
+  info = datasets.dataset_info(config)
   images = np.concatenate([np.asarray(b['image']) for b in batches])[:44]
   pixels = (images * np.array(info.std) + np.array(info.mean)) * 255
   # Plain images: every value is one of the 256 uint8 levels (no resampling, no jitter).
@@ -284,7 +285,7 @@ def test_eval_iterator_one_pass_with_padding(mesh):
 
 def test_eval_shares_cover_the_split_once():
   config = small_config(fake_num_examples=44)
-  source = input_pipeline.open_source(config)
+  source = datasets.open_source(config)
   seen = []
   for process_index in range(2):
     ds = input_pipeline._eval_dataset(config, source, 'test', batch_size=16,
@@ -329,7 +330,7 @@ def test_image_folder(tmp_path, mesh):
   _write_image_folder(tmp_path)
   config = small_config(dataset='image_folder', data_dir=str(tmp_path), eval_split='val',
                         batch_size=8)
-  info = input_pipeline.dataset_info(config)
+  info = datasets.dataset_info(config)
   assert (info.num_classes, info.image_shape) == (3, (None, None, 3))
   assert (info.num_train_examples, info.num_eval_examples) == (13, 6)  # listed files
   batch = next(input_pipeline.create_train_iterator(config, mesh))
@@ -347,23 +348,23 @@ def test_image_folder(tmp_path, mesh):
 
 def test_missing_data_raises_dataset_not_found(tmp_path):
   config = small_config(dataset='image_folder', data_dir=str(tmp_path / 'nowhere'))
-  with pytest.raises(input_pipeline.DatasetNotFoundError, match='train/') as error:
-    input_pipeline.dataset_info(config)
+  with pytest.raises(datasets.DatasetNotFoundError, match='train/') as error:
+    datasets.dataset_info(config)
   assert '\n' not in str(error.value)
   config = small_config(dataset='cifar10', data_dir=str(tmp_path), tfds_download=False)
-  with pytest.raises(input_pipeline.DatasetNotFoundError, match='tfds build cifar10') as error:
-    input_pipeline.dataset_info(config)
+  with pytest.raises(datasets.DatasetNotFoundError, match='tfds build cifar10') as error:
+    datasets.dataset_info(config)
   assert '\n' not in str(error.value)
   # ImageNet needs the manual download (no network is tried).
   config = small_config(dataset='imagenet2012', data_dir=str(tmp_path))
-  with pytest.raises(input_pipeline.DatasetNotFoundError, match='ILSVRC2012_img_train.tar') as error:
-    input_pipeline.dataset_info(config)
+  with pytest.raises(datasets.DatasetNotFoundError, match='ILSVRC2012_img_train.tar') as error:
+    datasets.dataset_info(config)
   assert '\n' not in str(error.value)
   assert isinstance(error.value, ValueError)
 
 
 def test_imagenet100_class_list():
-  classes = input_pipeline.imagenet100_classes()
+  classes = datasets.imagenet100_classes()
   assert len(classes) == len(set(classes)) == 100
   assert all(c.startswith('n') and len(c) == 9 for c in classes)
 
@@ -384,7 +385,7 @@ def test_tfds_datasets_on_mock_data(name, num_classes, raw_shape, tmp_path, mesh
   if name.startswith('imagenet'):
     config.eval_split = 'validation'
   with tfds.testing.mock_data(num_examples=num_examples):
-    info = input_pipeline.dataset_info(config)
+    info = datasets.dataset_info(config)
     assert info.num_classes == num_classes and info.image_shape == raw_shape
     assert len(info.mean) == len(info.std) == 3
     batch = next(input_pipeline.create_train_iterator(config, mesh))
@@ -405,13 +406,13 @@ def test_tfds_datasets_on_mock_data(name, num_classes, raw_shape, tmp_path, mesh
 # Real Fashion-MNIST (the Debian package dataset-fashion-mnist)
 
 
-@pytest.mark.skipif(not os.path.isdir(input_pipeline.DEBIAN_FASHION_MNIST_DIR),
+@pytest.mark.skipif(not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
                     reason='Debian package dataset-fashion-mnist not installed')
 def test_fashion_mnist_real(mesh):
   config = small_config(dataset='fashion_mnist', data_dir=None, crops_nmb=(2,),
                         crops_size=(28,), crops_min_scale=(0.2,), crops_max_scale=(1.0,),
                         gaussian_prob=(0.0,), solarization_prob=(0.2,))
-  info = input_pipeline.dataset_info(config)  # prepares ~/tensorflow_datasets once
+  info = datasets.dataset_info(config)  # prepares ~/tensorflow_datasets once
   assert (info.num_train_examples, info.num_eval_examples) == (60_000, 10_000)
   assert (info.num_classes, info.image_shape) == (10, (28, 28, 1))
   batch = next(input_pipeline.create_train_iterator(config, mesh))

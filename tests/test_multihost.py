@@ -42,7 +42,7 @@ REFERENCE = textwrap.dedent('''
     import importlib.util, json, sys
     import jax
     import numpy as np
-    from resa_jax import input_pipeline, train
+    from resa_jax import datasets, input_pipeline, train
 
     spec = importlib.util.spec_from_file_location('tiny', sys.argv[1])
     tiny = importlib.util.module_from_spec(spec)
@@ -51,7 +51,7 @@ REFERENCE = textwrap.dedent('''
     config.update(json.loads(sys.argv[3]))
 
     def two_process_stream(config, mesh, *, start_step=0):
-      source = input_pipeline.open_source(config)
+      source = datasets.open_source(config)
       hosts = [input_pipeline._host_batches(
           config, source, config.train_split, batch_size=config.batch_size,
           start_step=start_step, make_example=input_pipeline._train_example_fn(config, source),

@@ -122,17 +122,17 @@ def test_whole_model_eval_features_match_reference(reference_dir):
 
 
 def test_whole_model_train_forward_matches_reference(reference_dir):
-  from resa_jax import train
+  from resa_jax import step as step_lib
   import ml_collections
   data, config, online, momentum, variables, views = _whole_model_inputs(reference_dir)
   config.update(ml_collections.ConfigDict(dict(temperature=0.4, sinkhorn_epsilon=0.05,
                                                sinkhorn_iters=3)))
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                            batch_stats=variables['batch_stats'],
                            momentum_params=variables['momentum_params'],
                            momentum_batch_stats=variables['momentum_batch_stats'], opt_state=None)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
-  fn = jax.jit(lambda s, v: train.resa_loss_and_aux(s.params, s, v, jnp.float32(0.99),
+  fn = jax.jit(lambda s, v: step_lib.resa_loss_and_aux(s.params, s, v, jnp.float32(0.99),
                                                     online_net=online, momentum_net=momentum,
                                                     mesh=mesh, config=config))
   loss, aux = fn(state, tuple(jnp.asarray(v) for v in views))

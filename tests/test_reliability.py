@@ -119,18 +119,18 @@ def template():
   """Abstract TrainState of the tiny config (shapes only; nothing computed)."""
   sys.path.insert(0, str(ROOT / 'tests'))
   from configs import tiny
-  from resa_jax import models, train as train_lib
+  from resa_jax import models, step as step_lib
   config = tiny.get_config()
   online, momentum = models.create_networks(config)
-  tx = train_lib.create_optimizer(config, train_lib.learning_rate_schedule(config, 4, 12))
-  return jax.eval_shape(lambda: train_lib.create_train_state(
+  tx = step_lib.create_optimizer(config, step_lib.learning_rate_schedule(config, 4, 12))
+  return jax.eval_shape(lambda: step_lib.create_train_state(
       jax.random.key(0), online, momentum, tx, (16, 16, 3)))
 
 
 def restore(template, checkpoint_dir):
-  """(state as numpy leaves, step) of the newest readable checkpoint, via train.Checkpoints."""
-  from resa_jax import train as train_lib
-  checkpoints = train_lib.Checkpoints(pathlib.Path(checkpoint_dir), 3)
+  """(state as numpy leaves, step) of the newest readable checkpoint, via checkpoints.Checkpoints."""
+  from resa_jax import checkpoints as checkpoints_lib
+  checkpoints = checkpoints_lib.Checkpoints(pathlib.Path(checkpoint_dir), 3)
   try:
     state, step = checkpoints.restore_latest(template)
   finally:
@@ -182,11 +182,11 @@ def reference(env, tmp_path_factory):
 
 def test_nonfinite_fraction_counts_nan_and_inf():
   import jax.numpy as jnp
-  from resa_jax import train as train_lib
+  from resa_jax import step as step_lib
   tree = {'a': jnp.array([1.0, jnp.nan, 3.0, jnp.inf]), 'b': jnp.array([[-jnp.inf, 0.0]]),
           'step': jnp.array(3, jnp.int32)}  # integers are not counted
-  assert float(train_lib.nonfinite_fraction(tree)) == pytest.approx(3 / 6)
-  assert float(train_lib.nonfinite_fraction({'a': jnp.ones(5)})) == 0.0
+  assert float(step_lib.nonfinite_fraction(tree)) == pytest.approx(3 / 6)
+  assert float(step_lib.nonfinite_fraction({'a': jnp.ones(5)})) == 0.0
 
 
 # ----------------------------------------------------------- determinism ----

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from resa_jax import models, train
+from resa_jax import models
+from resa_jax import step as step_lib
 
 
 def tiny_config(**overrides):
@@ -30,13 +31,13 @@ def _run(config, devices, num_steps=2):
   mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
   online, momentum = models.create_networks(config)
   total_steps, steps_per_epoch = 4, 2
-  schedule = train.learning_rate_schedule(config, steps_per_epoch, total_steps)
-  tx = train.create_optimizer(config, schedule)
-  state = train.create_train_state(jax.random.key(0), online, momentum, tx, (16, 16, 3))
+  schedule = step_lib.learning_rate_schedule(config, steps_per_epoch, total_steps)
+  tx = step_lib.create_optimizer(config, schedule)
+  state = step_lib.create_train_state(jax.random.key(0), online, momentum, tx, (16, 16, 3))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   state = jax.device_put(state, replicated)
-  step = train.make_train_step(config, online_net=online, momentum_net=momentum, tx=tx, mesh=mesh,
+  step = step_lib.make_train_step(config, online_net=online, momentum_net=momentum, tx=tx, mesh=mesh,
                                lr_schedule=schedule, total_steps=total_steps)
   history = []
   for i in range(num_steps):

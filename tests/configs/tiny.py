@@ -6,6 +6,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.dataset = 'fake'
+  config.eval_split = 'test'
   config.fake_image_size = 16
   config.fake_num_classes = 4
   config.fake_num_examples = 64
@@ -17,7 +18,6 @@ def get_config():
   config.zero_init_residual = False
   config.mlp_dim = 32
   config.emb_dim = 16
-  config.predictor = True
   config.dtype = 'float32'
   config.batch_size = 16  # 4 steps per epoch
   config.num_epochs = 2.0

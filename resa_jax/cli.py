@@ -1,0 +1,90 @@
+"""What the command lines share (`resa_jax.main`, `resa_jax.evaluate`): flag parsing with
+one-line errors, the multi-host flags, and the one way a command fails.
+
+Every failure a user can cause ends the same way: one `error: ...` line on standard
+error and exit code 2 (bad input) or 3 (a diverged run), never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+from absl import logging
+
+from resa_jax import reporting
+
+FLAGS = flags.FLAGS
+
+
+def fail(message, code: int = 2):
+  """Prints `error: <message on one line>` to standard error and exits with `code`."""
+  print(f'error: {reporting.one_line(message)}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def define_multihost_flags() -> None:
+  """--coordinator_address, --num_processes, --process_id, --distributed."""
+  flags.DEFINE_string('coordinator_address', None,
+                      'Multi-host: host:port of process 0 for jax.distributed.initialize '
+                      '(or $JAX_COORDINATOR_ADDRESS; under srun/mpirun/GKE, and with '
+                      '--distributed, JAX detects what is unset).')
+  flags.DEFINE_integer('num_processes', None, 'Multi-host: total number of processes.')
+  flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+  flags.DEFINE_boolean('distributed', None,
+                       'Multi-host: --distributed calls jax.distributed.initialize() on '
+                       "JAX's cluster detection (use it on Cloud TPU VM pod slices); "
+                       '--nodistributed never does; unset: when the flags above, '
+                       '$JAX_COORDINATOR_ADDRESS or a multi-task srun/mpirun/GKE launch '
+                       'ask for it.')
+
+
+def initialize_distributed() -> None:
+  """jax.distributed from the multi-host flags (a one-line error on a bad combination);
+  then only process 0 prints progress (the others' errors still show)."""
+  import os  # pylint: disable=g-import-not-at-top
+  from resa_jax import sharding  # pylint: disable=g-import-not-at-top
+  try:
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id, force=FLAGS.distributed)
+  except ValueError as e:
+    fail(e)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() > 0:
+    sys.stdout = open(os.devnull, 'w')  # pylint: disable=consider-using-with
+
+
+def quiet_logging() -> None:
+  """WARNING unless --verbosity was given: orbax and TensorFlow are chatty at INFO."""
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+def parse_flags(argv):
+  """absl flag parsing with a one-line error (exit 2) instead of usage text.
+
+  Handles what a config flag (`--config=FILE`, `--config.x=y`) can raise: an
+  unknown flag or field, a bad value, a config file that does not load.
+  """
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:  # unknown flag or --config.x field, bad value, broken config file
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    fail(lines[0].rstrip(':') + (f': {lines[-1]}' if len(lines) > 1 else ''))
+  except Exception as e:  # pylint: disable=broad-except  (a config file that fails to load)
+    field = str(e).strip('"\'')
+    unknown = [a.split('=')[0] for a in argv if a.startswith('--config.') and
+               field in a.split('=')[0].split('.')[1:]]
+    if isinstance(e, (AttributeError, KeyError)) and unknown:
+      fail(f'{unknown[0]}: the config has no field {field!r} (the fields are in '
+           'configs/default.py)')
+    fail(f'cannot load the config: {type(e).__name__}: {reporting.first_line(e)}')
+  if 'config' in FLAGS and FLAGS.config is None:
+    fail('--config is required, e.g. --config=configs/fashion_mnist.py')
+  if 'config' in FLAGS:
+    try:  # a config file that cannot be read only raises when first used
+      FLAGS.config.keys()
+    except OSError as e:
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+      fail(f'cannot load the config file {FLAGS["config"].config_filename}: {lines[-1]}')
+  return rest

@@ -1,0 +1,48 @@
+"""Evaluation of learned representations (SPEC section 3): a library and a command line.
+
+    python -m resa_jax.evaluate --config=configs/fashion_mnist.py --checkpoint=WORKDIR \
+        --eval=knn,linear,semi,clustering
+
+Which file holds what, from the bottom up (each imports only those above it, and
+none imports the trainer):
+
+  common.py           EvaluationError, label checks, the one top-k ranking, defaults
+  features.py         `make_feature_fn` (images -> encoding / projector layers /
+                      embedding), `extract_features`, `extract_split`
+  knn.py              `nearest_neighbours`, `knn_weighted` (DINO), `knn_majority`
+                      (5-NN Euclidean): chunked, sharded over the mesh
+  linear.py           `linear_probe_features` (CIFAR protocol), `train_classifier`
+                      (ImageNet probe on the frozen encoder; fine-tuning)
+  kmeans.py           k-means in JAX (greedy k-means++, Lloyd)
+  clustering.py       silhouette, ARI, NMI, `clustering_metrics`,
+                      `clustering_analysis` and its figures
+  semi_supervised.py  the 1% / 10% subsets and their augmented input
+  model.py            `load_model`: a workdir's or a converted checkpoint's encoder
+  run.py              `Options`, `run_evaluations`: the protocols on one checkpoint
+  __main__.py         the flags
+
+The first five work on arrays computed once and know nothing of checkpoints or
+augmentations: numpy at the boundary, the heavy parts jit-compiled JAX, chunked so
+that no N x M matrix has to exist at once.  Every matmul that ranks or measures
+distances uses `precision=HIGHEST`, so GPUs and TPUs do not silently use
+TF32/bfloat16 passes.  Result files are written atomically (`reporting.write_json`).
+"""
+
+from resa_jax.evaluate.clustering import adjusted_rand_index
+from resa_jax.evaluate.clustering import clustering_analysis
+from resa_jax.evaluate.clustering import clustering_metrics
+from resa_jax.evaluate.clustering import normalized_mutual_info
+from resa_jax.evaluate.clustering import silhouette_samples
+from resa_jax.evaluate.common import EvaluationError
+from resa_jax.evaluate.features import extract_features
+from resa_jax.evaluate.features import make_feature_fn
+from resa_jax.evaluate.kmeans import kmeans
+from resa_jax.evaluate.knn import knn_majority
+from resa_jax.evaluate.knn import knn_weighted
+from resa_jax.evaluate.knn import nearest_neighbours
+from resa_jax.evaluate.linear import linear_probe_features
+from resa_jax.evaluate.linear import train_classifier
+from resa_jax.evaluate.model import load_model
+from resa_jax.evaluate.model import Model
+from resa_jax.evaluate.run import Options
+from resa_jax.evaluate.run import run_evaluations

@@ -1,0 +1,118 @@
+"""Command line: evaluate a checkpoint.  Flags only; the work is `run.run_evaluations`.
+
+    python -m resa_jax.evaluate --config=configs/fashion_mnist.py --checkpoint=WORKDIR \
+        --eval=knn,linear,semi,clustering [--output=DIR] [--encoder=momentum|online] \
+        [--linear_protocol=features|imagenet] [--semi_fraction=0.01] [--config.x=y ...]
+
+Multi-host as training: the same command on every process, with
+--coordinator_address/--num_processes/--process_id or --distributed.
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from resa_jax import cli  # noqa: E402
+from resa_jax import reporting  # noqa: E402
+from resa_jax.evaluate import common  # noqa: E402
+from resa_jax.evaluate import run  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command-line flags of `python -m resa_jax.evaluate`."""
+  defaults = run.Options(evaluations=())
+  config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py); '
+                                  'its model fields must match the checkpoint.',
+                                  lock_config=True)
+  flags.DEFINE_string('checkpoint', None, 'A training workdir (its newest checkpoint), its '
+                      'checkpoints/ folder, or a converted checkpoint (python -m '
+                      'resa_jax.convert).')
+  flags.DEFINE_string('eval', 'knn,linear,clustering',
+                      f'Comma-separated evaluations among {", ".join(common.EVALUATIONS)}.')
+  flags.DEFINE_string('output', None, 'Folder for the result files (default: '
+                      '<checkpoint>/eval).')
+  flags.DEFINE_string('encoder', defaults.encoder, "'momentum' (SPEC) or 'online'.")
+  flags.DEFINE_integer('batch_size', defaults.batch_size, 'Global batch of feature '
+                       'extraction and evaluation; 0: config.batch_size.')
+  flags.DEFINE_list('knn_ks', [str(k) for k in defaults.knn_ks], 'k of the weighted kNN.')
+  flags.DEFINE_string('linear_protocol', defaults.linear_protocol,
+                      "'features' (CIFAR: Adam on fixed features) or 'imagenet' (frozen "
+                      'encoder, augmented images, SGD); default: imagenet for ImageNet '
+                      'datasets, features otherwise.')
+  flags.DEFINE_integer('linear_epochs', defaults.linear_epochs,
+                       '-1: 500 (features) or 100 (imagenet).')
+  flags.DEFINE_integer('linear_batch_size', defaults.linear_batch_size,
+                       '-1: 1000 (features) or 256 (imagenet).')
+  flags.DEFINE_float('linear_lr', defaults.linear_lr, 'ImageNet protocol base lr (x batch '
+                     '/ 256); -1: 40 if config.batch_size >= 1024 else 10.')
+  flags.DEFINE_float('semi_fraction', defaults.semi_fraction, 'Labelled fraction: 0.01 or '
+                     '0.1 for ImageNet (the shipped lists), any in (0, 1] elsewhere '
+                     '(class-balanced, seeded).')
+  flags.DEFINE_integer('semi_epochs', defaults.semi_epochs, 'Fine-tuning epochs.')
+  flags.DEFINE_integer('semi_batch_size', defaults.semi_batch_size, 'Fine-tuning batch.')
+  flags.DEFINE_float('semi_encoder_lr', defaults.semi_encoder_lr, 'x batch / 256.')
+  flags.DEFINE_float('semi_head_lr', defaults.semi_head_lr, 'x batch / 256.')
+  flags.DEFINE_integer('clustering_samples', defaults.clustering_samples,
+                       'Random examples of the eval split for the clustering analysis.')
+  flags.DEFINE_string('clustering_metric', defaults.clustering_metric,
+                      "Silhouette distance: 'cosine' or 'euclidean'.")
+  flags.DEFINE_bool('tsne', defaults.tsne, 'Also write tsne.png.')
+  flags.DEFINE_bool('save_features', defaults.save_features, 'Also write the extracted '
+                    'features and labels of each split to features_<split>.npz.')
+  flags.DEFINE_integer('seed', defaults.seed, 'Seed of subsets, initialisations, shuffles.')
+  cli.define_multihost_flags()
+
+
+def options_from_flags() -> run.Options:
+  """Options from the parsed flags; EvaluationError (one line) on a bad value."""
+  flags_ = FLAGS
+  evaluations = run.parse_evaluations(flags_.eval)
+  try:
+    knn_ks = [int(k) for k in flags_.knn_ks]
+  except ValueError as e:
+    raise common.EvaluationError(f'--knn_ks must be integers, got {flags_.knn_ks}') from e
+  options = run.Options(
+      evaluations=evaluations, encoder=flags_.encoder, batch_size=flags_.batch_size,
+      knn_ks=knn_ks, linear_protocol=flags_.linear_protocol,
+      linear_epochs=flags_.linear_epochs, linear_batch_size=flags_.linear_batch_size,
+      linear_lr=flags_.linear_lr, semi_fraction=flags_.semi_fraction,
+      semi_epochs=flags_.semi_epochs, semi_batch_size=flags_.semi_batch_size,
+      semi_encoder_lr=flags_.semi_encoder_lr, semi_head_lr=flags_.semi_head_lr,
+      clustering_samples=flags_.clustering_samples,
+      clustering_metric=flags_.clustering_metric, tsne=flags_.tsne,
+      save_features=flags_.save_features, seed=flags_.seed)
+  options.check()
+  return options
+
+
+def main(argv):
+  flags_ = FLAGS
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.quiet_logging()
+  try:
+    options = options_from_flags()
+    if not flags_.checkpoint:
+      raise common.EvaluationError('--checkpoint is required (a training workdir or a converted '
+                            'checkpoint)')
+    if not os.path.exists(flags_.checkpoint):
+      raise common.EvaluationError(f'checkpoint {flags_.checkpoint} does not exist')
+  except ValueError as e:
+    cli.fail(reporting.first_line(e))
+  cli.initialize_distributed()
+  try:
+    output = flags_.output or os.path.join(flags_.checkpoint, 'eval')
+    run.run_evaluations(flags_.config, flags_.checkpoint, output, options)
+  except ValueError as e:  # EvaluationError, bad config, missing data, conversion errors
+    cli.fail(reporting.first_line(e))
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,293 @@
+"""The evaluation protocols on one checkpoint: what `python -m resa_jax.evaluate` runs.
+
+`run_evaluations(config, checkpoint, output, Options(...))` loads the model once,
+extracts each split's features once, runs the asked evaluations in order (kNN,
+linear probe, semi-supervised fine-tuning, clustering analysis; SPEC section 3) and
+writes `<output>/<evaluation>.json` after each and `<output>/summary.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import shutil
+import time
+from typing import Sequence
+
+import jax
+from jax.sharding import Mesh
+import numpy as np
+
+from resa_jax import reporting
+from resa_jax import sharding
+from resa_jax import validation
+from resa_jax.evaluate import clustering
+from resa_jax.evaluate import common
+from resa_jax.evaluate import features as features_lib
+from resa_jax.evaluate import knn
+from resa_jax.evaluate import linear
+from resa_jax.evaluate import model as model_lib
+from resa_jax.evaluate import semi_supervised
+
+
+def parse_evaluations(text: str) -> list[str]:
+  """'knn,clustering' -> ['knn', 'clustering']; EvaluationError on an unknown name."""
+  names = [n.strip() for n in text.split(',') if n.strip()]
+  unknown = [n for n in names if n not in common.EVALUATIONS]
+  if unknown or not names:
+    raise common.EvaluationError(f'unknown evaluation {", ".join(unknown) or repr(text)}; '
+                          f'expected a comma-separated list of {", ".join(common.EVALUATIONS)}')
+  return list(dict.fromkeys(names))
+
+
+def default_linear_protocol(config) -> str:
+  """'imagenet' for ImageNet-sized data (variable image size), else 'features'."""
+  return 'imagenet' if config.dataset in ('imagenet2012', 'imagenet100') else 'features'
+
+
+@dataclasses.dataclass
+class Options:
+  """What the command line asks for (flags of the same names)."""
+  evaluations: Sequence[str]
+  encoder: str = 'momentum'
+  batch_size: int = 0  # feature extraction / evaluation; 0: config.batch_size
+  knn_ks: Sequence[int] = common.DEFAULT_KNN_KS
+  linear_protocol: str = ''  # '': default_linear_protocol(config)
+  linear_epochs: int = -1  # -1: 500 (features) / 100 (imagenet)
+  linear_batch_size: int = -1  # -1: 1000 (features) / 256 (imagenet)
+  # ImageNet protocol, x batch / 256; -1: 40 if pretrained with batch >= 1024, else 10.
+  linear_lr: float = -1.0
+  semi_fraction: float = 0.01
+  semi_epochs: int = 20
+  semi_batch_size: int = 256
+  semi_encoder_lr: float = 0.0002  # x batch / 256
+  semi_head_lr: float = 40.0  # x batch / 256
+  clustering_samples: int = 10_000
+  clustering_metric: str = 'cosine'
+  tsne: bool = False
+  save_features: bool = False
+  seed: int = 0
+
+  def check(self) -> None:
+    """EvaluationError (one line) on a bad combination; cheap, before any work."""
+    model_lib.check_encoder(self.encoder)
+    if self.linear_protocol not in ('', 'features', 'imagenet'):
+      raise common.EvaluationError("--linear_protocol must be 'features' or 'imagenet', got "
+                            f'{self.linear_protocol!r}')
+    if self.clustering_metric not in ('cosine', 'euclidean'):
+      raise common.EvaluationError("--clustering_metric must be 'cosine' or 'euclidean', got "
+                            f'{self.clustering_metric!r}')
+    if not self.knn_ks or min(self.knn_ks) < 1:
+      raise common.EvaluationError(f'--knn_ks must be positive, got {list(self.knn_ks)}')
+    if self.batch_size < 0 or self.semi_batch_size < 1 or self.semi_epochs < 1:
+      raise common.EvaluationError('--batch_size must be >= 0, --semi_batch_size and '
+                            '--semi_epochs positive')
+    if not 0 < self.semi_fraction <= 1:
+      raise common.EvaluationError(f'--semi_fraction must be in (0, 1], got {self.semi_fraction}')
+    if self.clustering_samples < 3:
+      raise common.EvaluationError('--clustering_samples must be at least 3')
+
+
+class _Evaluation:
+  """One checkpoint under evaluation: the model, the data, the features (extracted
+  once per split, on first use) and one method per protocol."""
+
+  def __init__(self, config, mesh: Mesh, model: model_lib.Model, info, options: Options, output):
+    self.config, self.mesh, self.model, self.info = config, mesh, model, info
+    self.options, self.output = options, pathlib.Path(output)
+    self.batch_size = options.batch_size or int(config.batch_size)
+    self.label_keys = ('label', 'coarse_label') if info.num_coarse_classes else ('label',)
+    # The eval split's features serve kNN, the probe and the clustering analysis: its
+    # projector layers are extracted with it when the analysis is asked for.
+    self.layers = 'clustering' in options.evaluations
+    self._features = {}
+
+  def features(self, which: str):
+    """(features {name: (N, d)}, labels {key: (N,)}) of 'train' (eval_train_split)
+    or 'test' (eval_split)."""
+    if which not in self._features:
+      config, info = self.config, self.info
+      split, num_examples, layers = {
+          'train': (config.eval_train_split, info.num_eval_train_examples, False),
+          'test': (config.eval_split, info.num_eval_examples, self.layers)}[which]
+      features, labels = features_lib.extract_split(
+          config, self.mesh, self.model.feature_fn(self.mesh, layers=layers), split,
+          batch_size=self.batch_size, num_examples=num_examples,
+          label_keys=self.label_keys)
+      if self.options.save_features and jax.process_index() == 0:
+        self.output.mkdir(parents=True, exist_ok=True)
+        np.savez(self.output / f'features_{split}.npz', **features, **labels)
+      self._features[which] = (features, labels)
+    return self._features[which]
+
+  def _eval_batches(self):
+    from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    return input_pipeline.create_eval_iterator(self.config, self.mesh, self.config.eval_split,
+                                               batch_size=self.batch_size)
+
+  def knn(self) -> dict:
+    (train, train_labels), (test, test_labels) = self.features('train'), self.features('test')
+    train_x, train_y = train['encoding'], train_labels['label']
+    test_x, test_y = test['encoding'], test_labels['label']
+    ks = sorted({k for k in self.options.knn_ks if k <= len(train_y)})
+    temperature = float(self.config.knn_temperature)
+    mesh = self.mesh if self.mesh.size > 1 else None
+    weighted = knn.knn_weighted(train_x, train_y, test_x, test_y, self.info.num_classes, ks=ks,
+                            temperature=temperature, mesh=mesh)
+    majority = knn.knn_majority(train_x, train_y, test_x, test_y, self.info.num_classes, k=5,
+                            mesh=mesh)
+    reporting.say('kNN weighted (DINO, cosine, T=%g): ' % temperature + ', '.join(
+        f'k={k} top-1 {weighted[f"top1_k{k}"]:.2f} top-5 {weighted[f"top5_k{k}"]:.2f}'
+        for k in ks) + f'; 5-NN majority (Euclidean) top-1 {majority:.2f}')
+    return {'weighted': {'metric': 'cosine', 'temperature': temperature, 'ks': ks, **weighted},
+            'majority': {'metric': 'euclidean', 'k': 5, 'top1': majority},
+            'num_train': len(train_y), 'num_test': len(test_y)}
+
+  def linear(self) -> dict:
+    protocol = self.options.linear_protocol or default_linear_protocol(self.config)
+    return self._linear_features() if protocol == 'features' else self._linear_imagenet()
+
+  def _linear_features(self) -> dict:
+    """SPEC section 3, CIFAR: Adam on fixed features of un-augmented images."""
+    options = self.options
+    epochs = options.linear_epochs if options.linear_epochs > 0 else 500
+    batch_size = options.linear_batch_size if options.linear_batch_size > 0 else 1000
+    (train, train_labels), (test, test_labels) = self.features('train'), self.features('test')
+    result = linear.linear_probe_features(
+        train['encoding'], train_labels['label'], test['encoding'], test_labels['label'],
+        self.info.num_classes, epochs=epochs, batch_size=batch_size, seed=options.seed)
+    reporting.say(f'linear probe (fixed features, {epochs} epochs): top-1 {result["top1"]:.2f} '
+         f'top-5 {result["top5"]:.2f}')
+    return {'protocol': 'features', 'optimizer': 'adam', 'lr': 1e-2, 'final_lr': 1e-6,
+            'weight_decay': 5e-6, 'epochs': epochs, 'batch_size': batch_size,
+            'num_train': len(train_labels['label']), 'num_test': len(test_labels['label']),
+            **result}
+
+  def _linear_imagenet(self) -> dict:
+    """SPEC section 3, ImageNet: frozen encoder, augmented images, SGD, steps at 60/80."""
+    from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    options, config = self.options, self.config
+    epochs = options.linear_epochs if options.linear_epochs > 0 else 100
+    batch_size = options.linear_batch_size if options.linear_batch_size > 0 else 256
+    base_lr = (options.linear_lr if options.linear_lr > 0
+               else 40.0 if config.batch_size >= 1024 else 10.0)
+    steps_per_epoch = self.info.num_eval_train_examples // batch_size
+    if steps_per_epoch < 1:
+      raise common.EvaluationError(f'{config.eval_train_split} has fewer examples than one batch of '
+                            f'{batch_size}; lower --linear_batch_size')
+    result = linear.train_classifier(
+        self.model, self.mesh,
+        input_pipeline.create_linear_probe_train_iterator(config, self.mesh,
+                                                          batch_size=batch_size),
+        self._eval_batches(), num_classes=self.info.num_classes,
+        steps_per_epoch=steps_per_epoch, epochs=epochs,
+        head_lr=base_lr * batch_size / 256, schedule='step', seed=options.seed,
+        label='linear probe')
+    reporting.say(f'linear probe (frozen encoder, {epochs} epochs): top-1 {result["top1"]:.2f} '
+         f'top-5 {result["top5"]:.2f}')
+    return {'protocol': 'imagenet', 'optimizer': 'sgd', 'momentum': 0.9, 'weight_decay': 0.0,
+            'base_lr': base_lr, 'batch_size': batch_size,
+            'lr_milestones': [round(0.6 * epochs), round(0.8 * epochs)], **result}
+
+  def semi(self) -> dict:
+    """SPEC section 3: fine-tune encoder and classifier on a labelled subset."""
+    options, config = self.options, self.config
+    cache_dir = ''
+    if config.dataset == 'imagenet2012':  # read ImageNet once, then the cache
+      cache_dir = str(self.output / f'.semi_cache_{jax.process_index()}')
+      os.makedirs(cache_dir, exist_ok=True)
+    try:
+      batches, subset_size = semi_supervised.create_subset_train_iterator(
+          config, self.mesh, options.semi_fraction, batch_size=options.semi_batch_size,
+          seed=options.seed, cache_file=os.path.join(cache_dir, 'records') if cache_dir else '')
+      reporting.say(f'semi-supervised: {subset_size} labelled examples '
+           f'({100 * options.semi_fraction:g}% of {config.eval_train_split!r})')
+      scale = options.semi_batch_size / 256
+      result = linear.train_classifier(
+          self.model, self.mesh, batches, self._eval_batches(),
+          num_classes=self.info.num_classes,
+          steps_per_epoch=max(1, subset_size // options.semi_batch_size),
+          epochs=options.semi_epochs, head_lr=options.semi_head_lr * scale,
+          encoder_lr=options.semi_encoder_lr * scale, schedule='cosine', seed=options.seed,
+          label='semi-supervised')
+    finally:
+      if cache_dir:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    reporting.say(f'semi-supervised ({100 * options.semi_fraction:g}% labels, {options.semi_epochs} '
+         f'epochs): top-1 {result["top1"]:.2f} top-5 {result["top5"]:.2f}')
+    return {'fraction': options.semi_fraction, 'num_labelled': subset_size,
+            'optimizer': 'sgd', 'momentum': 0.9, 'weight_decay': 0.0, 'schedule': 'cosine',
+            'batch_size': options.semi_batch_size,
+            'base_lr_encoder': options.semi_encoder_lr, 'base_lr_head': options.semi_head_lr,
+            **result}
+
+  def clustering(self) -> dict:
+    """The paper's analysis on a random subset of the eval split, every representation."""
+    options = self.options
+    features, labels = self.features('test')
+    num_rows = len(labels['label'])
+    rng = np.random.default_rng(options.seed)
+    subset = np.sort(rng.permutation(num_rows)[:min(options.clustering_samples, num_rows)])
+    order = (['encoding'] + sorted(k for k in features if k.startswith('projector_'))
+             + (['embedding'] if 'embedding' in features else []))
+    named = {k: features[k][subset] for k in order}
+    if 'coarse_label' in labels:
+      granularities = {'fine': labels['label'][subset], 'coarse': labels['coarse_label'][subset]}
+    else:
+      granularities = {'class': labels['label'][subset]}
+    reporting.say(f'clustering analysis of {len(subset)} {self.config.eval_split!r} examples: '
+         f'{", ".join(named)} x {", ".join(granularities)}')
+    tables = None
+    if jax.process_index() == 0:  # local computations: the other processes skip them
+      tables = clustering.clustering_analysis(named, granularities, self.output,
+                                   metric=options.clustering_metric, seed=options.seed,
+                                   tsne=options.tsne, print_fn=reporting.say)
+    return {'metric': options.clustering_metric, 'seed': options.seed,
+            'split': self.config.eval_split, 'num_samples': len(subset),
+            'representations': order, 'granularities': list(granularities),
+            'results': tables, 'png': 'clustering.png',
+            'tsne_png': 'tsne.png' if options.tsne else None}
+
+
+def run_evaluations(config, checkpoint, output, options: Options, mesh: Mesh | None = None):
+  """Loads the checkpoint and runs `options.evaluations` in order; returns the summary.
+
+  Writes <output>/<evaluation>.json after each evaluation (clustering also
+  clustering.png and, with `tsne`, tsne.png), and <output>/summary.json with all
+  results and what was evaluated.  Raises EvaluationError / ValueError on bad input.
+  """
+  options.check()
+  evaluations = parse_evaluations(','.join(options.evaluations))
+  validation.validate_config(config)
+  from resa_jax import datasets  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  mesh = sharding.create_mesh() if mesh is None else mesh
+  info = datasets.dataset_info(config)
+  if info.num_classes <= 0:
+    raise common.EvaluationError(f'{config.dataset} has no labels to evaluate with')
+  if 'semi' in evaluations and config.dataset == 'imagenet2012':
+    semi_supervised.imagenet_subset_file_names(options.semi_fraction)  # fail now on a fraction without list
+  start = time.time()
+  model = model_lib.load_model(config, checkpoint, mesh, encoder=options.encoder,
+                     image_channels=int(info.image_shape[-1]) if info.image_shape else 3)
+  source = model.source
+  reporting.say(f'evaluating the {source["encoder"]} encoder of {source["path"]}'
+       + (f' (step {source["step"]})' if source['step'] is not None else ' (converted)')
+       + f' on {config.dataset}, {mesh.size} device(s): {", ".join(evaluations)}')
+  run = _Evaluation(config, mesh, model, info, options, output)
+  summary = {'checkpoint': source, 'dataset': config.dataset,
+             'model': {k: config[k] for k in model_lib.MODEL_FIELDS}, 'devices': mesh.size,
+             'platform': jax.devices()[0].platform, 'results': {}}
+  for name in evaluations:
+    reporting.say(f'--- {name}')
+    section_start = time.time()
+    result = getattr(run, name)()
+    result['wall_time_sec'] = time.time() - section_start
+    summary['results'][name] = result
+    summary['wall_time_sec'] = time.time() - start
+    if jax.process_index() == 0:
+      reporting.write_json(run.output / f'{name}.json',
+                 {'checkpoint': source, 'dataset': config.dataset, **result})
+      reporting.write_json(run.output / 'summary.json', summary)
+  reporting.say(f'results in {run.output} ({reporting.format_duration(time.time() - start)})')
+  return summary

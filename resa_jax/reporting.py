@@ -1,0 +1,158 @@
+"""What a run leaves for people to read: JSON files and PNG figures written atomically,
+progress lines, durations, and the one-line error text every command prints.
+
+Nothing here knows about models or data; every module that reports imports this one.
+Writes are atomic (a temporary file in the same folder, then `os.replace`), so a
+reader, or a run killed mid-write, never leaves half a file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+
+# ------------------------------------------------------------------ text ----
+
+def one_line(text: Any, max_len: int | None = None) -> str:
+  """`text` with every run of white space (newlines included) folded to one space."""
+  line = ' '.join(re.sub(r'\x1b\[[0-9;]*m', '', str(text)).split())
+  return line if max_len is None else line[:max_len]
+
+
+def first_line(error: BaseException) -> str:
+  """The first non-empty line of an exception's message, or its type's name."""
+  text = str(error).strip()
+  return text.splitlines()[0].strip() if text else type(error).__name__
+
+
+def format_duration(seconds: float) -> str:
+  """'1h02m03s', or '2m03s' under an hour."""
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'
+
+
+def is_chief() -> bool:
+  """True on the process that writes and prints (process 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
+def say(text: str) -> None:
+  """Prints on the first process only (every process runs the same program)."""
+  if is_chief():
+    print(text, flush=True)
+
+
+# ----------------------------------------------------------------- files ----
+
+def _json_default(x):
+  import jax  # pylint: disable=g-import-not-at-top
+  if isinstance(x, (np.generic, jax.Array)) and np.ndim(x) == 0:
+    return np.asarray(x).item()
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return np.asarray(x).tolist()
+  raise TypeError(f'not JSON serialisable: {type(x).__name__}')
+
+
+def _replace_atomically(path: str, write: Callable[[str], None], suffix: str) -> None:
+  """Calls write(tmp_path) on a new file beside `path`, then renames it to `path`."""
+  path = os.path.abspath(os.fspath(path))
+  folder = os.path.dirname(path)
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp_path = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.',
+                                  suffix=suffix)
+  os.close(fd)
+  try:
+    write(tmp_path)
+    os.chmod(tmp_path, 0o644)  # mkstemp creates 0600 files
+    os.replace(tmp_path, path)
+  except BaseException:
+    if os.path.exists(tmp_path):
+      os.unlink(tmp_path)
+    raise
+
+
+def write_json(path, obj: Any) -> None:
+  """Writes `obj` as JSON to `path` atomically; numpy/JAX scalars and arrays become
+  numbers and lists.  The parent folder is created if needed.  Local paths only."""
+  def write(tmp_path):
+    with open(tmp_path, 'w') as f:
+      json.dump(obj, f, indent=2, default=_json_default)
+      f.write('\n')
+      f.flush()
+      os.fsync(f.fileno())
+  _replace_atomically(path, write, '.tmp')
+
+
+def save_figure(figure, path, dpi: int = 120) -> None:
+  """Saves a matplotlib Figure as PNG atomically (no pyplot, no global backend)."""
+  _replace_atomically(
+      path, lambda tmp: figure.savefig(tmp, format='png', dpi=dpi, bbox_inches='tight'),
+      '.png.tmp')
+
+
+def plot_training_curves(history: dict, path) -> None:
+  """training_curves.png: loss over steps and kNN top-1 over epochs, with baselines.
+
+  `history` as train.py keeps it: 'loss' [(step, loss)], 'knn' [(epoch, top-1)],
+  optional 'knn_top1_raw_pixels' and 'knn_top1_random_init'.
+  """
+  # A bare Figure (no pyplot): leaves the user's matplotlib backend alone.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(10, 3.6))
+  axes = fig.subplots(1, 2)
+  if history['loss']:
+    steps, values = zip(*history['loss'])
+    axes[0].plot(steps, values)
+  axes[0].set(xlabel='step', ylabel='ReSA loss', title='training loss')
+  if history['knn']:
+    epochs, accs = zip(*history['knn'])
+    axes[1].plot(epochs, accs, 'o-', label='ReSA (momentum encoder)')
+  for key, style, label in (('knn_top1_raw_pixels', 'k--', 'raw pixels'),
+                            ('knn_top1_random_init', 'r:', 'random init')):
+    if history.get(key) is not None:
+      axes[1].axhline(history[key], linestyle=style[1:], color=style[0], label=label)
+  axes[1].set(xlabel='epoch', ylabel='kNN top-1 (%)', title='weighted kNN')
+  axes[1].legend(loc='lower right', fontsize=8)
+  fig.tight_layout()
+  save_figure(fig, path, dpi=100)
+
+
+# -------------------------------------------------------------- progress ----
+
+class Progress:
+  """Prints 'label: done/total unit (pct), rate, elapsed, ETA' about every 10% of the
+  work or every `every_s` seconds, on the first process.  Call it with the count done."""
+
+  def __init__(self, label: str, total: int, unit: str = 'batches', every_s: float = 30.0,
+               print_fn: Callable[[str], None] | None = None):
+    self.label, self.total, self.unit, self.every_s = label, max(int(total), 1), unit, every_s
+    self.print_fn = print_fn or (lambda line: print(line, flush=True))
+    self.start = self.last = time.time()
+    self.next_fraction = 0.1
+
+  def __call__(self, done: int, *_) -> None:
+    now = time.time()
+    fraction = done / self.total
+    if done < self.total and fraction < self.next_fraction and now - self.last < self.every_s:
+      return
+    while self.next_fraction <= fraction:
+      self.next_fraction += 0.1
+    self.last = now
+    elapsed = now - self.start
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = ''
+    if rate and done < self.total:
+      eta = f', ETA {format_duration((self.total - done) / rate)}'
+    if is_chief():
+      self.print_fn(f'{self.label}: {done}/{self.total} {self.unit} ({100 * fraction:.0f}%), '
+                    f'{rate:.1f} {self.unit}/s, {format_duration(elapsed)}{eta}')

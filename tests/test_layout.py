@@ -1,0 +1,111 @@
+"""The library's shape (README "Layout"): imports only go down, no circle, small modules.
+
+Reads the source with `ast` (nothing is imported), so function-level imports count
+as much as top-level ones.  `LAYERS` is the declared order, bottom first: a module
+may import only modules listed before it.  A new module must be placed in it.
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'resa_jax'
+
+# Bottom first.  Each module may import only the modules before it.
+LAYERS = (
+    'resa_jax',  # __init__: the version only
+    'resa_jax.sinkhorn', 'resa_jax.reporting', 'resa_jax.losses', 'resa_jax.sharding',
+    'resa_jax.models.layers', 'resa_jax.models.resnet', 'resa_jax.models.heads',
+    'resa_jax.models', 'resa_jax.augment', 'resa_jax.local_data', 'resa_jax.datasets',
+    'resa_jax.input_pipeline', 'resa_jax.step', 'resa_jax.checkpoints',
+    'resa_jax.validation', 'resa_jax.convert', 'resa_jax.cli',
+    'resa_jax.evaluate.common', 'resa_jax.evaluate.features', 'resa_jax.evaluate.knn',
+    'resa_jax.evaluate.kmeans', 'resa_jax.evaluate.clustering', 'resa_jax.evaluate.linear',
+    'resa_jax.evaluate.semi_supervised', 'resa_jax.evaluate.model', 'resa_jax.evaluate.run',
+    'resa_jax.evaluate', 'resa_jax.train', 'resa_jax.main', 'resa_jax.evaluate.__main__',
+)
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 80
+
+
+def module_name(path: pathlib.Path) -> str:
+  parts = ('resa_jax',) + path.relative_to(PACKAGE).with_suffix('').parts
+  return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+
+
+def modules() -> dict[str, pathlib.Path]:
+  return {module_name(p): p for p in sorted(PACKAGE.rglob('*.py'))}
+
+
+def project_imports(path: pathlib.Path) -> set[str]:
+  """The resa_jax modules `path` imports anywhere (top level or inside functions)."""
+  known = set(modules())
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      found.update(a.name for a in node.names if a.name.startswith('resa_jax'))
+    elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith('resa_jax'):
+      for alias in node.names:  # `from resa_jax import x`: x may be a module or a name
+        candidate = f'{node.module}.{alias.name}'
+        found.add(candidate if candidate in known else node.module)
+  return found
+
+
+def test_every_module_is_placed_in_the_layers():
+  assert set(modules()) == set(LAYERS), (
+      f'unplaced: {sorted(set(modules()) - set(LAYERS))}, '
+      f'gone: {sorted(set(LAYERS) - set(modules()))}')
+
+
+@pytest.mark.parametrize('name', LAYERS)
+def test_imports_only_go_down(name):
+  rank = {n: i for i, n in enumerate(LAYERS)}
+  path = modules()[name]
+  upward = sorted(m for m in project_imports(path) if m != name and rank[m] >= rank[name])
+  assert not upward, f'{name} imports {upward}, which are not below it in LAYERS'
+
+
+def test_no_import_cycle():
+  graph = {name: project_imports(path) - {name} for name, path in modules().items()}
+  state = {}
+
+  def visit(node, trail):
+    if state.get(node) == 'done':
+      return
+    assert state.get(node) != 'open', 'import cycle: ' + ' -> '.join(trail + [node])
+    state[node] = 'open'
+    for child in sorted(graph[node]):
+      visit(child, trail + [node])
+    state[node] = 'done'
+
+  for name in graph:
+    visit(name, [])
+
+
+def test_the_evaluators_never_import_the_trainer():
+  for name, path in modules().items():
+    if name.startswith('resa_jax.evaluate'):
+      assert 'resa_jax.train' not in project_imports(path), name
+
+
+def test_sinkhorn_imports_nothing_but_jax():
+  tree = ast.parse((PACKAGE / 'sinkhorn.py').read_text())
+  roots = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      roots.update(a.name.split('.')[0] for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+      roots.add(node.module.split('.')[0])
+  assert roots <= {'jax', '__future__', 'functools', 'math', 'typing', 'dataclasses'}, roots
+
+
+@pytest.mark.parametrize('name', sorted(modules()))
+def test_module_and_function_sizes(name):
+  path = modules()[name]
+  text = path.read_text()
+  assert len(text.splitlines()) <= MAX_MODULE_LINES, f'{name}: {len(text.splitlines())} lines'
+  for node in ast.walk(ast.parse(text)):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      length = node.end_lineno - node.lineno + 1
+      assert length <= MAX_FUNCTION_LINES, f'{name}.{node.name}: {length} lines'
