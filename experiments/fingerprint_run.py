@@ -2,12 +2,14 @@
 results.json without its timings.  A refactoring that must not change behaviour
 (issue 12) compares the fingerprint before and after.
 
-    python experiments/fingerprint_run.py [--workdir DIR] [--devices 2] [--keep]
+    python experiments/fingerprint_run.py [--workdir DIR] [--devices 2] [--keep] \
+        [-- --config.stem=imagenet ...]
 
 Trains tests/configs/tiny.py (fixed seed 0, kNN every epoch) with the real
 `python -m resa_jax.main` in a fresh workdir, then reads the newest checkpoint with
 orbax directly (no project code), so the script itself does not depend on the
-layout it checks.  Prints one line per array and two summary hashes.
+layout it checks.  Arguments after `--` go to resa_jax.main (config overrides).
+Prints one line per array and two summary hashes.
 """
 
 import argparse
@@ -55,6 +57,7 @@ def main() -> int:
   parser.add_argument('--workdir', default='')
   parser.add_argument('--devices', type=int, default=2)
   parser.add_argument('--keep', action='store_true', help='keep the workdir')
+  parser.add_argument('overrides', nargs='*', help='after --: flags for resa_jax.main')
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix='resa_fingerprint_'))
   if workdir.exists():
@@ -63,7 +66,8 @@ def main() -> int:
              XLA_FLAGS=f'--xla_force_host_platform_device_count={args.devices}')
   os.environ.update(env)  # orbax restores onto the topology it saved from
   command = [sys.executable, '-m', 'resa_jax.main',
-             f'--config={ROOT / "tests" / "configs" / "tiny.py"}', f'--workdir={workdir}']
+             f'--config={ROOT / "tests" / "configs" / "tiny.py"}', f'--workdir={workdir}',
+             *args.overrides]
   subprocess.run(command, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
   hashes = checkpoint_hashes(workdir / 'checkpoints')
   for name, digest in sorted(hashes.items()):
