@@ -9,7 +9,8 @@ checkpoints load unchanged and training statistics match theirs:
   Under `jax.jit` on a global batch sharded over devices, the reduction is over the
   global batch: XLA inserts the cross-device all-reduce, which is SyncBN.
 * Dense layers use PyTorch's default uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
-  kernel and bias; convolutions use He-normal with fan_out (torchvision ResNet).
+  kernel and bias; convolutions use He-normal with fan_out (torchvision ResNet),
+  except the CIFAR stem's conv1, which has PyTorch's default init (resnet.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ import jax.numpy as jnp
 Dtype = Any
 
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+# PyTorch's default weight init of nn.Linear and nn.Conv2d, kaiming_uniform_(a=sqrt(5)):
+# U(-b, b) with b = gain * sqrt(3 / fan_in), gain = sqrt(2 / (1 + a^2)) = sqrt(1 / 3), so
+# b = 1 / sqrt(fan_in) (fan_in = in_features, or in_channels * kh * kw).  variance_scaling
+# with scale 1/3 draws U(-sqrt(3 * scale / fan_in), +...) with the same fan_in.
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+dense_kernel_init = torch_default_kernel_init
 
 
 def _dense_bias_init(fan_in: int):
