@@ -129,16 +129,17 @@ def resa_loss_and_aux(params, state: TrainState, views, momentum: jax.Array, *, 
   """The ReSA loss of one global batch; aux carries new statistics and metrics."""
   axis = mesh.axis_names[0]
   h_online, z_online, batch_stats = forward_views(online_net, params, state.batch_stats, views)
-  weak_encoding = jax.lax.stop_gradient(losses.l2_normalize(h_online[0].astype(jnp.float32)))
+  # The loss side runs in float32 (float64 for a float64 model): at_least_float32.
+  weak_encoding = jax.lax.stop_gradient(losses.l2_normalize(losses.at_least_float32(h_online[0])))
 
   # EMA first (with the pre-step online parameters), then the momentum forward.
   online_part = jax.lax.stop_gradient({k: params[k] for k in ONLINE_EMA_PARTS})
   momentum_params = losses.ema_update(state.momentum_params, online_part, momentum)
   h_momentum, z_momentum, momentum_batch_stats = forward_views(
       momentum_net, momentum_params, state.momentum_batch_stats, views[:2])
-  weak_momentum_encoding = losses.l2_normalize(h_momentum[0].astype(jnp.float32))
-  z_online = jnp.stack([losses.l2_normalize(z.astype(jnp.float32)) for z in z_online])
-  z_momentum = jnp.stack([losses.l2_normalize(z.astype(jnp.float32)) for z in z_momentum])
+  weak_momentum_encoding = losses.l2_normalize(losses.at_least_float32(h_momentum[0]))
+  z_online = jnp.stack([losses.l2_normalize(losses.at_least_float32(z)) for z in z_online])
+  z_momentum = jnp.stack([losses.l2_normalize(losses.at_least_float32(z)) for z in z_momentum])
   z_momentum, weak_momentum_encoding = jax.lax.stop_gradient((z_momentum, weak_momentum_encoding))
 
   objective = jax.shard_map(
