@@ -155,9 +155,18 @@ def resa_loss_and_aux(params, state: TrainState, views, momentum: jax.Array, *, 
 
 
 def train_step(state: TrainState, views, *, online_net, momentum_net, tx, mesh, config,
-               lr_schedule: Callable, total_steps: int):
-  """One ReSA step: (state, views) -> (new state, metrics).  Pure; jit it."""
-  momentum = losses.ema_momentum_schedule(state.step, total_steps, config.ema_momentum)
+               lr_schedule: Callable, total_steps: int, fixed_ema_momentum=None):
+  """One ReSA step: (state, views) -> (new state, metrics).  Pure; jit it.
+
+  The EMA momentum m follows the cosine schedule from `config.ema_momentum` to 1 over
+  `total_steps`, unless `fixed_ema_momentum` gives one m for every step (as the
+  authors' reference run of a few steps does; the schedule is computed in float32,
+  a fixed m keeps its own dtype, e.g. float64).
+  """
+  if fixed_ema_momentum is None:
+    momentum = losses.ema_momentum_schedule(state.step, total_steps, config.ema_momentum)
+  else:
+    momentum = jnp.asarray(fixed_ema_momentum)
   grad_fn = jax.value_and_grad(resa_loss_and_aux, has_aux=True)
   (loss, aux), grads = grad_fn(state.params, state, tuple(views), momentum,
                                online_net=online_net, momentum_net=momentum_net, mesh=mesh,
