@@ -11,6 +11,15 @@ import jax
 import jax.numpy as jnp
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+  """x in float32 if narrower (bfloat16, float16), else unchanged (float32, float64).
+
+  The loss side of the step (normalisation, scores, Sinkhorn, cross-entropy) runs in
+  float32 under mixed precision, and in float64 for a float64 model.
+  """
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   """x / max(||x||, eps) along `axis`, as torch.nn.functional.normalize."""
   norm = jnp.linalg.norm(x, axis=axis, keepdims=True)
@@ -34,16 +43,17 @@ def resa_loss(z_online: jax.Array,
   Returns:
     The mean, over the pairs (q, v) with q != v, of
     mean_i [ -sum_j A_ij log softmax_j(z_q,i . z_v,j / tau) ]; a float32 scalar.
-    Logits and log-softmax are computed in float32 whatever the input dtype.
+    Logits and log-softmax are computed in float32 whatever the input dtype
+    (float64 when the inputs are float64: `at_least_float32`).
   """
   num_views, num_targets = z_online.shape[0], z_target.shape[0]
   z_target = jax.lax.stop_gradient(z_target)
   assignment = jax.lax.stop_gradient(assignment)
   # All (q, v) similarities at once: (V, T, b, B).
-  logits = jnp.einsum('qie,vje->qvij', z_online.astype(jnp.float32),
-                      z_target.astype(jnp.float32)) / temperature
+  logits = jnp.einsum('qie,vje->qvij', at_least_float32(z_online),
+                      at_least_float32(z_target)) / temperature
   log_probs = jax.nn.log_softmax(logits, axis=-1)
-  per_pair = -jnp.mean(jnp.sum(assignment.astype(jnp.float32) * log_probs, axis=-1), axis=-1)
+  per_pair = -jnp.mean(jnp.sum(at_least_float32(assignment) * log_probs, axis=-1), axis=-1)
   off_diagonal = ~jnp.eye(num_views, num_targets, dtype=bool)  # exclude q == v
   return jnp.sum(jnp.where(off_diagonal, per_pair, 0.0)) / jnp.sum(off_diagonal)
 

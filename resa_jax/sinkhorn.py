@@ -46,8 +46,11 @@ Numerical choices
   below 1e-30 (only with a tiny epsilon or extreme scores) the call recomputes
   with an exact max before every logsumexp, inside a ``lax.cond`` (so only then
   does it cost more; under ``vmap`` a cond runs both branches).
-* float32 throughout: ``bfloat16`` (or any float) scores are cast up first, so the
-  result equals the float32 answer on the bfloat16-rounded inputs.
+* float32 throughout for float32 and narrower inputs: ``bfloat16`` (or float16)
+  scores are cast up first, so the result equals the float32 answer on the
+  bfloat16-rounded inputs.  float64 scores (under JAX x64) stay float64: the
+  computation runs in ``promote_types(scores.dtype, float32)``, so a float64 model
+  can be checked against a float64 reference to float64 rounding.
 * Rows sum to 1 up to float32 rounding after every call, because the last step is
   a row normalisation (a softmax of ``L + g`` along each row).
 
@@ -82,8 +85,8 @@ class SinkhornOutput(NamedTuple):
   """Result of `sinkhorn_with_tolerance`.
 
   Attributes:
-    assignment: (..., b, B) float32, rows sum to 1.
-    error: (...) float32, the L1 distance between the column marginal of
+    assignment: (..., b, B) float32 (float64 for float64 scores), rows sum to 1.
+    error: (...) same dtype, the L1 distance between the column marginal of
       ``assignment / N`` and the uniform ``1 / B`` (0 at convergence), measured
       before the final row normalisation.
     num_iters: (...) int32, iterations performed.
@@ -120,8 +123,8 @@ def _logsumexp_over_rows(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
 
 
 def _global_rows(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
-  """N: the number of rows over all devices, as a float32 scalar."""
-  n = jnp.asarray(x.shape[-2], jnp.float32)
+  """N: the number of rows over all devices, as a scalar of x's dtype."""
+  n = jnp.asarray(x.shape[-2], x.dtype)
   return jax.lax.psum(n, axis_name) if axis_name is not None else n
 
 
@@ -148,7 +151,8 @@ def sinkhorn(scores: jax.Array,
 
   Args:
     scores: (..., b, B) similarities; rows are this device's samples, columns
-      the global targets.  Any float dtype; computed in float32.
+      the global targets.  Any float dtype; computed in float32 (float64 scores
+      in float64).
     epsilon: entropic regularisation (the softmax temperature of the scores).
       Any positive value is safe, the computation never forms exp(S/epsilon).
     num_iters: number of (column, row) normalisation pairs; ReSA uses 3.  With 0
@@ -157,8 +161,8 @@ def sinkhorn(scores: jax.Array,
     axis_name: mesh axis over which the rows are sharded (under shard_map).
 
   Returns:
-    (..., b, B) float32 assignment; every row sums to 1.  Identical to the
-    reference iteration (module docstring) up to float32 rounding.
+    (..., b, B) float32 (float64) assignment; every row sums to 1.  Identical to
+    the reference iteration (module docstring) up to float32 (float64) rounding.
   """
   if num_iters < 0:
     raise ValueError(f'num_iters must be >= 0, got {num_iters}')
@@ -176,7 +180,13 @@ def sinkhorn(scores: jax.Array,
 
 
 def _logits(scores, epsilon):
-  return scores.astype(jnp.float32) / jnp.float32(epsilon)
+  """L = S / epsilon in the compute dtype: float32, or float64 for float64 scores."""
+  dtype = jnp.promote_types(scores.dtype, jnp.float32)
+  return scores.astype(dtype) / jnp.asarray(epsilon, dtype)
+
+
+def _log_num_cols(logits):
+  return jnp.log(jnp.asarray(logits.shape[-1], logits.dtype))
 
 
 # A sum of exp() terms below this has lost (or is about to lose) float32 precision
@@ -206,7 +216,7 @@ def _bounded_shift_potentials(logits, num_iters, axis_name):
     safe: a bool scalar, the same on every device); the assignment is
     exp(L + g - shift) / sum.
   """
-  log_num_cols = jnp.log(jnp.float32(logits.shape[-1]))
+  log_num_cols = _log_num_cols(logits)
   smallest = []
   row_potential = jnp.zeros_like(logits[..., 0])  # f: (..., b)
   col_shift = None  # the first column step (f = 0) takes the exact column max
@@ -233,7 +243,7 @@ def _max_shift_potentials(logits, num_iters, axis_name):
   Returns what `_bounded_shift_potentials` returns, without `safe`; the last row
   step's shift is the row max, so the assignment is the softmax of L + g.
   """
-  log_num_cols = jnp.log(jnp.float32(logits.shape[-1]))
+  log_num_cols = _log_num_cols(logits)
   row_potential = jnp.zeros_like(logits[..., 0])  # f: (..., b)
   col_potential = None
   for _ in range(num_iters):
@@ -268,8 +278,8 @@ def sinkhorn_with_tolerance(scores: jax.Array,
   Returns:
     SinkhornOutput(assignment (..., b, B), error (...), num_iters (...)).
   """
-  logits = scores.astype(jnp.float32) / jnp.float32(epsilon)
-  log_num_cols = jnp.log(jnp.float32(logits.shape[-1]))
+  logits = _logits(scores, epsilon)
+  log_num_cols = _log_num_cols(logits)
   num_rows = _global_rows(logits, axis_name)
   batch_shape = logits.shape[:-2]
 
@@ -291,8 +301,8 @@ def sinkhorn_with_tolerance(scores: jax.Array,
 
   # zeros_like keeps the row potential 'varying' over axis_name under shard_map.
   init = (jnp.zeros_like(logits[..., 0]),
-          jnp.zeros(batch_shape + logits.shape[-1:], jnp.float32),
-          jnp.full(batch_shape, jnp.inf, jnp.float32),
+          jnp.zeros(batch_shape + logits.shape[-1:], logits.dtype),
+          jnp.full(batch_shape, jnp.inf, logits.dtype),
           jnp.zeros((), jnp.int32))
   row_potential, col_potential, error, iters = jax.lax.while_loop(cond, body, init)
   assignment = jax.nn.softmax(logits + col_potential[..., None, :], axis=-1)

@@ -130,16 +130,17 @@ def resa_loss_and_aux(params, state: TrainState, views, momentum: jax.Array, *, 
   """The ReSA loss of one global batch; aux carries new statistics and metrics."""
   axis = mesh.axis_names[0]
   h_online, z_online, batch_stats = forward_views(online_net, params, state.batch_stats, views)
-  weak_encoding = jax.lax.stop_gradient(losses.l2_normalize(h_online[0].astype(jnp.float32)))
+  # The loss side runs in float32 (float64 for a float64 model): at_least_float32.
+  weak_encoding = jax.lax.stop_gradient(losses.l2_normalize(losses.at_least_float32(h_online[0])))
 
   # EMA first (with the pre-step online parameters), then the momentum forward.
   online_part = jax.lax.stop_gradient({k: params[k] for k in ONLINE_EMA_PARTS})
   momentum_params = losses.ema_update(state.momentum_params, online_part, momentum)
   h_momentum, z_momentum, momentum_batch_stats = forward_views(
       momentum_net, momentum_params, state.momentum_batch_stats, views[:2])
-  weak_momentum_encoding = losses.l2_normalize(h_momentum[0].astype(jnp.float32))
-  z_online = jnp.stack([losses.l2_normalize(z.astype(jnp.float32)) for z in z_online])
-  z_momentum = jnp.stack([losses.l2_normalize(z.astype(jnp.float32)) for z in z_momentum])
+  weak_momentum_encoding = losses.l2_normalize(losses.at_least_float32(h_momentum[0]))
+  z_online = jnp.stack([losses.l2_normalize(losses.at_least_float32(z)) for z in z_online])
+  z_momentum = jnp.stack([losses.l2_normalize(losses.at_least_float32(z)) for z in z_momentum])
   z_momentum, weak_momentum_encoding = jax.lax.stop_gradient((z_momentum, weak_momentum_encoding))
 
   objective = jax.shard_map(
@@ -155,9 +156,18 @@ def resa_loss_and_aux(params, state: TrainState, views, momentum: jax.Array, *, 
 
 
 def train_step(state: TrainState, views, *, online_net, momentum_net, tx, mesh, config,
-               lr_schedule: Callable, total_steps: int):
-  """One ReSA step: (state, views) -> (new state, metrics).  Pure; jit it."""
-  momentum = losses.ema_momentum_schedule(state.step, total_steps, config.ema_momentum)
+               lr_schedule: Callable, total_steps: int, fixed_ema_momentum=None):
+  """One ReSA step: (state, views) -> (new state, metrics).  Pure; jit it.
+
+  The EMA momentum m follows the cosine schedule from `config.ema_momentum` to 1 over
+  `total_steps`, unless `fixed_ema_momentum` gives one m for every step (as the
+  authors' reference run of a few steps does; the schedule is computed in float32,
+  a fixed m keeps its own dtype, e.g. float64).
+  """
+  if fixed_ema_momentum is None:
+    momentum = losses.ema_momentum_schedule(state.step, total_steps, config.ema_momentum)
+  else:
+    momentum = jnp.asarray(fixed_ema_momentum)
   grad_fn = jax.value_and_grad(resa_loss_and_aux, has_aux=True)
   (loss, aux), grads = grad_fn(state.params, state, tuple(views), momentum,
                                online_net=online_net, momentum_net=momentum_net, mesh=mesh,

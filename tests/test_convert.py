@@ -1,9 +1,10 @@
 """resa_jax.convert against independent PyTorch references.
 
 The references are small PyTorch ResNets written here in the authors' layout
-(torchvision-style names, SwAV-style `width_per_group`, ImageNet stem as a 1-pixel
-zero pad + 7x7 stride-2 conv with padding 2 + max-pool, CIFAR stem as a 3x3 stride-1
-conv without max-pool, strides on the 3x3 convs), with random weights and random
+(torchvision-style names, SwAV-style `width_per_group`, a 1-pixel zero pad in front of
+every stem, ImageNet stem as that pad + 7x7 stride-2 conv with padding 2 + max-pool,
+CIFAR stem as that pad + 3x3 stride-1 conv with padding 1 without max-pool, as the
+authors' CIFAR code swaps it in, strides on the 3x3 convs), with random weights and random
 BatchNorm affine parameters and running statistics.  Widths are tiny so that the
 whole file runs in well under a minute on two CPU cores.
 
@@ -94,12 +95,13 @@ class TorchResNet(nn.Module):
     block, layers = TORCH_ARCHS[arch]
     width = width_per_group
     self.stem = stem
+    # The authors' forward pads by 1 whatever conv1 is: with the 7x7 conv's padding 2
+    # that is padding 3; the CIFAR code's swapped-in 3x3 conv keeps the pad (padding 2).
+    self.padding = nn.ConstantPad2d(1, 0.0)
     if stem == 'imagenet':
-      self.padding = nn.ConstantPad2d(1, 0.0)  # + padding 2 in the conv = padding 3
       self.conv1 = nn.Conv2d(3, width, 7, 2, 2, bias=False)
       self.maxpool = nn.MaxPool2d(3, 2, 1)
     else:
-      self.padding = nn.Identity()
       self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
       self.maxpool = nn.Identity()
     self.bn1 = nn.BatchNorm2d(width)

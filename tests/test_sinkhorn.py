@@ -59,6 +59,21 @@ def test_small_epsilon_is_finite_where_exp_domain_overflows(epsilon):
     np.testing.assert_allclose(got, exp_domain_sinkhorn(scores, epsilon, 3), atol=1e-5)
 
 
+def test_float64_inputs_stay_float64_under_x64():
+  """With JAX x64, float64 scores are computed in float64 (for float64 parity runs),
+  both by the fixed-iteration and by the tolerance solver."""
+  scores = np.random.default_rng(3).uniform(-1, 1, size=(12, 20))
+  with jax.enable_x64(True):
+    got = sk.sinkhorn(jnp.asarray(scores, jnp.float64), 0.05, 3)
+    out = sk.sinkhorn_with_tolerance(jnp.asarray(scores, jnp.float64), 0.05, tol=1e-9,
+                                     max_iters=5000)
+  assert got.dtype == jnp.float64 and out.assignment.dtype == out.error.dtype == jnp.float64
+  np.testing.assert_allclose(np.asarray(got), exp_domain_sinkhorn(scores, 0.05, 3),
+                             rtol=1e-12, atol=0)
+  assert float(out.error) <= 1e-9
+  np.testing.assert_allclose(np.asarray(out.assignment).sum(axis=1), 1.0, rtol=0, atol=1e-12)
+
+
 def test_bfloat16_inputs_give_float32_answer_on_rounded_inputs():
   scores = _scores((32, 32), seed=2)
   rounded = jnp.asarray(scores).astype(jnp.bfloat16)

@@ -46,3 +46,9 @@ from resa_jax.evaluate.model import load_model
 from resa_jax.evaluate.model import Model
 from resa_jax.evaluate.run import Options
 from resa_jax.evaluate.run import run_evaluations
+
+__all__ = ['adjusted_rand_index', 'clustering_analysis', 'clustering_metrics', 'EvaluationError',
+           'extract_features', 'kmeans', 'knn_majority', 'knn_weighted', 'linear_probe_features',
+           'load_model', 'make_feature_fn', 'Model', 'nearest_neighbours',
+           'normalized_mutual_info', 'Options', 'run_evaluations', 'silhouette_samples',
+           'train_classifier']

@@ -5,11 +5,13 @@ checkpoints load unchanged and training statistics match theirs:
 
 * BatchNorm normalises with the biased batch variance and updates its running
   variance with the unbiased one (n / (n - 1)), eps 1e-5; `momentum` 0.9 here is
-  PyTorch's 0.1.  Statistics are reduced in float32 over every axis but the last.
+  PyTorch's 0.1.  Statistics are reduced in float32 (float64 for a float64 model:
+  `param_dtype`) over every axis but the last.
   Under `jax.jit` on a global batch sharded over devices, the reduction is over the
   global batch: XLA inserts the cross-device all-reduce, which is SyncBN.
 * Dense layers use PyTorch's default uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
-  kernel and bias; convolutions use He-normal with fan_out (torchvision ResNet).
+  kernel and bias; convolutions use He-normal with fan_out (torchvision ResNet),
+  except the CIFAR stem's conv1, which has PyTorch's default init (resnet.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,22 @@ import jax.numpy as jnp
 Dtype = Any
 
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+# PyTorch's default weight init of nn.Linear and nn.Conv2d, kaiming_uniform_(a=sqrt(5)):
+# U(-b, b) with b = gain * sqrt(3 / fan_in), gain = sqrt(2 / (1 + a^2)) = sqrt(1 / 3), so
+# b = 1 / sqrt(fan_in) (fan_in = in_features, or in_channels * kh * kw).  variance_scaling
+# with scale 1/3 draws U(-sqrt(3 * scale / fan_in), +...) with the same fan_in.
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+dense_kernel_init = torch_default_kernel_init
+
+
+def param_dtype(dtype: Dtype) -> jnp.dtype:
+  """The dtype of parameters, BN statistics and BN math for a compute `dtype`.
+
+  float32 for bfloat16 / float16 / float32 models (mixed precision keeps its master
+  weights in float32); float64 for a float64 model, which the float64 parity tests
+  against the authors' PyTorch run build (under JAX x64).
+  """
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _dense_bias_init(fan_in: int):
@@ -44,12 +61,13 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     features = x.shape[-1]
-    running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(features, jnp.float32))
-    running_var = self.variable('batch_stats', 'var', lambda: jnp.ones(features, jnp.float32))
+    stat_dtype = param_dtype(self.dtype)
+    running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(features, stat_dtype))
+    running_var = self.variable('batch_stats', 'var', lambda: jnp.ones(features, stat_dtype))
     if self.use_running_average:
       mean, var = running_mean.value, running_var.value
     else:
-      xf = x.astype(jnp.float32)
+      xf = x.astype(stat_dtype)
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(xf, axis=axes)
       var = jnp.mean(jnp.square(xf - mean), axis=axes)  # two-pass: no cancellation
@@ -60,14 +78,14 @@ class BatchNorm(nn.Module):
         running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
     scale = jax.lax.rsqrt(var + self.epsilon)
     if self.use_scale:
-      scale = scale * self.param('scale', self.scale_init, (features,), jnp.float32)
-    y = (x.astype(jnp.float32) - mean) * scale  # float32 math, fused by XLA
+      scale = scale * self.param('scale', self.scale_init, (features,), stat_dtype)
+    y = (x.astype(stat_dtype) - mean) * scale  # float32 (float64) math, fused by XLA
     if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+      y = y + self.param('bias', nn.initializers.zeros, (features,), stat_dtype)
     return y.astype(self.dtype)
 
 
 def dense(features: int, fan_in: int, dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
   """nn.Dense with PyTorch's default initialisation (call inside a compact module)."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype(dtype),
                   kernel_init=dense_kernel_init, bias_init=_dense_bias_init(fan_in), name=name)

@@ -7,7 +7,18 @@
 give ResNet-50 x2 / x4.  Strides sit on the 3x3 convolutions (ResNet v1.5).
 
 Stems: 'imagenet' (7x7 stride-2 conv with padding 3, BN, ReLU, 3x3 stride-2 max-pool
-with padding 1) and 'cifar' (3x3 stride-1 conv, BN, ReLU, no max-pool).
+with padding 1) and 'cifar' (3x3 stride-1 conv with padding 2, BN, ReLU, no max-pool).
+
+The CIFAR stem is what the authors' code actually runs (winci-ai/resa_cifar,
+`src/model.py` `get_encoder` on their `src/resnet.py`): their ResNet's forward always
+applies a 1-pixel `ConstantPad2d(1)` (meant for the 7x7 ImageNet conv, whose own
+padding is 2), and for CIFAR they swap in a 3x3 stride-1 padding-1 conv1 and an
+identity max-pool but keep the pad.  The zero padding is therefore 2: a 32x32 image
+gives a 34x34 conv1 output, and the stages see 34/17/9/5 pixels.  Their swapped conv1
+is created after the ResNet's init loop, so it keeps PyTorch's default init
+(kaiming_uniform_ with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in =
+3 * 3 * input channels), not the Kaiming-normal fan_out init of every other
+convolution; so does ours.
 
 The output is the global-average-pooled feature vector, (B, C) in the compute dtype.
 Parameter names mirror the PyTorch state dict (conv1, bn1, layer1_0/conv1, ...,
@@ -22,15 +33,17 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from resa_jax.models.layers import BatchNorm, conv_kernel_init
+from resa_jax.models.layers import (BatchNorm, conv_kernel_init, param_dtype,
+                                    torch_default_kernel_init)
 
 Dtype = Any
 
 
-def _conv(features, kernel, stride, padding, dtype, name):
+def _conv(features, kernel, stride, padding, dtype, name, kernel_init=conv_kernel_init):
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=False,
-                 dtype=dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name)
+                 dtype=dtype, param_dtype=param_dtype(dtype), kernel_init=kernel_init,
+                 name=name)
 
 
 class BasicBlock(nn.Module):
@@ -104,7 +117,9 @@ class ResNet(nn.Module):
     if self.stem == 'imagenet':
       x = _conv(width, 7, 2, 3, self.dtype, 'conv1')(x)
     elif self.stem == 'cifar':
-      x = _conv(width, 3, 1, 1, self.dtype, 'conv1')(x)
+      # The authors' 1-pixel pad + their 3x3 conv's padding 1 (module docstring): 32 -> 34.
+      x = _conv(width, 3, 1, 2, self.dtype, 'conv1',
+                kernel_init=torch_default_kernel_init)(x)
     else:
       raise ValueError(f"unknown stem {self.stem!r}; expected 'imagenet' or 'cifar'")
     x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype, name='bn1')(x))
