@@ -38,10 +38,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_split = 'train'
   config.eval_train_split = 'train'  # kNN memory bank / linear-probe training set
   config.eval_split = 'validation'
-  # Crop groups, as the authors' --nmb_crops/--crops_size/--min_scale_crops/
-  # --max_scale_crops/--gaussian_prob/--solarization_prob.  The first view of the
-  # first group is the weak view; every other view is strong.
-  config.crops_nmb = (2,)
+  # Crop groups, as the authors' --crops_nmb/--crops_size/--crops_min_scale/
+  # --crops_max_scale/--solarization_prob (plus a per-group gaussian_prob).
+  # crops_nmb counts the strong views of each group; the weak view (view 0) comes on
+  # top at group 0's size and scale, as theirs.  (1,): weak + strong = 2 views.
+  config.crops_nmb = (1,)
   config.crops_size = (224,)
   config.crops_min_scale = (0.2,)
   config.crops_max_scale = (1.0,)

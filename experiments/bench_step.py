@@ -107,12 +107,15 @@ jax.monitoring.register_event_duration_secs_listener(_on_event_duration)
 def view_shapes(config):
   """[(H, W, C)] of every view, in the input pipeline's order."""
   channels = _CHANNELS.get(config.dataset, 3)
-  return [(int(size), int(size), channels)
-          for count, size in zip(config.crops_nmb, config.crops_size) for _ in range(count)]
+  sizes = [config.crops_size[0]] + [size for count, size in zip(config.crops_nmb,
+                                                                config.crops_size)
+                                    for _ in range(count)]  # the weak view, then the strong
+  return [(int(size), int(size), channels) for size in sizes]
 
 
 def config_summary(config, num_devices: int, platform: str) -> str:
-  views = ' + '.join(f'{n}x{s}' for n, s in zip(config.crops_nmb, config.crops_size))
+  views = f'weak {config.crops_size[0]} + ' + ' + '.join(
+      f'{n}x{s}' for n, s in zip(config.crops_nmb, config.crops_size) if n)
   return (f'{config.arch} w{config.width_per_group} {config.stem} stem, '
           f'mlp {config.mlp_dim}/{config.emb_dim}, predictor {"on" if config.predictor else "off"}, '
           f'views {views}, batch {config.batch_size}, {config.dtype}, '

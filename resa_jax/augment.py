@@ -59,21 +59,26 @@ class ViewSpec:
 
 
 def view_specs(config) -> list[ViewSpec]:
-  """The V = sum(config.crops_nmb) views of a config, view 0 weak.
+  """The V = 1 + sum(config.crops_nmb) views of a config: the weak view, then the strong.
 
-  Crop group g contributes `crops_nmb[g]` views of side `crops_size[g]` with scale
-  range [crops_min_scale[g], crops_max_scale[g]] and blur / solarisation
-  probabilities `gaussian_prob[g]` / `solarization_prob[g]`.  The first view of
-  group 0 is the weak view.
+  As the authors' flags (`src/transform.py` of winci-ai/resa): `crops_nmb[g]` counts
+  the *strong* views of crop group g, of side `crops_size[g]`, scale range
+  [crops_min_scale[g], crops_max_scale[g]] and blur / solarisation probabilities
+  `gaussian_prob[g]` / `solarization_prob[g]`; the weak view (view 0, crop and flip
+  only) comes on top, at group 0's size and scale range.  `--crops_nmb 1 6
+  --crops_size 224 96` is weak 224 + strong 224 + six strong 96 px views.
   """
-  specs = []
+  weak = ViewSpec(size=int(config.crops_size[0]), min_scale=float(config.crops_min_scale[0]),
+                  max_scale=float(config.crops_max_scale[0]), weak=True,
+                  flip_prob=float(config.flip_prob))
+  specs = [weak]
   for g, count in enumerate(config.crops_nmb):
     for _ in range(count):
       specs.append(ViewSpec(
           size=int(config.crops_size[g]),
           min_scale=float(config.crops_min_scale[g]),
           max_scale=float(config.crops_max_scale[g]),
-          weak=not specs,
+          weak=False,
           flip_prob=float(config.flip_prob),
           color_jitter_prob=float(config.color_jitter_prob),
           brightness=float(config.brightness),

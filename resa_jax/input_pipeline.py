@@ -2,7 +2,7 @@
 evaluation inputs.
 
 One training step reads `config.batch_size` (B, global) images and makes
-V = sum(config.crops_nmb) views of each (augment.py: view 0 weak, the others strong):
+V = 1 + sum(config.crops_nmb) views of each (augment.py: view 0 weak, the others strong):
 
     {'views': (x_0, ..., x_{V-1})}   # x_k: (B, crops_size[g_k], crops_size[g_k], C)
 
@@ -78,9 +78,10 @@ def validate_config(config) -> None:
   lengths = {name: len(value) for name, value in groups.items()}
   if len(set(lengths.values())) != 1:
     raise ValueError(f'crop-group lists must have equal lengths, got {lengths}')
-  if not groups['crops_nmb'] or min(groups['crops_nmb']) < 1 or sum(groups['crops_nmb']) < 2:
-    raise ValueError('crops_nmb needs positive counts and at least 2 views in all '
-                     f'(one weak, one strong), got {groups["crops_nmb"]}')
+  if not groups['crops_nmb'] or min(groups['crops_nmb']) < 0 or groups['crops_nmb'][0] < 1:
+    raise ValueError('crops_nmb counts the strong views of each crop group (the weak view '
+                     'comes on top, as the authors\' --crops_nmb); the first group needs at '
+                     f'least one strong view, got {groups["crops_nmb"]}')
   if min(groups['crops_size']) < 1:
     raise ValueError(f'crops_size must be positive, got {groups["crops_size"]}')
   for lo, hi in zip(groups['crops_min_scale'], groups['crops_max_scale']):
