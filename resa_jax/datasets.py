@@ -9,7 +9,9 @@ project needs.
 Datasets (`config.dataset`)
 ---------------------------
 fashion_mnist (28x28x1; prepared offline from the Debian package dataset-fashion-mnist
-when present, see `local_data.prepare_fashion_mnist`), cifar10, cifar100 (fine
+when present, see `local_data.prepare_fashion_mnist`), cifar10, cifar10_jpeg (the
+CIFAR-10 JPEG snapshot, `config.data_dir` = the archive or its folder, default
+../shared/datasets/cifar10_jpeg.tar.gz; `local_data.load_cifar10_jpeg`), cifar100 (fine
 `label`; the eval inputs also carry `coarse_label`), stl10 (use
 `train_split='train+unlabelled'` for pre-training), imagenet2012, imagenet100 (the
 100 classes of resa_jax/data/imagenet100_classes.txt, relabelled 0..99 in sorted
@@ -49,8 +51,10 @@ def _hide_accelerators_from_tf() -> None:
 
 _hide_accelerators_from_tf()
 
-DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'stl10', 'imagenet2012',
+DATASETS = ('fashion_mnist', 'cifar10', 'cifar10_jpeg', 'cifar100', 'stl10', 'imagenet2012',
             'imagenet100', 'image_folder', 'fake')
+# The datasets the CIFAR protocols (5-NN Euclidean majority vote) apply to.
+CIFAR_DATASETS = ('cifar10', 'cifar10_jpeg', 'cifar100')
 DEBIAN_FASHION_MNIST_DIR = local_data.DEBIAN_FASHION_MNIST_DIR
 # Sizes of the ImageNet-100 subset listed in data/imagenet100_classes.txt.
 _IMAGENET100_SIZES = {'train': 126_689, 'validation': 5_000}
@@ -315,11 +319,39 @@ def _fixed_shape(decode, shape):
   return lambda encoded: tf.ensure_shape(decode(encoded), shape)
 
 
+def _cifar10_jpeg_source(config) -> Source:
+  """CIFAR-10 (JPEG snapshot), decoded into memory; splits 'train' and 'test'.
+
+  Normalised with CIFAR-10's statistics (the authors' values), not the snapshot's own.
+  """
+  try:
+    path = local_data.cifar10_jpeg_path(config.data_dir)
+    arrays = local_data.load_cifar10_jpeg(path)
+  except (OSError, ValueError) as e:
+    raise DatasetNotFoundError(f'cifar10_jpeg: {reporting.one_line(e, 300)}') from e
+
+  def read(split, process_index, process_count, shuffle_seed, exact_shards):
+    del shuffle_seed, exact_shards  # file order; the pipeline shuffles in memory
+    if split not in arrays:
+      raise ValueError(f'cifar10_jpeg has splits {sorted(arrays)}, not {split!r}')
+    images, labels = arrays[split]
+    ds = tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
+    return ds.shard(process_count, process_index)
+
+  mean, std = _MEAN_STD['cifar10']
+  return Source(
+      name='cifar10_jpeg', read=read, decode=lambda image: tf.ensure_shape(image, (32, 32, 3)),
+      known_num_examples=lambda split: len(arrays[split][1]) if split in arrays else None,
+      num_classes=len(local_data.CIFAR10_CLASSES), image_shape=(32, 32, 3), mean=mean, std=std)
+
+
 def open_source(config) -> Source:
   if config.dataset not in DATASETS:
     raise ValueError(f'unknown dataset {config.dataset!r}; known: {", ".join(DATASETS)}')
   if config.dataset == 'fake':
     return _fake_source(config)
+  if config.dataset == 'cifar10_jpeg':
+    return _cifar10_jpeg_source(config)
   if config.dataset == 'image_folder':
     return _image_folder_source(config)
   if config.dataset == 'imagenet100':

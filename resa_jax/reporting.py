@@ -104,7 +104,8 @@ def plot_training_curves(history: dict, path) -> None:
   """training_curves.png: loss over steps and kNN top-1 over epochs, with baselines.
 
   `history` as train.py keeps it: 'loss' [(step, loss)], 'knn' [(epoch, top-1)],
-  optional 'knn_top1_raw_pixels' and 'knn_top1_random_init'.
+  optional 'knn_top1_raw_pixels' and 'knn_top1_random_init'; on CIFAR also
+  'knn5_euclidean' [(epoch, top-1)] with its '..._raw_pixels' / '..._random_init'.
   """
   # A bare Figure (no pyplot): leaves the user's matplotlib backend alone.
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
@@ -114,14 +115,24 @@ def plot_training_curves(history: dict, path) -> None:
     steps, values = zip(*history['loss'])
     axes[0].plot(steps, values)
   axes[0].set(xlabel='step', ylabel='ReSA loss', title='training loss')
-  if history['knn']:
-    epochs, accs = zip(*history['knn'])
-    axes[1].plot(epochs, accs, 'o-', label='ReSA (momentum encoder)')
-  for key, style, label in (('knn_top1_raw_pixels', 'k--', 'raw pixels'),
-                            ('knn_top1_random_init', 'r:', 'random init')):
-    if history.get(key) is not None:
-      axes[1].axhline(history[key], linestyle=style[1:], color=style[0], label=label)
-  axes[1].set(xlabel='epoch', ylabel='kNN top-1 (%)', title='weighted kNN')
+  curves = [('knn', 'knn_top1', 'C0', 'weighted kNN')]
+  if history.get('knn5_euclidean') or history.get('knn5_euclidean_top1_raw_pixels') is not None:
+    curves.append(('knn5_euclidean', 'knn5_euclidean_top1', 'C1', '5-NN Euclidean'))
+  for curve, name, colour, what in curves:
+    prefix = f'{what}: ' if len(curves) > 1 else ''
+    if history.get(curve):
+      epochs, accs = zip(*history[curve])
+      axes[1].plot(epochs, accs, 'o-', color=colour,
+                   label=f'{prefix}ReSA (momentum encoder)')
+    for suffix, style, label in (('raw_pixels', '--', 'raw pixels'),
+                                 ('random_init', ':', 'random init')):
+      if history.get(f'{name}_{suffix}') is not None:
+        axes[1].axhline(history[f'{name}_{suffix}'], linestyle=style,
+                        color=colour if len(curves) > 1 else ('k' if suffix == 'raw_pixels'
+                                                              else 'r'),
+                        label=f'{prefix}{label}')
+  axes[1].set(xlabel='epoch', ylabel='kNN top-1 (%)',
+              title=' and '.join(what for *_, what in curves))
   axes[1].legend(loc='lower right', fontsize=8)
   fig.tight_layout()
   save_figure(fig, path, dpi=100)

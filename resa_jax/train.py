@@ -24,7 +24,7 @@ import pathlib
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,94 +34,27 @@ from resa_jax import checkpoints as checkpoints_lib
 from resa_jax import reporting
 from resa_jax import sharding
 from resa_jax import step as step_lib
+from resa_jax import train_metrics
 from resa_jax import validation
 
 
-class TrainingDivergedError(RuntimeError):
-  """The loss, gradient or new state became NaN or Inf; the message names the step."""
+# The authors' CIFAR metric is reported for these (datasets.CIFAR_DATASETS; not imported
+# here so that a bad config fails before TensorFlow).
+CIFAR_DATASETS = ('cifar10', 'cifar10_jpeg', 'cifar100')
+# results.json / history.json names of each kNN metric's curve.
+_KNN_CURVES = {'knn_top1': 'knn', 'knn5_euclidean_top1': 'knn5_euclidean'}
 
 
-# ------------------------------------------------------------- metrics ----
-
-class MetricsLog:
-  """Device metrics of the finished steps: fetched in groups, checked, logged.
-
-  `add(step, metrics)` keeps a step's metrics (still on the device, so the host
-  does not wait for it); `flush(step)` fetches all kept ones, raises
-  TrainingDivergedError naming the first step whose loss, gradient norm or new
-  state is not finite, then writes their mean through `writer`, appends the loss
-  to `history['loss']` and prints the progress line.  The images/s and ETA of
-  that line cover the steps since the previous flush, timed from the end of the
-  first flush (so the first step's compilation is never counted) and restarted by
-  `restart_clock()` (after a kNN evaluation).
-  """
-
-  def __init__(self, *, writer, history: dict, batch_size: int, total_steps: int,
-               steps_per_epoch: int, checkpoint_dir: pathlib.Path,
-               print_fn: Callable[[str], None] = lambda line: print(line, flush=True),
-               clock: Callable[[], float] = time.time):
-    self.writer, self.history, self.print_fn, self.clock = writer, history, print_fn, clock
-    self.batch_size, self.total_steps = batch_size, total_steps
-    self.steps_per_epoch, self.checkpoint_dir = steps_per_epoch, checkpoint_dir
-    self.pending: list[tuple[int, Any]] = []
-    self.last_loss = math.nan
-    self.timed_steps, self.timed_seconds = 0, 0.0  # over the whole run, for results.json
-    self._interval_start: float | None = None
-    self._interval_steps = 0
-
-  def add(self, step: int, metrics) -> None:
-    if self._interval_start is not None:
-      self._interval_steps += 1
-    self.pending.append((step, metrics))
-
-  def restart_clock(self) -> None:
-    self._interval_start, self._interval_steps = self.clock(), 0
-
-  def _check(self, fetched) -> None:
-    for (s, _), m in zip(self.pending, fetched):
-      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm']) and m['state_finite']):
-        raise TrainingDivergedError(
-            f'training diverged at step {s}: loss {m["loss"]}, gradient norm '
-            f'{m["grad_norm"]} ({m["nonfinite_fraction"]:.1%} of the gradient entries '
-            f'non-finite), parameters {"finite" if m["state_finite"] else "non-finite"} '
-            f'after the step; nothing of it was saved, the last good checkpoint is kept '
-            f'in {self.checkpoint_dir}')
-
-  def flush(self, step: int) -> dict | None:
-    """Checks and logs the kept steps' metrics; returns their mean (None if none)."""
-    if not self.pending:
-      return None
-    fetched = jax.device_get([m for _, m in self.pending])
-    self._check(fetched)
-    self.pending.clear()
-    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-    self.last_loss = mean['loss']
-    now, rate = self.clock(), ''
-    if self._interval_start is not None and self._interval_steps:
-      seconds = now - self._interval_start
-      self.timed_steps += self._interval_steps
-      self.timed_seconds += seconds
-      mean['images_per_sec'] = self._interval_steps * self.batch_size / seconds
-      eta = (self.total_steps - step) * seconds / self._interval_steps
-      rate = (f' | {mean["images_per_sec"]:.1f} img/s | ETA '
-              f'{reporting.format_duration(eta)}')
-    self._interval_start, self._interval_steps = now, 0
-    self.writer.write_scalars(step, mean)
-    self.history['loss'].append((step, mean['loss']))
-    self.print_fn(f'step {step}/{self.total_steps} (epoch {step / self.steps_per_epoch:.2f}) '
-                  f'loss {mean["loss"]:.4f} lr {mean["lr"]:.4g} ema {mean["ema_momentum"]:.5f} '
-                  f'entropy {mean["assignment_entropy"]:.3f}{rate}')
-    return mean
-
-  @property
-  def images_per_sec(self) -> float | None:
-    return self.timed_steps * self.batch_size / self.timed_seconds if self.timed_seconds else None
+TrainingDivergedError = train_metrics.TrainingDivergedError
+MetricsLog = train_metrics.MetricsLog
 
 
 # ---------------------------------------------------------------- kNN ----
 
-def knn_top1(config, mesh, feature_fn, num_classes: int) -> float:
-  """Weighted kNN (DINO) top-1 in % with k = config.knn_k, T = config.knn_temperature.
+def knn_accuracies(config, mesh, feature_fn, num_classes: int) -> dict[str, float]:
+  """{'knn_top1': weighted kNN (DINO) top-1 in %, k = config.knn_k, T =
+  config.knn_temperature} and, on the CIFAR datasets, {'knn5_euclidean_top1': the
+  authors' CIFAR metric, a 5-NN majority vote on Euclidean distances of raw features}.
 
   The memory bank is config.eval_train_split (its first knn_max_train_examples
   examples when that is > 0), the queries config.eval_split, both without
@@ -140,7 +73,11 @@ def knn_top1(config, mesh, feature_fn, num_classes: int) -> float:
       feature_fn, input_pipeline.create_eval_iterator(config, mesh, config.eval_split))
   result = knn.knn_weighted(bank, bank_labels, queries, query_labels, num_classes,
                             ks=(config.knn_k,), temperature=config.knn_temperature)
-  return float(result[f'top1_k{config.knn_k}'])
+  accuracies = {'knn_top1': float(result[f'top1_k{config.knn_k}'])}
+  if config.dataset in CIFAR_DATASETS:
+    accuracies['knn5_euclidean_top1'] = knn.knn_majority(bank, bank_labels, queries,
+                                                         query_labels, num_classes, k=5)
+  return accuracies
 
 
 # ---------------------------------------------------------------- setup ----
@@ -189,8 +126,10 @@ def _restored_history(path: pathlib.Path, start_step: int, steps_per_epoch: int)
   if start_step and path.exists():
     history.update(json.loads(path.read_text()))
     history['loss'] = [p for p in history['loss'] if p[0] <= start_step]
-    history['knn'] = [p for p in history['knn'] if p[1] is not None and
-                      p[0] <= start_step / steps_per_epoch + 1e-9]
+    for curve in _KNN_CURVES.values():
+      if curve in history:
+        history[curve] = [p for p in history[curve] if p[1] is not None and
+                          p[0] <= start_step / steps_per_epoch + 1e-9]
   return history
 
 
@@ -241,13 +180,16 @@ def _momentum_encoder_features(run: _Run):
 def _measure_baselines(run: _Run, features_of) -> None:
   """kNN of raw pixels and of the randomly initialised encoder, once per workdir."""
   config, history = run.config, run.history
-  history['knn_top1_raw_pixels'] = knn_top1(
+  raw = knn_accuracies(
       config, run.mesh, lambda x: jnp.reshape(x, (x.shape[0], -1)).astype(jnp.float32),
       run.info.num_classes)
-  history['knn_top1_random_init'] = knn_top1(config, run.mesh, features_of(run.initial_state),
-                                             run.info.num_classes)
-  print(f'kNN top-1 before training: raw pixels {history["knn_top1_raw_pixels"]:.2f}%, '
-        f'random encoder {history["knn_top1_random_init"]:.2f}%', flush=True)
+  random = knn_accuracies(config, run.mesh, features_of(run.initial_state),
+                          run.info.num_classes)
+  for name in raw:
+    history[f'{name}_raw_pixels'], history[f'{name}_random_init'] = raw[name], random[name]
+  print('kNN top-1 before training: ' + '; '.join(
+      f'{name}: raw pixels {raw[name]:.2f}%, random encoder {random[name]:.2f}%'
+      for name in raw), flush=True)
 
 
 # ----------------------------------------------------------------- loop ----
@@ -301,10 +243,14 @@ def _train(run: _Run, writer, features_of) -> tuple[int, MetricsLog, list[float]
       if (has_labels and epoch_done and
           (round(epoch) % config.knn_every_epochs == 0 or step == run.total_steps)):
         log.flush(step)
-        accuracy = knn_top1(config, run.mesh, features_of(run.state), run.info.num_classes)
-        history['knn'].append((epoch, accuracy))
-        writer.write_scalars(step, {'knn_top1': accuracy})
-        print(f'epoch {epoch:.2f}: kNN top-1 {accuracy:.2f}% (k={config.knn_k})', flush=True)
+        accuracies = knn_accuracies(config, run.mesh, features_of(run.state),
+                                    run.info.num_classes)
+        for name, accuracy in accuracies.items():
+          history.setdefault(_KNN_CURVES[name], []).append((epoch, accuracy))
+        writer.write_scalars(step, accuracies)
+        print(f'epoch {epoch:.2f}: kNN top-1 {accuracies["knn_top1"]:.2f}% (k={config.knn_k})'
+              + (f', 5-NN Euclidean {accuracies["knn5_euclidean_top1"]:.2f}%'
+                 if 'knn5_euclidean_top1' in accuracies else ''), flush=True)
         log.restart_clock()  # do not count eval as training
       if step % config.checkpoint_every_steps == 0 or step == run.total_steps:
         save(step)
@@ -366,6 +312,7 @@ def _write_results(run: _Run, step: int, log: MetricsLog, checkpoint_seconds) ->
       'knn_top1_raw_pixels': history.get('knn_top1_raw_pixels'),
       'knn_top1_random_init': history.get('knn_top1_random_init'),
       'knn_k': run.config.knn_k,
+      **_cifar_results(history),
       'images_per_sec': log.images_per_sec,
       'wall_time_sec': history.get('wall_time', 0.0),
       'checkpoint_save_sec_mean': (float(np.mean(checkpoint_seconds))
@@ -379,6 +326,17 @@ def _write_results(run: _Run, step: int, log: MetricsLog, checkpoint_seconds) ->
     reporting.plot_training_curves(history, run.workdir / 'training_curves.png')
   print('results: ' + json.dumps(results), flush=True)
   return results
+
+
+def _cifar_results(history: dict) -> dict:
+  """The 5-NN Euclidean majority vote (the authors' CIFAR metric) and its baselines,
+  where the run measured it."""
+  if 'knn5_euclidean_top1_raw_pixels' not in history and not history.get('knn5_euclidean'):
+    return {}
+  curve = history.get('knn5_euclidean') or []
+  return {'knn5_euclidean_top1': curve[-1][1] if curve else None,
+          'knn5_euclidean_top1_raw_pixels': history.get('knn5_euclidean_top1_raw_pixels'),
+          'knn5_euclidean_top1_random_init': history.get('knn5_euclidean_top1_random_init')}
 
 
 def _reached_preemption_sync_point(step: int) -> bool:

@@ -1,0 +1,95 @@
+"""The training loop's metrics: fetched from the device in groups, checked for NaN/Inf,
+averaged, written through a clu metric writer and printed as the progress line."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from resa_jax import reporting
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss, gradient or new state became NaN or Inf; the message names the step."""
+
+
+# ------------------------------------------------------------- metrics ----
+
+class MetricsLog:
+  """Device metrics of the finished steps: fetched in groups, checked, logged.
+
+  `add(step, metrics)` keeps a step's metrics (still on the device, so the host
+  does not wait for it); `flush(step)` fetches all kept ones, raises
+  TrainingDivergedError naming the first step whose loss, gradient norm or new
+  state is not finite, then writes their mean through `writer`, appends the loss
+  to `history['loss']` and prints the progress line.  The images/s and ETA of
+  that line cover the steps since the previous flush, timed from the end of the
+  first flush (so the first step's compilation is never counted) and restarted by
+  `restart_clock()` (after a kNN evaluation).
+  """
+
+  def __init__(self, *, writer, history: dict, batch_size: int, total_steps: int,
+               steps_per_epoch: int, checkpoint_dir: pathlib.Path,
+               print_fn: Callable[[str], None] = lambda line: print(line, flush=True),
+               clock: Callable[[], float] = time.time):
+    self.writer, self.history, self.print_fn, self.clock = writer, history, print_fn, clock
+    self.batch_size, self.total_steps = batch_size, total_steps
+    self.steps_per_epoch, self.checkpoint_dir = steps_per_epoch, checkpoint_dir
+    self.pending: list[tuple[int, Any]] = []
+    self.last_loss = math.nan
+    self.timed_steps, self.timed_seconds = 0, 0.0  # over the whole run, for results.json
+    self._interval_start: float | None = None
+    self._interval_steps = 0
+
+  def add(self, step: int, metrics) -> None:
+    if self._interval_start is not None:
+      self._interval_steps += 1
+    self.pending.append((step, metrics))
+
+  def restart_clock(self) -> None:
+    self._interval_start, self._interval_steps = self.clock(), 0
+
+  def _check(self, fetched) -> None:
+    for (s, _), m in zip(self.pending, fetched):
+      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm']) and m['state_finite']):
+        raise TrainingDivergedError(
+            f'training diverged at step {s}: loss {m["loss"]}, gradient norm '
+            f'{m["grad_norm"]} ({m["nonfinite_fraction"]:.1%} of the gradient entries '
+            f'non-finite), parameters {"finite" if m["state_finite"] else "non-finite"} '
+            f'after the step; nothing of it was saved, the last good checkpoint is kept '
+            f'in {self.checkpoint_dir}')
+
+  def flush(self, step: int) -> dict | None:
+    """Checks and logs the kept steps' metrics; returns their mean (None if none)."""
+    if not self.pending:
+      return None
+    fetched = jax.device_get([m for _, m in self.pending])
+    self._check(fetched)
+    self.pending.clear()
+    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    self.last_loss = mean['loss']
+    now, rate = self.clock(), ''
+    if self._interval_start is not None and self._interval_steps:
+      seconds = now - self._interval_start
+      self.timed_steps += self._interval_steps
+      self.timed_seconds += seconds
+      mean['images_per_sec'] = self._interval_steps * self.batch_size / seconds
+      eta = (self.total_steps - step) * seconds / self._interval_steps
+      rate = (f' | {mean["images_per_sec"]:.1f} img/s | ETA '
+              f'{reporting.format_duration(eta)}')
+    self._interval_start, self._interval_steps = now, 0
+    self.writer.write_scalars(step, mean)
+    self.history['loss'].append((step, mean['loss']))
+    self.print_fn(f'step {step}/{self.total_steps} (epoch {step / self.steps_per_epoch:.2f}) '
+                  f'loss {mean["loss"]:.4f} lr {mean["lr"]:.4g} ema {mean["ema_momentum"]:.5f} '
+                  f'entropy {mean["assignment_entropy"]:.3f}{rate}')
+    return mean
+
+  @property
+  def images_per_sec(self) -> float | None:
+    return self.timed_steps * self.batch_size / self.timed_seconds if self.timed_seconds else None

@@ -1,0 +1,127 @@
+"""The CIFAR-10 JPEG snapshot as a dataset (`cifar10_jpeg`): a small slice of the real
+archive, checked against an independent decoding of the same files, and the whole
+archive's class counts and pixel means against the snapshot's README."""
+
+import os
+import pathlib
+import tarfile
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from configs import cifar10_jpeg
+from resa_jax import datasets, input_pipeline, local_data, sharding
+
+ARCHIVE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'datasets' / 'cifar10_jpeg.tar.gz'
+pytestmark = pytest.mark.skipif(not ARCHIVE.is_file(), reason=f'{ARCHIVE} not found')
+PER_CLASS = {'train': 4, 'test': 2}
+
+
+@pytest.fixture(scope='module')
+def slice_dir(tmp_path_factory):
+  """train/ and test/ with the first PER_CLASS[split] files of every class folder."""
+  root = tmp_path_factory.mktemp('cifar10_jpeg')
+  taken = {}
+  with tarfile.open(ARCHIVE) as archive:
+    for member in archive:
+      parts = member.name.split('/')
+      if member.isfile() and len(parts) == 3:
+        key = tuple(parts[:2])
+        if taken.get(key, 0) < PER_CLASS[parts[0]]:
+          taken[key] = taken.get(key, 0) + 1
+          archive.extract(member, root, filter='data')
+  return root
+
+
+def config_for(path):
+  config = cifar10_jpeg.get_config()
+  config.data_dir = str(path)
+  config.batch_size = 8
+  return config
+
+
+def test_slice_matches_the_files_and_class_order(slice_dir):
+  arrays = local_data.load_cifar10_jpeg(str(slice_dir))
+  for split, per_class in PER_CLASS.items():
+    images, labels = arrays[split]
+    assert images.shape == (10 * per_class, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(labels, np.repeat(np.arange(10), per_class))
+    for index in (0, len(labels) - 1):
+      class_name = local_data.CIFAR10_CLASSES[labels[index]]
+      folder = slice_dir / split / class_name
+      name = sorted(os.listdir(folder))[index % per_class]
+      expected = tf.io.decode_jpeg((folder / name).read_bytes(), channels=3).numpy()
+      np.testing.assert_array_equal(images[index], expected)
+      pil = np.asarray(Image.open(folder / name).convert('RGB')).astype(int)
+      assert np.abs(images[index].astype(int) - pil).mean() < 3  # the same picture
+
+
+def test_source_info_and_pipelines(slice_dir):
+  config = config_for(slice_dir)
+  info = datasets.dataset_info(config)
+  assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (40, 20, 10)
+  assert info.mean == (0.4914, 0.4822, 0.4465)  # CIFAR-10's statistics, as the authors'
+  mesh = sharding.create_mesh()
+  batch = next(input_pipeline.create_train_iterator(config, mesh))
+  assert [v.shape for v in batch['views']] == [(8, 32, 32, 3)] * 2
+  first = next(input_pipeline.create_eval_iterator(config, mesh, 'test', batch_size=8))
+  images, labels = local_data.load_cifar10_jpeg(str(slice_dir))['test']
+  expected = (images[:8] / 255.0 - np.asarray(info.mean)) / np.asarray(info.std)
+  np.testing.assert_allclose(np.asarray(first['image']), expected, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(first['label']), labels[:8])
+
+
+def test_archive_and_folder_give_the_same_arrays(slice_dir, tmp_path):
+  archive = tmp_path / 'slice.tar.gz'
+  with tarfile.open(archive, 'w:gz') as tar:
+    for split in PER_CLASS:
+      tar.add(slice_dir / split, arcname=split)
+  from_folder = local_data.load_cifar10_jpeg(str(slice_dir))
+  from_archive = local_data.load_cifar10_jpeg(str(archive))
+  for split in PER_CLASS:
+    for a, b in zip(from_folder[split], from_archive[split]):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_missing_snapshot_is_a_one_line_error(tmp_path, monkeypatch):
+  monkeypatch.setenv(local_data.CIFAR10_JPEG_ENV, str(tmp_path / 'nothing'))
+  monkeypatch.setattr(local_data, 'cifar10_jpeg_path', lambda data_dir: (_ for _ in ()).throw(
+      FileNotFoundError('the CIFAR-10 JPEG snapshot was not found')))
+  with pytest.raises(datasets.DatasetNotFoundError, match='not found') as error:
+    datasets.dataset_info(config_for(tmp_path / 'nothing'))
+  assert '\n' not in str(error.value)
+
+
+def test_whole_archive_statistics():
+  """The full snapshot: 5,000 / 1,000 images per class, and its README's pixel means."""
+  arrays = local_data.load_cifar10_jpeg(str(ARCHIVE))
+  train_images, train_labels = arrays['train']
+  assert np.bincount(train_labels).tolist() == [5000] * 10
+  assert np.bincount(arrays['test'][1]).tolist() == [1000] * 10
+  mean = train_images.reshape(-1, 3).mean(axis=0) / 255.0
+  np.testing.assert_allclose(mean, (0.4868, 0.4822, 0.4414), atol=6e-4)
+
+
+def test_training_reports_the_authors_5nn_metric(slice_dir, tmp_path):
+  """results.json names the 5-NN Euclidean majority vote apart from the weighted kNN;
+  its raw-pixel baseline equals scikit-learn's 5-NN on the same normalised pixels."""
+  from sklearn.neighbors import KNeighborsClassifier
+  from resa_jax import train
+  config = config_for(slice_dir)
+  config.update(dict(arch='resnet18', width_per_group=4, mlp_dim=32, emb_dim=16,
+                     num_epochs=1.0, warmup_epochs=0.0, knn_every_epochs=1, knn_k=5,
+                     log_every_steps=5, checkpoint_every_steps=100, prefetch=1))
+  results = train.train_and_evaluate(config, tmp_path / 'run')
+  for name in ('knn5_euclidean_top1', 'knn5_euclidean_top1_raw_pixels',
+               'knn5_euclidean_top1_random_init', 'knn_top1', 'knn_top1_raw_pixels'):
+    assert 0.0 <= results[name] <= 100.0, name
+  info = datasets.dataset_info(config)
+  arrays = local_data.load_cifar10_jpeg(str(slice_dir))
+  pixels = {split: ((images / 255.0 - np.asarray(info.mean)) / np.asarray(info.std)
+                    ).reshape(len(images), -1).astype(np.float32)
+            for split, (images, _) in arrays.items()}
+  reference = KNeighborsClassifier(n_neighbors=5, algorithm='brute').fit(
+      pixels['train'], arrays['train'][1]).score(pixels['test'], arrays['test'][1])
+  assert results['knn5_euclidean_top1_raw_pixels'] == pytest.approx(100 * reference)

@@ -1,0 +1,76 @@
+"""train_metrics.MetricsLog on its own: divergence, averaging, honest rates."""
+
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+from resa_jax import train_metrics
+
+
+class FakeWriter:
+  def __init__(self):
+    self.rows = []
+
+  def write_scalars(self, step, scalars):
+    self.rows.append((step, dict(scalars)))
+
+
+class FakeClock:
+  def __init__(self):
+    self.now = 100.0
+
+  def __call__(self):
+    return self.now
+
+
+def metrics(loss, grad_norm=1.0, state_finite=1.0):
+  return dict(loss=np.float32(loss), lr=np.float32(0.1), ema_momentum=np.float32(0.99),
+              assignment_entropy=np.float32(2.0), grad_norm=np.float32(grad_norm),
+              nonfinite_fraction=np.float32(0.0 if math.isfinite(grad_norm) else 1.0),
+              state_finite=np.float32(state_finite))
+
+
+def make_log(**kwargs):
+  writer, history, lines, clock = FakeWriter(), {'loss': []}, [], FakeClock()
+  log = train_metrics.MetricsLog(writer=writer, history=history, batch_size=8, total_steps=10,
+                                 steps_per_epoch=5, checkpoint_dir=pathlib.Path('/ckpt'),
+                                 print_fn=lines.append, clock=clock, **kwargs)
+  return log, writer, history, lines, clock
+
+
+def test_mean_history_and_rates_exclude_the_compiled_first_step():
+  log, writer, history, lines, clock = make_log()
+  log.add(1, metrics(4.0))
+  clock.now += 50.0  # compilation: never timed
+  assert log.flush(1)['loss'] == 4.0
+  assert 'img/s' not in lines[-1] and log.images_per_sec is None
+  for step, loss in ((2, 3.0), (3, 2.0)):
+    log.add(step, metrics(loss))
+  clock.now += 2.0  # two steps of 8 images in 2 s
+  mean = log.flush(3)
+  assert mean['loss'] == pytest.approx(2.5) and mean['images_per_sec'] == pytest.approx(8.0)
+  assert history['loss'] == [(1, 4.0), (3, 2.5)]
+  assert [step for step, _ in writer.rows] == [1, 3]
+  assert 'step 3/10 (epoch 0.60) loss 2.5000' in lines[-1]
+  assert '8.0 img/s | ETA 0m07s' in lines[-1]  # 7 steps left at 1 s each
+  assert log.flush(3) is None  # nothing kept: nothing written
+  clock.now += 30.0  # a kNN evaluation ...
+  log.restart_clock()  # ... after which the loop restarts the clock
+  log.add(4, metrics(1.0))
+  clock.now += 1.0
+  log.flush(4)
+  assert log.images_per_sec == pytest.approx(3 * 8 / 3.0)  # eval time not counted
+
+
+@pytest.mark.parametrize('bad', [dict(loss=float('nan')), dict(loss=1.0, grad_norm=float('inf')),
+                                 dict(loss=1.0, state_finite=0.0)])
+def test_divergence_names_the_step_and_writes_nothing(bad):
+  log, writer, history, _, _ = make_log()
+  log.add(1, metrics(1.0))
+  log.add(2, metrics(**bad))
+  with pytest.raises(train_metrics.TrainingDivergedError, match='diverged at step 2') as error:
+    log.flush(2)
+  assert '/ckpt' in str(error.value)
+  assert writer.rows == [] and history['loss'] == []
