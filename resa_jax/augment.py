@@ -311,11 +311,13 @@ def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
   return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
-def resize_shorter_and_center_crop(image: tf.Tensor, resize: int, size: int) -> tf.Tensor:
+def resize_shorter_and_center_crop(image: tf.Tensor, resize: int, size: int,
+                                   method: str = 'bilinear') -> tf.Tensor:
   """uint8 (H, W, C) -> float32 (size, size, C) in [0, 1].
 
   torchvision's Resize(resize) (shorter side to `resize`, the longer one truncated,
-  bilinear, antialiased) then CenterCrop(size).
+  `method` 'bilinear' or 'bicubic', antialiased; bicubic overshoot is clipped) then
+  CenterCrop(size).
   """
   shape = tf.shape(image)
   h = tf.cast(shape[0], tf.float32)
@@ -323,7 +325,7 @@ def resize_shorter_and_center_crop(image: tf.Tensor, resize: int, size: int) -> 
   short = tf.minimum(h, w)
   new_h = tf.where(h <= w, resize, tf.cast(resize * h / short, tf.int32))
   new_w = tf.where(w <= h, resize, tf.cast(resize * w / short, tf.int32))
-  resized = tf.image.resize(image, tf.stack([new_h, new_w]), method='bilinear',
+  resized = tf.image.resize(image, tf.stack([new_h, new_w]), method=method,
                             antialias=True)
   top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)

@@ -112,8 +112,16 @@ class Source:
   mean: tuple
   std: tuple
   extra_labels: tuple = ()  # further int labels carried to the eval inputs
+  # (mean, std) of the evaluation inputs when they differ from training's: the
+  # authors' CIFAR eval loader normalises CIFAR-100 with the CIFAR-10 statistics.
+  eval_normalization: tuple | None = None
   num_coarse_classes: int | None = None
   may_fail_decoding: bool = False  # undecodable images are dropped, before skipping
+
+  @property
+  def eval_mean_std(self) -> tuple:
+    """(mean, std) the evaluation inputs are normalised with."""
+    return self.eval_normalization or (self.mean, self.std)
 
 
 def _prepare_hint(name: str, data_dir: str, manual_dir: str) -> str:
@@ -220,6 +228,7 @@ def _tfds_source(config) -> Source:
       known_num_examples=functools.partial(_split_sizes, builder),
       num_classes=features['label'].num_classes,
       image_shape=shape, mean=mean, std=std, extra_labels=coarse,
+      eval_normalization=_MEAN_STD['cifar10'] if name == 'cifar100' else None,
       num_coarse_classes=features['coarse_label'].num_classes if coarse else None)
 
 

@@ -256,7 +256,7 @@ def _linear_probe_example_fn(config, source: datasets.Source):
 
   def make_example(image, label, seed):
     view = augment.classifier_view(image, seed, size)
-    return {'image': tf.cast(augment.normalize(view, source.mean, source.std), dtype),
+    return {'image': tf.cast(augment.normalize(view, *source.eval_mean_std), dtype),
             'label': label}
 
   return make_example
@@ -314,7 +314,8 @@ def create_linear_probe_train_iterator(config, mesh, *,
 
 
 def _eval_dataset(config, source: datasets.Source, split: str, *, batch_size: int,
-                  process_index: int, process_count: int) -> tf.data.Dataset:
+                  process_index: int, process_count: int,
+                  resize_method: str = 'bilinear') -> tf.data.Dataset:
   """One pass over this process's share of `split`, padded to the same number of
   batches on every process; padding has mask False."""
   local_batch = batch_size // process_count
@@ -326,10 +327,11 @@ def _eval_dataset(config, source: datasets.Source, split: str, *, batch_size: in
   def preprocess(record):
     image = source.decode(record['image'])
     if variable_size:  # ImageNet-like: resize the shorter side, centre crop
-      image = augment.resize_shorter_and_center_crop(image, int(config.eval_resize), size)
+      image = augment.resize_shorter_and_center_crop(image, int(config.eval_resize), size,
+                                                     method=resize_method)
     else:  # 28x28, 32x32, 96x96 data: the image itself
       image = augment.plain(image, size)
-    example = {'image': tf.cast(augment.normalize(image, source.mean, source.std), dtype),
+    example = {'image': tf.cast(augment.normalize(image, *source.eval_mean_std), dtype),
                'label': record['label'], 'mask': tf.constant(True)}
     example.update({k: record[k] for k in source.extra_labels})
     return example
@@ -344,19 +346,22 @@ def _eval_dataset(config, source: datasets.Source, split: str, *, batch_size: in
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_tf_options(tf.data.AUTOTUNE))
 
 
-def create_eval_iterator(config, mesh, split: str, *,
-                         batch_size: int | None = None) -> Iterator[dict]:
+def create_eval_iterator(config, mesh, split: str, *, batch_size: int | None = None,
+                         resize_method: str = 'bilinear') -> Iterator[dict]:
   """One pass over `split` without augmentation.
 
   Yields {'image': (B, S, S, C) config.dtype, 'label': (B,) int32, 'mask': (B,) bool}
   (+ 'coarse_label' for CIFAR-100), S = crops_size[0]: ImageNet-sized images are
-  resized (shorter side config.eval_resize) and centre-cropped, small fixed-size ones
-  are used as they are.  B = batch_size or config.batch_size; the last batches are
+  resized (shorter side config.eval_resize, `resize_method`: the authors' kNN uses
+  'bicubic', their linear evaluation 'bilinear') and centre-cropped, small fixed-size
+  ones are used as they are.  Normalised with the source's evaluation statistics
+  (`Source.eval_mean_std`).  B = batch_size or config.batch_size; the last batches are
   padded (mask False) so that every example appears exactly once with mask True.
   """
   batch_size = batch_size or config.batch_size
   check_batch_size(batch_size, mesh.size)
   source = datasets.open_source(config)
   ds = _eval_dataset(config, source, split, batch_size=batch_size,
-                     process_index=jax.process_index(), process_count=jax.process_count())
+                     process_index=jax.process_index(), process_count=jax.process_count(),
+                     resize_method=resize_method)
   return _to_mesh(mesh, ds.as_numpy_iterator(), config.prefetch)

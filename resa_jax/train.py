@@ -62,7 +62,8 @@ def knn_accuracies(config, mesh, feature_fn, num_classes: int) -> dict[str, floa
   """
   from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
   from resa_jax.evaluate import features, knn  # pylint: disable=g-import-not-at-top
-  bank_batches = input_pipeline.create_eval_iterator(config, mesh, config.eval_train_split)
+  bank_batches = input_pipeline.create_eval_iterator(config, mesh, config.eval_train_split,
+                                                    resize_method='bicubic')
   limit = config.knn_max_train_examples
   if limit > 0:  # stop reading the split once the bank is full
     bank_batches = itertools.islice(bank_batches, -(-limit // config.batch_size))
@@ -70,7 +71,8 @@ def knn_accuracies(config, mesh, feature_fn, num_classes: int) -> dict[str, floa
   if limit > 0:
     bank, bank_labels = bank[:limit], bank_labels[:limit]
   queries, query_labels = features.extract_features(
-      feature_fn, input_pipeline.create_eval_iterator(config, mesh, config.eval_split))
+      feature_fn, input_pipeline.create_eval_iterator(config, mesh, config.eval_split,
+                                                      resize_method='bicubic'))
   result = knn.knn_weighted(bank, bank_labels, queries, query_labels, num_classes,
                             ks=(config.knn_k,), temperature=config.knn_temperature)
   accuracies = {'knn_top1': float(result[f'top1_k{config.knn_k}'])}
@@ -166,10 +168,22 @@ def _set_up(config, workdir) -> _Run:
               start_step=start_step, state=state)
 
 
+def eval_config(config):
+  """`config` with dtype float32: the authors evaluate in float32 (no autocast) whatever
+  the training precision.  The same object when it already is float32."""
+  if config.dtype == 'float32':
+    return config
+  config = config.copy_and_resolve_references()
+  config.dtype = 'float32'
+  return config
+
+
 def _momentum_encoder_features(run: _Run):
-  """state -> (images -> momentum-encoder features (B, D)), eval mode."""
+  """state -> (images -> momentum-encoder features (B, D)), eval mode, float32."""
+  from resa_jax import models  # pylint: disable=g-import-not-at-top
   from resa_jax.evaluate import features  # pylint: disable=g-import-not-at-top
-  feature_fn = features.make_feature_fn(run.momentum_net, run.mesh)
+  _, float32_net = models.create_networks(eval_config(run.config))
+  feature_fn = features.make_feature_fn(float32_net, run.mesh)
 
   def of_state(state):
     variables = {'params': state.momentum_params, 'batch_stats': state.momentum_batch_stats}
@@ -181,9 +195,9 @@ def _measure_baselines(run: _Run, features_of) -> None:
   """kNN of raw pixels and of the randomly initialised encoder, once per workdir."""
   config, history = run.config, run.history
   raw = knn_accuracies(
-      config, run.mesh, lambda x: jnp.reshape(x, (x.shape[0], -1)).astype(jnp.float32),
+      eval_config(config), run.mesh, lambda x: jnp.reshape(x, (x.shape[0], -1)).astype(jnp.float32),
       run.info.num_classes)
-  random = knn_accuracies(config, run.mesh, features_of(run.initial_state),
+  random = knn_accuracies(eval_config(config), run.mesh, features_of(run.initial_state),
                           run.info.num_classes)
   for name in raw:
     history[f'{name}_raw_pixels'], history[f'{name}_random_init'] = raw[name], random[name]
@@ -243,7 +257,7 @@ def _train(run: _Run, writer, features_of) -> tuple[int, MetricsLog, list[float]
       if (has_labels and epoch_done and
           (round(epoch) % config.knn_every_epochs == 0 or step == run.total_steps)):
         log.flush(step)
-        accuracies = knn_accuracies(config, run.mesh, features_of(run.state),
+        accuracies = knn_accuracies(eval_config(config), run.mesh, features_of(run.state),
                                     run.info.num_classes)
         for name, accuracy in accuracies.items():
           history.setdefault(_KNN_CURVES[name], []).append((epoch, accuracy))

@@ -136,7 +136,8 @@ def test_cli_knn_linear_clustering(run, tmp_path):
   linear = json.loads((out / 'linear.json').read_text())
   assert linear['protocol'] == 'features' and linear['epochs'] == 3
   expected = evaluate.linear_probe_features(train_x, train_y, test_x, test_y, 4, epochs=3)
-  assert linear['top1'] == pytest.approx(expected['top1'])
+  for name in ('top1_last', 'top1_best', 'top5_last', 'best_epoch'):
+    assert linear[name] == pytest.approx(expected[name])
 
   clustering = json.loads((out / 'clustering.json').read_text())
   names = ['encoding', 'projector_hidden0', 'projector_hidden1', 'embedding']
@@ -166,15 +167,36 @@ def test_imagenet_linear_protocol_and_semi_supervised(run, tmp_path):
   linear = json.loads((tmp_path / 'linear.json').read_text())
   assert linear['protocol'] == 'imagenet' and linear['steps'] == 4  # 64 / 16 per epoch
   assert linear['base_lr'] == 10.0 and linear['lr_milestones'] == [1, 1]
+  assert linear['pretrain_batch_size'] == config.batch_size  # read from its config.json
+  assert linear['pretrain_batch_size_from'] == 'the checkpoint'
   assert linear['num_eval'] == 64 and math.isfinite(linear['train_loss'])
-  assert 0 <= linear['top1'] <= linear['top5'] <= 100
+  assert 0 <= linear['top1_last'] <= linear['top5_last'] <= 100
+  assert linear['top1_best'] == max(linear['top1_by_epoch']) >= linear['top1_last']
 
   semi = json.loads((tmp_path / 'semi.json').read_text())
   _, train_labels = eval_images(config, 'train')
   assert semi['num_labelled'] == len(evaluate.semi_supervised.balanced_subset(train_labels, 0.25))
   assert semi['steps'] == 1 and math.isfinite(semi['train_loss'])
-  assert 0 <= semi['top1'] <= semi['top5'] <= 100
-  assert summary['results']['semi']['top1'] == semi['top1']
+  assert 0 <= semi['top1_last'] <= semi['top5_last'] <= 100
+  assert semi['top1_best'] == semi['top1_last']  # one epoch
+  assert summary['results']['semi']['top1_best'] == semi['top1_best']
+  assert summary['dtype'] == 'float32'
+
+
+def test_imagenet_linear_lr_follows_the_pretraining_batch(run, tmp_path):
+  """The authors' default linear lr is 40 for checkpoints pre-trained with batch 1024,
+  10 for batch 256: read from the workdir's config.json, not from --config."""
+  workdir, config, _ = run
+  copy = tmp_path / 'run_b1024'
+  shutil.copytree(workdir, copy)
+  trained = json.loads((copy / 'config.json').read_text())
+  trained['batch_size'] = 1024
+  (copy / 'config.json').write_text(json.dumps(trained))
+  options = evaluate.Options(evaluations=['linear'], batch_size=16, linear_protocol='imagenet',
+                             linear_epochs=1, linear_batch_size=16)
+  evaluate.run_evaluations(config, copy, tmp_path / 'eval', options)
+  linear = json.loads((tmp_path / 'eval' / 'linear.json').read_text())
+  assert linear['pretrain_batch_size'] == 1024 and linear['base_lr'] == 40.0
 
 
 @pytest.mark.parametrize('case', ['bad_eval', 'missing', 'other_architecture'])
@@ -319,3 +341,20 @@ def test_clustering_at_fine_and_coarse_granularity_on_mock_cifar100(run, tmp_pat
   for values in saved['results'].values():
     assert set(values) == {'fine', 'coarse'}
     assert all(-1 <= v['silhouette_mean'] <= 1 for v in values.values())
+
+
+def test_evaluation_runs_in_float32_whatever_the_training_dtype(run, tmp_path):
+  """The authors evaluate in float32 (no autocast): a bfloat16 training config gives the
+  float32 features unless --dtype=train asks for its own."""
+  workdir, config, _ = run
+  bf16 = tiny_config()
+  bf16.dtype = 'bfloat16'
+  results = {}
+  for name, cfg, dtype in (('f32', config, 'float32'), ('default', bf16, 'float32'),
+                           ('train', bf16, 'train')):
+    options = evaluate.Options(evaluations=['knn'], batch_size=16, dtype=dtype)
+    results[name] = evaluate.run_evaluations(cfg, workdir, tmp_path / name, options)
+  assert results['default']['dtype'] == 'float32' and results['train']['dtype'] == 'bfloat16'
+  assert results['default']['results']['knn']['weighted'] == results['f32']['results']['knn'][
+      'weighted']
+  assert bf16.dtype == 'bfloat16'  # the caller's config is not changed

@@ -402,6 +402,34 @@ def test_tfds_datasets_on_mock_data(name, num_classes, raw_shape, tmp_path, mesh
     assert 0 <= coarse.min() and coarse.max() < 20
 
 
+def test_cifar100_eval_uses_the_cifar10_statistics(tmp_path, mesh):
+  """The authors' CIFAR eval loader normalises CIFAR-100 with CIFAR-10's mean and std;
+  their training transform (and ours) uses CIFAR-100's own."""
+  config = small_config(dataset='cifar100', data_dir=str(tmp_path), batch_size=8,
+                        crops_nmb=(1,), crops_size=(32,), crops_min_scale=(1.0,),
+                        crops_max_scale=(1.0,), gaussian_prob=(0.0,), solarization_prob=(0.0,))
+  with tfds.testing.mock_data(num_examples=8):
+    source = datasets.open_source(config)
+    cifar10 = datasets.open_source(small_config(dataset='cifar10', data_dir=str(tmp_path)))
+    first = next(input_pipeline.create_eval_iterator(config, mesh, 'test'))
+    raw = next(iter(tfds.as_numpy(tfds.builder('cifar100', data_dir=str(tmp_path)).as_dataset(
+        split='test', batch_size=8, shuffle_files=False))))
+  assert source.eval_mean_std == (cifar10.mean, cifar10.std) != (source.mean, source.std)
+  expected = (raw['image'] / 255.0 - np.asarray(cifar10.mean)) / np.asarray(cifar10.std)
+  np.testing.assert_allclose(np.asarray(first['image']), expected, atol=1e-5)
+
+
+def test_eval_resize_method():
+  """ImageNet-sized eval images: bicubic (the authors' kNN) differs from bilinear, and
+  equals TF's own antialiased bicubic resize of the shorter side, centre-cropped."""
+  image = tf.constant(np.random.default_rng(3).integers(0, 256, (50, 70, 3)), tf.uint8)
+  bicubic = augment.resize_shorter_and_center_crop(image, 32, 28, method='bicubic').numpy()
+  bilinear = augment.resize_shorter_and_center_crop(image, 32, 28).numpy()
+  assert np.abs(bicubic - bilinear).mean() > 1e-3
+  resized = tf.image.resize(image, (32, 44), method='bicubic', antialias=True).numpy()
+  np.testing.assert_allclose(bicubic, np.clip(resized[2:30, 8:36] / 255.0, 0, 1), atol=1e-6)
+
+
 # ---------------------------------------------------------------------------
 # Real Fashion-MNIST (the Debian package dataset-fashion-mnist)
 

@@ -66,6 +66,8 @@ def define_flags() -> None:
   flags.DEFINE_bool('save_features', defaults.save_features, 'Also write the extracted '
                     'features and labels of each split to features_<split>.npz.')
   flags.DEFINE_integer('seed', defaults.seed, 'Seed of subsets, initialisations, shuffles.')
+  flags.DEFINE_string('dtype', defaults.dtype, "Compute dtype: float32 (the authors' "
+                      "evaluation), bfloat16, float16, or 'train' (the config's).")
   cli.define_multihost_flags()
 
 
@@ -86,7 +88,7 @@ def options_from_flags() -> run.Options:
       semi_encoder_lr=flags_.semi_encoder_lr, semi_head_lr=flags_.semi_head_lr,
       clustering_samples=flags_.clustering_samples,
       clustering_metric=flags_.clustering_metric, tsne=flags_.tsne,
-      save_features=flags_.save_features, seed=flags_.seed)
+      save_features=flags_.save_features, seed=flags_.seed, dtype=flags_.dtype)
   options.check()
   return options
 

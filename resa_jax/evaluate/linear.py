@@ -67,10 +67,11 @@ def _linear_logits(params, features):
   return jnp.matmul(features, params['kernel'], precision=HIGHEST) + params['bias']
 
 
-def _train_on_features(params, optimizer, x, y, shuffle_key, *, epochs: int,
-                       batch_size: int):
+def _train_on_features(params, optimizer, x, y, x_test, y_test, shuffle_key, *, epochs: int,
+                       batch_size: int, top: int):
   """One jit-compiled lax.scan over epochs of a scan over full batches of a fresh
-  permutation; returns (params, mean loss per epoch (epochs,))."""
+  permutation, the test set measured after every epoch (the authors validate every
+  epoch).  Returns (params, per epoch: mean loss, top-1 hits, top-`top` hits)."""
   num_train = x.shape[0]
   steps_per_epoch = num_train // batch_size
 
@@ -88,11 +89,12 @@ def _train_on_features(params, optimizer, x, y, shuffle_key, *, epochs: int,
     order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch_index), num_train)
     batches = order[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
     carry, step_losses = lax.scan(step, carry, batches)
-    return carry, step_losses.mean()
+    top1, topk = common.top_k_hits(_linear_logits(carry[0], x_test), y_test, top)
+    return carry, (step_losses.mean(), jnp.sum(top1), jnp.sum(topk))
 
-  (params, _), epoch_losses = lax.scan(epoch, (params, optimizer.init(params)),
-                                       jnp.arange(epochs))
-  return params, epoch_losses
+  (params, _), per_epoch = lax.scan(epoch, (params, optimizer.init(params)),
+                                    jnp.arange(epochs))
+  return params, per_epoch
 
 
 def linear_probe_features(
@@ -119,7 +121,9 @@ def linear_probe_features(
     seed: initialisation and shuffling.
 
   Returns:
-    {'top1': %, 'top5': %} on the test set (top-5 is top-C if C < 5).
+    `best_and_last` of the test accuracies (%) after every epoch: 'top1_last',
+    'top5_last', 'top1_best', 'top5_best', 'best_epoch', 'top1_by_epoch' (top-5 is
+    top-C if C < 5).
   """
   x = np.asarray(train_x, np.float32)
   y = common.check_labels(train_y, num_classes, 'train_y')
@@ -130,15 +134,27 @@ def linear_probe_features(
   init_key, shuffle_key = jax.random.split(jax.random.PRNGKey(seed))
   start = time.time()
   train = jax.jit(functools.partial(_train_on_features, optimizer=optimizer, epochs=epochs,
-                                    batch_size=batch_size))
-  params, epoch_losses = train(_torch_linear_init(init_key, dim, num_classes), x=jnp.asarray(x),
-                               y=jnp.asarray(y), shuffle_key=shuffle_key)
+                                    batch_size=batch_size, top=min(5, num_classes)))
+  _, (epoch_losses, top1, topk) = train(
+      _torch_linear_init(init_key, dim, num_classes), x=jnp.asarray(x), y=jnp.asarray(y),
+      x_test=jnp.asarray(test_x, jnp.float32), y_test=jnp.asarray(y_test),
+      shuffle_key=shuffle_key)
   logging.info('linear probe: %d epochs, final train loss %.4f, %.1f s', epochs,
                float(epoch_losses[-1]), time.time() - start)
-  hits = jax.jit(lambda p, f, l: common.top_k_hits(_linear_logits(p, f), l, min(5, num_classes)))
-  top1, topk = (np.asarray(h) for h in hits(params, jnp.asarray(test_x, jnp.float32),
-                                              jnp.asarray(y_test)))
-  return {'top1': 100.0 * float(top1.mean()), 'top5': 100.0 * float(topk.mean())}
+  return best_and_last(100.0 * np.asarray(top1) / len(y_test),
+                       100.0 * np.asarray(topk) / len(y_test))
+
+
+def best_and_last(top1_by_epoch, top5_by_epoch) -> dict:
+  """The result of a probe measured after every epoch, under separate names: the last
+  epoch's, and the best epoch's (by top-1; the first of equal ones), as the authors
+  report it."""
+  top1_by_epoch = [float(v) for v in top1_by_epoch]
+  top5_by_epoch = [float(v) for v in top5_by_epoch]
+  best = int(np.argmax(top1_by_epoch))
+  return {'top1_last': top1_by_epoch[-1], 'top5_last': top5_by_epoch[-1],
+          'top1_best': top1_by_epoch[best], 'top5_best': top5_by_epoch[best],
+          'best_epoch': best + 1, 'top1_by_epoch': top1_by_epoch}
 
 
 def epoch_lr_factor(schedule: str, epoch, epochs: int):
@@ -213,6 +229,7 @@ def _classifier_optimizer(*, head_lr, encoder_lr, schedule, steps_per_epoch, epo
 
 
 def _count_hits(eval_fn, params, batch_stats, frozen, eval_batches) -> tuple[int, int, int]:
+  """(top-1 hits, top-5 hits, examples) over one pass of `eval_batches`."""
   hits1 = hits5 = count = 0
   for batch in eval_batches:
     h1, h5, n = (int(sharding.to_numpy(v)) for v in eval_fn(
@@ -224,13 +241,16 @@ def _count_hits(eval_fn, params, batch_stats, frozen, eval_batches) -> tuple[int
 
 
 def _fit(step_fn, carry, frozen, batches, *, steps_per_epoch: int, epochs: int, label: str,
-         lr_note, schedule: str):
-  """Runs epochs x steps_per_epoch steps of `step_fn` with a progress line and a line per
-  epoch; returns (params, batch_stats, mean loss of the last epoch)."""
+         lr_note, schedule: str, measure):
+  """Runs epochs x steps_per_epoch steps of `step_fn` with a progress line, and after
+  every epoch `measure(params, batch_stats)` -> (top-1 %, top-5 %) and a line.
+
+  Returns (mean loss of the last epoch, [top-1 per epoch], [top-5 per epoch]).
+  """
   params, batch_stats, opt_state = carry
   total_steps = epochs * steps_per_epoch
   progress = reporting.Progress(f'{label} training', total_steps, 'steps', every_s=60.0)
-  epoch_losses, train_loss = [], math.nan
+  epoch_losses, train_loss, top1_by_epoch, top5_by_epoch = [], math.nan, [], []
   start = time.time()
   for step in range(total_steps):
     batch = next(batches, None)
@@ -245,9 +265,19 @@ def _fit(step_fn, carry, frozen, batches, *, steps_per_epoch: int, epochs: int, 
       train_loss = float(np.mean([sharding.to_numpy(l) for l in epoch_losses]))
       epoch_losses = []
       factor = float(epoch_lr_factor(schedule, epoch - 1, epochs))
+      top1, top5 = measure(params, batch_stats)
+      top1_by_epoch.append(top1)
+      top5_by_epoch.append(top5)
       reporting.say(f'{label}: epoch {epoch}/{epochs} loss {train_loss:.4f} '
-                    f'{lr_note(factor)}, {reporting.format_duration(time.time() - start)}')
-  return params, batch_stats, train_loss
+                    f'{lr_note(factor)}, top-1 {top1:.2f} top-5 {top5:.2f}, '
+                    f'{reporting.format_duration(time.time() - start)}')
+  return train_loss, top1_by_epoch, top5_by_epoch
+
+
+def _init_head(key, *, dim: int, num_classes: int) -> dict:
+  """The authors' linear head: weight N(0, 0.01^2), bias 0."""
+  return {'kernel': 0.01 * jax.random.normal(key, (dim, num_classes), jnp.float32),
+          'bias': jnp.zeros((num_classes,), jnp.float32)}
 
 
 def train_classifier(
@@ -280,12 +310,14 @@ def train_classifier(
   Args:
     model: an `evaluate.model.Model` (its `net` and encoder variables are used).
     train_batches: endless iterator of {'image': (B, H, W, C), 'label': (B,)}.
-    eval_batches: one pass of {'image', 'label', 'mask'} (the evaluation pipeline).
+    eval_batches: a function giving one pass of {'image', 'label', 'mask'} (the
+      evaluation pipeline); called after every epoch, as the authors validate.
     head_lr, encoder_lr: learning rates already scaled by batch / 256.
 
   Returns:
-    {'top1', 'top5' (%), 'train_loss' (mean of the last epoch), 'num_eval',
-    'steps', 'epochs'}.
+    `best_and_last` of the per-epoch accuracies ('top1_last', 'top5_last',
+    'top1_best', 'top5_best', 'best_epoch', 'top1_by_epoch'), 'train_loss' (mean of
+    the last epoch), 'num_eval', 'steps', 'epochs'.
   """
   finetune, net = encoder_lr is not None, model.net
   encoder_params = model.variables['params']['encoder']
@@ -299,29 +331,28 @@ def train_classifier(
       method='encode'), {'params': {'encoder': encoder_params},
                          'batch_stats': {'encoder': batch_stats}}).shape[-1]
   replicated = sharding.replicated_sharding(mesh)
-  init_head = lambda key: {
-      'kernel': 0.01 * jax.random.normal(key, (dim, num_classes), jnp.float32),
-      'bias': jnp.zeros((num_classes,), jnp.float32)}
-  params = {'head': jax.jit(init_head, out_shardings=replicated)(jax.random.key(seed))}
-  frozen = {}
-  if finetune:
-    params['encoder'] = encoder_params
-  else:
-    frozen = encoder_params
+  params = {'head': jax.jit(functools.partial(_init_head, dim=dim, num_classes=num_classes),
+                            out_shardings=replicated)(jax.random.key(seed))}
+  params, frozen = (({**params, 'encoder': encoder_params}, {}) if finetune
+                    else (params, encoder_params))
   tx = _classifier_optimizer(head_lr=head_lr, encoder_lr=encoder_lr, schedule=schedule,
                              steps_per_epoch=steps_per_epoch, epochs=epochs)
   opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
   step_fn, eval_fn = _classifier_functions(net, mesh, finetune=finetune,
                                            num_classes=num_classes, tx=tx)
 
-  total_steps = epochs * steps_per_epoch
-  params, batch_stats, train_loss = _fit(
+  counted = []
+
+  def measure(params, batch_stats):
+    hits1, hits5, count = _count_hits(eval_fn, params, batch_stats, frozen, eval_batches())
+    counted.append(count)
+    return 100.0 * hits1 / count, 100.0 * hits5 / count
+
+  train_loss, top1_by_epoch, top5_by_epoch = _fit(
       step_fn, (params, batch_stats, opt_state), frozen, itertools.chain([first], train_batches),
       steps_per_epoch=steps_per_epoch, epochs=epochs, label=label,
       lr_note=lambda factor: f'lr {head_lr * factor:.4g} (head)' + (
           f' {encoder_lr * factor:.4g} (encoder)' if finetune else ''),
-      schedule=schedule)
-  hits1, hits5, count = _count_hits(eval_fn, params, batch_stats, frozen, eval_batches)
-  return {'top1': 100.0 * hits1 / count, 'top5': 100.0 * hits5 / count,
-          'train_loss': train_loss, 'num_eval': count, 'steps': total_steps,
-          'epochs': epochs}
+      schedule=schedule, measure=measure)
+  return {**best_and_last(top1_by_epoch, top5_by_epoch), 'train_loss': train_loss,
+          'num_eval': counted[-1], 'steps': epochs * steps_per_epoch, 'epochs': epochs}

@@ -66,6 +66,14 @@ def _model_summary(config) -> str:
   return ', '.join(f'{k}={config[k]}' for k in MODEL_FIELDS)
 
 
+def _trained_field(workdir: pathlib.Path, name: str):
+  """A field of the training run's config.json, None if it has none."""
+  try:
+    return json.loads((workdir / 'config.json').read_text()).get(name)
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
 def _trained_config_note(workdir: pathlib.Path, config) -> str:
   """'; its config.json has width_per_group=8' when the training config differs."""
   path = workdir / 'config.json'
@@ -167,7 +175,8 @@ def _load_converted(config, path: pathlib.Path, net, mesh: Mesh, encoder: str,
                                  f'--config ({_model_summary(config)}): {mismatch}')
   variables = jax.tree.map(lambda x: sharding.place(np.asarray(x), mesh), selected)
   return variables, {'kind': 'converted', 'path': str(path), 'step': None, 'encoder': used,
-                     'origin': metadata.get('source')}
+                     'origin': metadata.get('source'),
+                     'train_batch_size': metadata.get('train_batch_size')}
 
 
 def load_model(config, checkpoint, mesh: Mesh, *, encoder: str = 'momentum',
@@ -210,4 +219,5 @@ def load_model(config, checkpoint, mesh: Mesh, *, encoder: str = 'momentum',
                             getattr(state, prefix + 'batch_stats'))
   return Model(net=net, variables=variables,
                source={'kind': 'workdir', 'path': str(path), 'step': restored_step,
-                       'encoder': encoder})
+                       'encoder': encoder,
+                       'train_batch_size': _trained_field(checkpoint_dir.parent, 'batch_size')})

@@ -68,6 +68,9 @@ class Options:
   tsne: bool = False
   save_features: bool = False
   seed: int = 0
+  # Compute dtype of the networks and inputs; 'float32' as the authors (no autocast),
+  # 'train': the config's own (e.g. bfloat16).
+  dtype: str = 'float32'
 
   def check(self) -> None:
     """EvaluationError (one line) on a bad combination; cheap, before any work."""
@@ -85,8 +88,17 @@ class Options:
                             '--semi_epochs positive')
     if not 0 < self.semi_fraction <= 1:
       raise common.EvaluationError(f'--semi_fraction must be in (0, 1], got {self.semi_fraction}')
+    if self.dtype not in ('float32', 'bfloat16', 'float16', 'train'):
+      raise common.EvaluationError("--dtype must be float32, bfloat16, float16 or 'train' (the "
+                                   f'training config\'s), got {self.dtype!r}')
     if self.clustering_samples < 3:
       raise common.EvaluationError('--clustering_samples must be at least 3')
+
+
+def _best_and_last(result: dict) -> str:
+  return (f'best top-1 {result["top1_best"]:.2f} top-5 {result["top5_best"]:.2f} (epoch '
+          f'{result["best_epoch"]}), last top-1 {result["top1_last"]:.2f} top-5 '
+          f'{result["top5_last"]:.2f}')
 
 
 class _Evaluation:
@@ -157,8 +169,7 @@ class _Evaluation:
     result = linear.linear_probe_features(
         train['encoding'], train_labels['label'], test['encoding'], test_labels['label'],
         self.info.num_classes, epochs=epochs, batch_size=batch_size, seed=options.seed)
-    reporting.say(f'linear probe (fixed features, {epochs} epochs): top-1 {result["top1"]:.2f} '
-         f'top-5 {result["top5"]:.2f}')
+    reporting.say(f'linear probe (fixed features, {epochs} epochs): {_best_and_last(result)}')
     return {'protocol': 'features', 'optimizer': 'adam', 'lr': 1e-2, 'final_lr': 1e-6,
             'weight_decay': 5e-6, 'epochs': epochs, 'batch_size': batch_size,
             'num_train': len(train_labels['label']), 'num_test': len(test_labels['label']),
@@ -170,8 +181,10 @@ class _Evaluation:
     options, config = self.options, self.config
     epochs = options.linear_epochs if options.linear_epochs > 0 else 100
     batch_size = options.linear_batch_size if options.linear_batch_size > 0 else 256
+    # The authors' default follows the batch the checkpoint was PRE-trained with.
+    pretrain_batch = self.model.source.get('train_batch_size')
     base_lr = (options.linear_lr if options.linear_lr > 0
-               else 40.0 if config.batch_size >= 1024 else 10.0)
+               else 40.0 if (pretrain_batch or config.batch_size) >= 1024 else 10.0)
     steps_per_epoch = self.info.num_eval_train_examples // batch_size
     if steps_per_epoch < 1:
       raise common.EvaluationError(f'{config.eval_train_split} has fewer examples than one batch of '
@@ -180,14 +193,16 @@ class _Evaluation:
         self.model, self.mesh,
         input_pipeline.create_linear_probe_train_iterator(config, self.mesh,
                                                           batch_size=batch_size),
-        self._eval_batches(), num_classes=self.info.num_classes,
+        self._eval_batches, num_classes=self.info.num_classes,
         steps_per_epoch=steps_per_epoch, epochs=epochs,
         head_lr=base_lr * batch_size / 256, schedule='step', seed=options.seed,
         label='linear probe')
-    reporting.say(f'linear probe (frozen encoder, {epochs} epochs): top-1 {result["top1"]:.2f} '
-         f'top-5 {result["top5"]:.2f}')
+    reporting.say(f'linear probe (frozen encoder, {epochs} epochs): {_best_and_last(result)}')
     return {'protocol': 'imagenet', 'optimizer': 'sgd', 'momentum': 0.9, 'weight_decay': 0.0,
             'base_lr': base_lr, 'batch_size': batch_size,
+            'pretrain_batch_size': pretrain_batch or config.batch_size,
+            'pretrain_batch_size_from': ('the checkpoint' if pretrain_batch
+                                         else '--config (the checkpoint does not say)'),
             'lr_milestones': [round(0.6 * epochs), round(0.8 * epochs)], **result}
 
   def semi(self) -> dict:
@@ -205,7 +220,7 @@ class _Evaluation:
            f'({100 * options.semi_fraction:g}% of {config.eval_train_split!r})')
       scale = options.semi_batch_size / 256
       result = linear.train_classifier(
-          self.model, self.mesh, batches, self._eval_batches(),
+          self.model, self.mesh, batches, self._eval_batches,
           num_classes=self.info.num_classes,
           steps_per_epoch=max(1, subset_size // options.semi_batch_size),
           epochs=options.semi_epochs, head_lr=options.semi_head_lr * scale,
@@ -214,8 +229,8 @@ class _Evaluation:
     finally:
       if cache_dir:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    reporting.say(f'semi-supervised ({100 * options.semi_fraction:g}% labels, {options.semi_epochs} '
-         f'epochs): top-1 {result["top1"]:.2f} top-5 {result["top5"]:.2f}')
+    reporting.say(f'semi-supervised ({100 * options.semi_fraction:g}% labels, '
+                  f'{options.semi_epochs} epochs): {_best_and_last(result)}')
     return {'fraction': options.semi_fraction, 'num_labelled': subset_size,
             'optimizer': 'sgd', 'momentum': 0.9, 'weight_decay': 0.0, 'schedule': 'cosine',
             'batch_size': options.semi_batch_size,
@@ -260,6 +275,9 @@ def run_evaluations(config, checkpoint, output, options: Options, mesh: Mesh | N
   options.check()
   evaluations = parse_evaluations(','.join(options.evaluations))
   validation.validate_config(config)
+  if options.dtype != 'train' and options.dtype != config.dtype:
+    config = config.copy_and_resolve_references()
+    config.dtype = options.dtype
   from resa_jax import datasets  # pylint: disable=g-import-not-at-top  (TensorFlow)
   mesh = sharding.create_mesh() if mesh is None else mesh
   info = datasets.dataset_info(config)
@@ -275,7 +293,7 @@ def run_evaluations(config, checkpoint, output, options: Options, mesh: Mesh | N
        + (f' (step {source["step"]})' if source['step'] is not None else ' (converted)')
        + f' on {config.dataset}, {mesh.size} device(s): {", ".join(evaluations)}')
   run = _Evaluation(config, mesh, model, info, options, output)
-  summary = {'checkpoint': source, 'dataset': config.dataset,
+  summary = {'checkpoint': source, 'dataset': config.dataset, 'dtype': config.dtype,
              'model': {k: config[k] for k in model_lib.MODEL_FIELDS}, 'devices': mesh.size,
              'platform': jax.devices()[0].platform, 'results': {}}
   for name in evaluations:

@@ -122,7 +122,7 @@ def create_subset_train_iterator(config, mesh: Mesh, fraction: float, *, batch_s
     view = augment.classifier_view(source.decode(record['image']),
                                    tf.random.experimental.stateless_fold_in(base_seed, counter),
                                    crop)
-    return {'image': tf.cast(augment.normalize(view, source.mean, source.std), dtype),
+    return {'image': tf.cast(augment.normalize(view, *source.eval_mean_std), dtype),
             'label': record['label']}
 
   ds = records.cache(cache_file)
