@@ -22,9 +22,13 @@ hue and grayscale are colour-only operations and are no-ops there (brightness,
 contrast, blur, solarisation and flips apply as usual).
 
 Differences from the PIL pipeline, on purpose: the ops run on float images (PIL
-rounds to uint8 after each op), and the blur is a separable Gaussian with a kernel of
-about 10% of the view's side (odd, at least 3) and reflect padding, as in
-SimCLR/BYOL, rather than PIL's box-filter approximation.
+rounds to uint8 after each op).  Not the blur: it is Pillow's own algorithm for the
+authors' `ImageFilter.GaussianBlur(radius=sigma)` (three box blurs per axis of a
+fractional radius from sigma, edge pixels extended, each pass rounded to uint8 levels;
+in float64, as float32 mis-rounds Pillow's frequent exact ties), equal to PIL's on uint8
+input (tests/test_augment.py).  It replaced SimCLR/BYOL's Gaussian of ~10% of the side,
+9 taps at 96 px, too short near sigma 2; the rounding is needed too: Pillow rounds a
+small-sigma pass back to the identity, a float box blur is ~1/255 off at sigma 0.1.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import dataclasses
 import math
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma).
@@ -241,34 +246,87 @@ def random_grayscale(image: tf.Tensor, seed, prob: float) -> tf.Tensor:
   return _maybe(seed, prob, lambda x: tf.tile(grayscale(x), [1, 1, 3]), image)
 
 
-def gaussian_blur(image: tf.Tensor, sigma, kernel_size: int) -> tf.Tensor:
-  """Separable Gaussian blur of an (H, W, C) image, reflect padding, odd kernel."""
-  radius = kernel_size // 2
-  x = tf.range(-radius, radius + 1, dtype=tf.float32)
-  kernel = tf.exp(-0.5 * tf.square(x / sigma))
-  kernel /= tf.reduce_sum(kernel)  # (k,)
-  channels = image.shape[-1]
-  padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]],
-                  mode='REFLECT')
-  vertical = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
-  horizontal = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
-  out = tf.nn.depthwise_conv2d(padded, vertical, [1, 1, 1, 1], 'VALID')
-  out = tf.nn.depthwise_conv2d(out, horizontal, [1, 1, 1, 1], 'VALID')
-  return out[0]
+# PIL's GaussianBlur is ImagingGaussianBlur in Pillow's src/libImaging/BoxBlur.c.
+_BLUR_PASSES = 3
+_BLUR_MAX_SIGMA = 2.0  # the authors' sigma ~ U[0.1, 2]
 
 
-def blur_kernel_size(size: int) -> int:
-  """About 10% of the view's side, odd, at least 3 (SimCLR/BYOL)."""
-  k = max(3, size // 10)
-  return k if k % 2 else k + 1
+def _box_radius(sigma, passes: int, floor, sqrt):
+  sigma2 = sigma * sigma / passes
+  l = floor((sqrt(12.0 * sigma2 + 1.0) - 1.0) / 2.0)  # integer part of the box radius
+  return l + (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (
+      6.0 * (sigma2 - (l + 1.0) * (l + 1.0)))
 
 
-def random_gaussian_blur(image, seed, prob: float, size: int,
-                         sigma_range=(0.1, 2.0)) -> tf.Tensor:
+def box_blur_radius(sigma, passes: int = _BLUR_PASSES):
+  """Pillow's `_gaussian_blur_radius`: the fractional radius of each of `passes` box
+  blurs whose composition has variance sigma^2 (a float for a Python number, else a
+  float32 tensor)."""
+  if isinstance(sigma, (int, float)):
+    return _box_radius(float(sigma), passes, math.floor, math.sqrt)
+  return _box_radius(tf.cast(sigma, tf.float32), passes, tf.floor, tf.sqrt)
+
+
+def box_blur_weights(radius: tf.Tensor, taps: int) -> tf.Tensor:
+  """The (2 * taps + 1,) float64 kernel of one of Pillow's box passes of fractional
+  radius `radius` (r = floor(radius) < taps) in Pillow's 24-bit fixed point: the 2r + 1
+  central pixels weigh ww = floor(2^24 / (2 radius + 1)), the next one on either side
+  floor((2^24 - (2r + 1) ww) / 2), all over 2^24."""
+  r = tf.floor(radius)
+  inner = tf.floor(2.0 ** 24 / (2.0 * radius + 1.0))  # float32, as Pillow's C
+  outer = tf.floor((2.0 ** 24 - (2.0 * r + 1.0) * inner) / 2.0)  # integers < 2^24: exact
+  k = tf.abs(tf.range(-taps, taps + 1, dtype=tf.float32))
+  weights = tf.where(k <= r, inner, tf.where(k <= r + 1.0, outer, 0.0))
+  return tf.cast(weights, tf.float64) / 2.0 ** 24
+
+
+def _box_pass(x: tf.Tensor, weights: tf.Tensor, axis: int) -> tf.Tensor:
+  """One box pass along `axis`, edge pixels extended, rounded as Pillow's
+  (bulk + 2^23) >> 24.  In float64, exact on integer levels (Pillow's sums < 2^32)."""
+  taps = (weights.shape[0] - 1) // 2
+  n = x.shape[axis]
+  padded = tf.gather(x, np.clip(np.arange(-taps, n + taps), 0, n - 1), axis=axis)
+  window = [slice(None)] * len(x.shape)
+  total = 0.0
+  for j in range(2 * taps + 1):
+    window[axis] = slice(j, j + n)
+    total += weights[j] * padded[tuple(window)]
+  return tf.floor(total + 0.5)
+
+
+def gaussian_blur(image: tf.Tensor, sigma, max_sigma: float = _BLUR_MAX_SIGMA,
+                  passes: int = _BLUR_PASSES) -> tf.Tensor:
+  """PIL's `ImageFilter.GaussianBlur(radius=sigma)` of an (H, W, C) float image in [0, 1].
+
+  As Pillow: the image rounded to uint8 levels, `passes` box blurs along W, then along
+  H, of radius box_blur_radius(sigma) (Gwosdek et al., SSVM 2011) with Pillow's weights,
+  edge pixels extended, each rounded to a level; the output (k / 255) is Pillow's
+  exactly.  `sigma` may be a traced scalar (one per image); the kernel has a static
+  2 * floor(box_blur_radius(max_sigma)) + 3 taps, so sigma <= max_sigma (checked).
+  """
+  taps = int(math.floor(box_blur_radius(float(max_sigma), passes))) + 1
+  if isinstance(sigma, (int, float)) and not 0.0 <= sigma <= max_sigma:
+    raise ValueError(f'sigma {sigma} outside [0, max_sigma={max_sigma}]')
+  sigma = tf.cast(sigma, tf.float32)  # the radius in float32, as Pillow's C
+  check = tf.debugging.assert_less_equal(sigma, tf.constant(max_sigma, tf.float32),
+                                         message='gaussian_blur: sigma above max_sigma')
+  with tf.control_dependencies([check]):
+    weights = box_blur_weights(box_blur_radius(sigma, passes), taps)
+  x = tf.round(tf.cast(image, tf.float64) * 255.0)
+  for axis in (1, 0):  # W first, as Pillow (the passes commute but for rounding)
+    for _ in range(passes):
+      x = _box_pass(x, weights, axis)
+  return tf.cast(x / 255.0, image.dtype)
+
+
+def random_gaussian_blur(image, seed, prob: float,
+                         sigma_range=(0.1, _BLUR_MAX_SIGMA)) -> tf.Tensor:
+  """`gaussian_blur` with sigma ~ U[sigma_range], with probability `prob`."""
   s_apply, s_sigma = split_seed(seed, 2)
-  sigma = _uniform(s_sigma, (), sigma_range[0], sigma_range[1])
+  # (the minimum guards against float32 rounding past the bound gaussian_blur checks)
+  sigma = tf.minimum(_uniform(s_sigma, (), sigma_range[0], sigma_range[1]), sigma_range[1])
   return _maybe(s_apply, prob,
-                lambda x: gaussian_blur(x, sigma, blur_kernel_size(size)), image)
+                lambda x: gaussian_blur(x, sigma, max_sigma=sigma_range[1]), image)
 
 
 def solarize(image: tf.Tensor) -> tf.Tensor:
@@ -292,7 +350,7 @@ def make_view(image: tf.Tensor, seed, spec: ViewSpec) -> tf.Tensor:
                 lambda x: color_jitter(x, s_jitter, spec.brightness, spec.contrast,
                                        spec.saturation, spec.hue), view)
   view = random_grayscale(view, s_gray, spec.grayscale_prob)
-  view = random_gaussian_blur(view, s_blur, spec.gaussian_prob, spec.size)
+  view = random_gaussian_blur(view, s_blur, spec.gaussian_prob)
   view = _maybe(s_solar, spec.solarization_prob, solarize, view)
   return random_flip(view, s_flip, spec.flip_prob)
 
