@@ -64,10 +64,15 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18Cifar(nn.Module):
-  """ResNet-18, CIFAR stem, no classifier: (N, 3, H, W) -> (N, 8 * width)."""
+  """ResNet-18, the authors' CIFAR stem, no classifier: (N, 3, H, W) -> (N, 8 * width).
+
+  As theirs (winci-ai/resa_cifar src/resnet.py + src/model.py): the ResNet's 1-pixel
+  zero pad stays in front of the swapped-in 3x3 stride-1 conv1 (32 -> 34 px).
+  """
 
   def __init__(self, width=64):
     super().__init__()
+    self.pad = nn.ConstantPad2d(1, 0.0)
     self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
     self.bn1 = nn.BatchNorm2d(width)
     self.relu = nn.ReLU(inplace=True)
@@ -85,7 +90,7 @@ class ResNet18Cifar(nn.Module):
         nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
 
   def forward(self, x):
-    x = self.relu(self.bn1(self.conv1(x)))
+    x = self.relu(self.bn1(self.conv1(self.pad(x))))
     x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
     return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
