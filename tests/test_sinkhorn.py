@@ -148,20 +148,19 @@ def _nearly_empty_row_scores(n=16):
 
 def test_bounded_shift_path_equals_max_shift_path_on_ordinary_scores():
   for shape, epsilon in [((16, 16), 0.05), ((24, 40), 0.1), ((64, 64), 0.01)]:
-    logits = jnp.asarray(_scores(shape, seed=10)) / epsilon
-    *potentials, safe = sk._bounded_shift_potentials(logits, 3, None)
+    scores = jnp.asarray(_scores(shape, seed=10))
+    fast, safe = sk._bounded_shift_assignment(scores / epsilon, 3, None)
     assert bool(safe), (shape, epsilon)
-    fast = sk._assignment(logits, *potentials)
     # Both are float32 renderings of the same iteration: compare each with float64.
     want = exp_domain_sinkhorn(_scores(shape, seed=10), epsilon, 3)
-    exact = np.asarray(sk._assignment(logits, *sk._max_shift_potentials(logits, 3, None)))
+    exact = np.asarray(sk._exact_assignment(scores, jnp.float32(epsilon), 3, None))
     np.testing.assert_allclose(np.asarray(fast), want, atol=5e-6)
     np.testing.assert_allclose(exact, want, atol=5e-6)
 
 
 def test_underflowing_sum_falls_back_to_exact_shifts():
   scores = _nearly_empty_row_scores()
-  *_, safe = sk._bounded_shift_potentials(jnp.asarray(scores) / 0.005, 3, None)
+  _, safe = sk._bounded_shift_assignment(jnp.asarray(scores) / 0.005, 3, None)
   assert not bool(safe), 'the case must exercise the fallback'
   got = np.asarray(jax.jit(lambda s: sk.sinkhorn(s, 0.005, 3))(jnp.asarray(scores)))
   want = exp_domain_sinkhorn(scores, 0.005, 3)  # float64 does not underflow here
@@ -180,3 +179,148 @@ def test_sharded_fallback_equals_single_device():
                               in_specs=P('data'), out_specs=P('data')))(scores)
   np.testing.assert_allclose(np.asarray(got), exp_domain_sinkhorn(np.asarray(scores), 0.005, 3),
                              atol=1e-5)
+
+
+def log_domain_sinkhorn(scores, epsilon, num_iters):
+  """The same iteration in float64 log domain (exact max shifts): an oracle where
+  exp(S / epsilon) overflows even float64."""
+  logits = np.asarray(scores, np.float64) / epsilon
+
+  def lse(x, axis):
+    shift = np.max(x, axis=axis, keepdims=True)
+    return np.squeeze(shift, axis) + np.log(np.exp(x - shift).sum(axis=axis))
+
+  row_potential = np.zeros(logits.shape[0])
+  for _ in range(num_iters):
+    col_potential = -lse(logits + row_potential[:, None], 0) - np.log(logits.shape[1])
+    row_potential = -lse(logits + col_potential[None, :], 1)
+  return np.exp(logits + col_potential[None, :] + row_potential[:, None])
+
+
+def _cosine_scores(rows, cols, seed, dim=16):
+  rng = np.random.default_rng(seed)
+  a, b = rng.normal(size=(rows, dim)), rng.normal(size=(cols, dim))
+  a /= np.linalg.norm(a, axis=1, keepdims=True)
+  b /= np.linalg.norm(b, axis=1, keepdims=True)
+  return (a @ b.T).astype(np.float32)
+
+
+@pytest.mark.parametrize('epsilon', [1e-10, 1e-20, 1e-30])
+@pytest.mark.parametrize('shape', [(16, 16), (12, 40), (40, 12), (64, 64)])
+def test_tiny_epsilon_on_cosine_scores_is_an_assignment(shape, epsilon):
+  """Issue 14: epsilon 1e-10 on cosine scores returned all NaN (or rows summing to
+  inf).  Now it is an assignment, eagerly, under jit and sharded."""
+  scores = jnp.asarray(_cosine_scores(*shape, seed=11))
+  devices = jax.devices()
+  mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
+  P = jax.sharding.PartitionSpec
+  sharded = jax.jit(jax.shard_map(lambda s: sk.sinkhorn(s, epsilon, 3, axis_name='data'),
+                                  mesh=mesh, in_specs=P('data'), out_specs=P('data')))
+  results = [sk.sinkhorn(scores, epsilon, 3),
+             jax.jit(lambda s: sk.sinkhorn(s, epsilon, 3))(scores),
+             sk.sinkhorn_with_tolerance(scores, epsilon, max_iters=10).assignment]
+  if shape[0] % len(devices) == 0:
+    results.append(sharded(scores))
+  for got in map(np.asarray, results):
+    assert np.all(np.isfinite(got)) and np.all(got >= 0)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_tiny_epsilon_equals_float64_oracle_where_it_is_finite():
+  # |S| / epsilon <= 600: exp() does not overflow float64, and float32 logits of
+  # that size are resolved to about 1e-4.
+  scores = _scores((24, 32), seed=12) * np.float32(6e-8)
+  want = exp_domain_sinkhorn(scores, 1e-10, 3)
+  assert np.all(np.isfinite(want))
+  for got in (sk.sinkhorn(jnp.asarray(scores), 1e-10, 3),
+              jax.jit(lambda s: sk.sinkhorn(s, 1e-10, 3))(jnp.asarray(scores))):
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-4)
+
+
+def test_tiny_epsilon_in_float64_equals_log_domain_oracle():
+  """Cosine scores at epsilon 1e-10 overflow every exp-domain oracle; float64
+  scores resolve the logits (1e10) to 1e-6, and the result is the exact one."""
+  scores = _cosine_scores(24, 32, seed=13).astype(np.float64)
+  with jax.enable_x64(True):
+    got = np.asarray(sk.sinkhorn(jnp.asarray(scores), 1e-10, 3))
+  want = log_domain_sinkhorn(scores, 1e-10, 3)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_allclose(log_domain_sinkhorn(scores, 0.05, 3),
+                             exp_domain_sinkhorn(scores, 0.05, 3), rtol=1e-12)  # the oracle
+
+
+@pytest.mark.parametrize('epsilon', [1e-2, 1e-3, 1e-4, 1e-5])
+def test_accuracy_is_that_of_float32_logits(epsilon):
+  """The docstring's accuracy: relative error about 1e-7 max|S| / epsilon."""
+  scores = _cosine_scores(128, 128, seed=14)
+  got = np.asarray(jax.jit(lambda s: sk.sinkhorn(s, epsilon, 3))(jnp.asarray(scores)))
+  want = log_domain_sinkhorn(scores, epsilon, 3)
+  np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-6)
+  large = want > 1e-3
+  assert np.max(np.abs(got - want)[large] / want[large]) < 5e-7 / epsilon
+
+
+def _with(scores, index, value):
+  scores = np.array(scores)
+  scores[index] = value
+  return jnp.asarray(scores)
+
+
+def _all_solvers(scores, num_iters=3):
+  devices = jax.devices()
+  mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
+  P = jax.sharding.PartitionSpec
+  results = {
+      'eager': sk.sinkhorn(scores, 0.05, num_iters),
+      'jit': jax.jit(lambda s: sk.sinkhorn(s, 0.05, num_iters))(scores),
+      'tolerance': sk.sinkhorn_with_tolerance(scores, 0.05).assignment,
+  }
+  if scores.shape[-2] % len(devices) == 0:
+    results['sharded'] = jax.jit(jax.shard_map(
+        lambda s: sk.sinkhorn(s, 0.05, num_iters, axis_name='data'), mesh=mesh,
+        in_specs=P('data'), out_specs=P('data')))(scores)
+  return {name: np.asarray(out) for name, out in results.items()}
+
+
+@pytest.mark.parametrize('index,value', [((3, 5), np.nan), ((3, 5), np.inf),
+                                         ((3, slice(None)), -np.inf),
+                                         ((slice(None), 5), -np.inf)],
+                         ids=['nan', '+inf', '-inf row', '-inf column'])
+@pytest.mark.parametrize('num_iters', [1, 3])
+def test_invalid_scores_give_all_nan(index, value, num_iters):
+  """NaN or +inf anywhere, or a row or column with no finite score: the whole
+  problem is NaN (on every device), not some rows."""
+  scores = _with(_scores((16, 24), seed=15), index, value)
+  for name, got in _all_solvers(scores, num_iters).items():
+    assert np.all(np.isnan(got)), name
+
+
+def test_invalid_scores_spoil_only_their_problem_or_row():
+  scores = np.stack([_scores((8, 8), seed=16), _scores((8, 8), seed=17)])
+  scores[1, 2, 3] = np.nan
+  got = np.asarray(sk.sinkhorn(jnp.asarray(scores), 0.05, 3))
+  assert np.all(np.isnan(got[1])) and not np.any(np.isnan(got[0]))
+  np.testing.assert_allclose(got[0], np.asarray(sk.sinkhorn(jnp.asarray(scores[0]), 0.05, 3)),
+                             atol=1e-6)
+  tol = np.asarray(sk.sinkhorn_with_tolerance(jnp.asarray(scores), 0.05).assignment)
+  assert np.all(np.isnan(tol[1])) and not np.any(np.isnan(tol[0]))
+  # num_iters = 0 is a softmax per row: only the NaN row is NaN.
+  rows = np.asarray(sk.sinkhorn(jnp.asarray(scores[1]), 0.05, 0))
+  assert np.all(np.isnan(rows[2])) and not np.any(np.isnan(np.delete(rows, 2, axis=0)))
+
+
+def test_minus_inf_scores_are_forbidden_pairs():
+  scores = _scores((16, 24), seed=18)
+  mask = np.random.default_rng(19).uniform(size=scores.shape) < 0.4
+  mask[np.arange(16), np.arange(16)] = False  # every row and column keeps a finite score
+  mask[np.arange(8), np.arange(16, 24)] = False
+  masked = np.where(mask, -np.inf, scores).astype(np.float32)
+  want = exp_domain_sinkhorn(masked, 0.05, 3)
+  for name, got in _all_solvers(jnp.asarray(masked)).items():
+    if name == 'tolerance':
+      got = np.asarray(sk.sinkhorn_with_tolerance(jnp.asarray(masked), 0.05, tol=0.0,
+                                                  max_iters=3).assignment)
+    assert np.all(got[mask] == 0), name
+    np.testing.assert_allclose(got, want, atol=2e-6, err_msg=name)
+  grad = jax.grad(lambda s: jnp.sum(jnp.sin(sk.sinkhorn(s, 0.05, 3))))(jnp.asarray(masked))
+  assert np.all(np.isfinite(np.asarray(grad)))
