@@ -68,6 +68,22 @@ Numerical choices
   computation runs in ``promote_types(scores.dtype, float32)``, so a float64 model
   can be checked against a float64 reference to float64 rounding.
 
+Domain
+------
+Checked before anything is computed, at trace time under ``jit`` (ValueError;
+TypeError for a wrong type):
+
+* ``scores``: real, of shape ``(..., b, B)`` with ``b, B >= 1``.
+* ``epsilon``: a scalar, finite and at least the smallest normal number of the
+  compute dtype (1.2e-38 in float32; accelerators flush smaller ones to 0).  A
+  traced epsilon (e.g. a ``jit`` argument) is only known at run time and, as in
+  ``jax.numpy`` and ott-jax, is not checked then: an invalid one makes the
+  assignment all NaN, which ``checkify.checkify(..., errors=checkify.nan_checks)``
+  or ``jax_debug_nans`` turn into an error.
+* ``num_iters``: a static Python int >= 0 (the iterations are unrolled; under
+  ``jit`` pass it with ``static_argnames`` or ``functools.partial``).
+* ``axis_name``: None, or an axis bound by the enclosing ``shard_map``.
+
 Non-finite scores
 -----------------
 A score of ``-inf`` forbids its pair: that entry of ``P`` is exactly 0 (a mask),
@@ -178,15 +194,15 @@ def sinkhorn(scores: jax.Array,
   """Soft self-assignment by `num_iters` Sinkhorn-Knopp iterations, log domain.
 
   Args:
-    scores: (..., b, B) similarities; rows are this device's samples, columns
-      the global targets.  Any float dtype; computed in float32 (float64 scores
-      in float64).
+    scores: (..., b, B) similarities, b, B >= 1; rows are this device's samples,
+      columns the global targets.  Any real dtype; computed in float32 (float64
+      scores in float64).
     epsilon: entropic regularisation (the softmax temperature of the scores),
-      > 0.  Any finite positive value gives a finite assignment whose rows sum
-      to 1; its accuracy is about 1e-7 max|S| / epsilon (module docstring).
-    num_iters: number of (column, row) normalisation pairs; ReSA uses 3.  With 0
-      the result is the row-wise softmax of scores / epsilon (no balancing; the
-      reference would return unnormalised rows there).
+      finite and > 0 (module docstring: Domain).  Any such value gives a finite
+      assignment whose rows sum to 1, accurate to about 1e-7 max|S| / epsilon.
+    num_iters: number of (column, row) normalisation pairs, a static int >= 0;
+      ReSA uses 3.  With 0 the result is the row-wise softmax of scores /
+      epsilon (no balancing; the reference would return unnormalised rows there).
     axis_name: mesh axis over which the rows are sharded (under shard_map).
 
   Returns:
@@ -194,9 +210,8 @@ def sinkhorn(scores: jax.Array,
     the reference iteration (module docstring) up to float32 (float64) rounding.
     All NaN for NaN or +inf scores; -inf scores get 0 (module docstring).
   """
-  if num_iters < 0:
-    raise ValueError(f'num_iters must be >= 0, got {num_iters}')
-  scores, epsilon = _compute_dtype(scores, epsilon)  # (..., b, B)
+  num_iters = _static_int('num_iters', num_iters, 0)
+  scores, epsilon = _checked_inputs(scores, epsilon, axis_name)  # (..., b, B)
   if num_iters == 0:  # a softmax of each row: rows are independent problems
     _, terms, row_sum = _row_terms(scores, epsilon)
     return jnp.where(_invalid(row_sum)[..., :, None], jnp.nan, terms / row_sum[..., :, None])
@@ -207,10 +222,68 @@ def sinkhorn(scores: jax.Array,
                       lambda: _exact_assignment(scores, epsilon, num_iters, axis_name))
 
 
-def _compute_dtype(scores, epsilon):
-  """(S, epsilon) in the compute dtype: float32, or float64 for float64 scores."""
+def _checked_inputs(scores, epsilon, axis_name):
+  """(S, epsilon) in the compute dtype (float32, or float64 for float64 scores),
+  after the checks of the module docstring's Domain section."""
+  scores = jnp.asarray(scores)
+  if scores.ndim < 2 or scores.size == 0:
+    raise ValueError(f'scores must have shape (..., b, B) with b, B >= 1 (and no empty batch '
+                     f'dimension), got shape {scores.shape}')
+  if jnp.issubdtype(scores.dtype, jnp.complexfloating):
+    raise TypeError(f'scores must be real, got dtype {scores.dtype}')
+  _check_axis_name(axis_name)
   dtype = jnp.promote_types(scores.dtype, jnp.float32)
-  return scores.astype(dtype), jnp.asarray(epsilon, dtype)
+  return scores.astype(dtype), _checked_epsilon(epsilon, dtype)
+
+
+def _checked_epsilon(epsilon, dtype):
+  """epsilon as a scalar of `dtype`; a ValueError unless it is finite and at least
+  the smallest normal number of `dtype` (accelerators flush subnormals to 0).  A
+  traced epsilon cannot be checked: an invalid one becomes NaN."""
+  finfo = jnp.finfo(dtype)
+  if isinstance(epsilon, jax.core.Tracer):
+    if jnp.ndim(epsilon) != 0:
+      raise ValueError(f'epsilon must be a scalar, got shape {jnp.shape(epsilon)}')
+    epsilon = jnp.asarray(epsilon, dtype)
+    return jnp.where((epsilon >= finfo.tiny) & (epsilon <= finfo.max), epsilon, jnp.nan)
+  try:
+    if isinstance(epsilon, (str, bytes, bool)) or getattr(epsilon, 'ndim', 0) != 0:
+      raise TypeError
+    value = float(epsilon)
+  except TypeError:
+    raise TypeError(f'epsilon must be a real scalar, got {epsilon!r}') from None
+  if not 0 < value < float('inf'):
+    raise ValueError(f'epsilon must be finite and > 0, got {value}')
+  if not float(finfo.tiny) <= value <= float(finfo.max):
+    raise ValueError(f'epsilon = {value:g} is outside the normal range of {dtype} '
+                     f'[{float(finfo.tiny):.3g}, {float(finfo.max):.3g}]')
+  return jnp.asarray(value, dtype)
+
+
+def _check_axis_name(axis_name):
+  if axis_name is None:
+    return
+  try:
+    jax.lax.axis_size(axis_name)
+  except (NameError, ValueError) as error:
+    raise ValueError(
+        f'axis_name={axis_name!r} is not bound here: call this inside jax.shard_map over '
+        f'a mesh whose axis {axis_name!r} shards the rows, e.g. jax.shard_map(lambda s: '
+        f'sinkhorn(s, axis_name={axis_name!r}), mesh=mesh, in_specs=P({axis_name!r}), '
+        f'out_specs=P({axis_name!r})); on one device pass axis_name=None') from error
+
+
+def _static_int(name, value, minimum):
+  """`value` as a Python int >= minimum; a clear error for traced or non-int values."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f'{name} must be a static Python int, got a traced value: under jax.jit '
+                    f'pass it via static_argnums / static_argnames, or bind it with '
+                    f'functools.partial')
+  if isinstance(value, bool) or not hasattr(value, '__index__'):
+    raise TypeError(f'{name} must be an int, got {value!r}')
+  if value.__index__() < minimum:
+    raise ValueError(f'{name} must be >= {minimum}, got {value}')
+  return value.__index__()
 
 
 def _log_num_cols(x):
@@ -326,10 +399,22 @@ def sinkhorn_with_tolerance(scores: jax.Array,
 
   Runs a `lax.while_loop` (jit- and vmap-able; forward-mode differentiable only).
 
+  Args:
+    scores, epsilon, axis_name: as for `sinkhorn`.
+    tol: the error to reach, >= 0 (0: run `max_iters` iterations).
+    max_iters: at most this many iterations, >= 1.
+    min_iters: at least this many, >= 0.  tol, max_iters and min_iters may be
+      traced; when they are not, they are checked (ValueError).
+
   Returns:
     SinkhornOutput(assignment (..., b, B), error (...), num_iters (...)).
   """
-  scores, epsilon = _compute_dtype(scores, epsilon)
+  for name, value, minimum in (('max_iters', max_iters, 1), ('min_iters', min_iters, 0)):
+    if not isinstance(value, jax.core.Tracer):
+      _static_int(name, value, minimum)
+  if not isinstance(tol, jax.core.Tracer) and not float(tol) >= 0:
+    raise ValueError(f'tol must be >= 0, got {tol}')
+  scores, epsilon = _checked_inputs(scores, epsilon, axis_name)
   eps_log_num_cols = epsilon * _log_num_cols(scores)
   num_rows = _global_rows(scores, axis_name)
   batch_shape = scores.shape[:-2]

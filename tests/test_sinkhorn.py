@@ -1,5 +1,7 @@
 """Properties of resa_jax.sinkhorn beyond the reference vectors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -324,3 +326,128 @@ def test_minus_inf_scores_are_forbidden_pairs():
     np.testing.assert_allclose(got, want, atol=2e-6, err_msg=name)
   grad = jax.grad(lambda s: jnp.sum(jnp.sin(sk.sinkhorn(s, 0.05, 3))))(jnp.asarray(masked))
   assert np.all(np.isfinite(np.asarray(grad)))
+
+
+@pytest.mark.parametrize('epsilon', [0.0, -0.05, float('nan'), float('inf'), -float('inf'),
+                                     np.float32(0), np.float64(-1e-3), jnp.float32(0.0)])
+@pytest.mark.parametrize('solver', ['sinkhorn', 'tolerance'])
+def test_static_epsilon_must_be_finite_and_positive(epsilon, solver):
+  """A negative epsilon used to solve a different problem silently, 0 and NaN
+  returned all NaN."""
+  scores = jnp.asarray(_scores((8, 8)))
+  fn = (lambda: sk.sinkhorn(scores, epsilon, 3)) if solver == 'sinkhorn' else (
+      lambda: sk.sinkhorn_with_tolerance(scores, epsilon))
+  with pytest.raises(ValueError, match='epsilon must be finite and > 0'):
+    fn()
+
+
+@pytest.mark.parametrize('epsilon', [1e-39, 1e39])
+def test_static_epsilon_must_be_a_normal_number_of_the_compute_dtype(epsilon):
+  with pytest.raises(ValueError, match='outside the normal range of float32'):
+    sk.sinkhorn(jnp.asarray(_scores((8, 8))), epsilon, 3)
+  with jax.enable_x64(True):  # a normal float64 is fine for float64 scores
+    got = sk.sinkhorn(jnp.asarray(_scores((8, 8)), jnp.float64), epsilon, 3)
+  assert np.all(np.isfinite(np.asarray(got)))
+
+
+@pytest.mark.parametrize('epsilon', ['0.05', True, np.ones(2), [0.05]])
+def test_epsilon_must_be_a_real_scalar(epsilon):
+  with pytest.raises(TypeError, match='epsilon must be a real scalar'):
+    sk.sinkhorn(jnp.asarray(_scores((8, 8))), epsilon, 3)
+
+
+def test_traced_epsilon_is_not_checked_and_invalid_gives_nan():
+  """As jax.numpy and ott-jax: a value seen only at run time is not checked; an
+  invalid one is NaN everywhere, which checkify or jax_debug_nans report."""
+  from jax.experimental import checkify
+  scores = jnp.asarray(_scores((8, 8)))
+  solve = jax.jit(lambda s, e: sk.sinkhorn(s, e, 3))
+  np.testing.assert_allclose(np.asarray(solve(scores, 0.05)),
+                             np.asarray(sk.sinkhorn(scores, 0.05, 3)), atol=1e-6)
+  solve_tol = jax.jit(lambda s, e: sk.sinkhorn_with_tolerance(s, e).assignment)
+  for bad in (0.0, -0.05, np.nan, np.inf, 1e-39):
+    assert np.all(np.isnan(np.asarray(solve(scores, bad)))), bad
+    assert np.all(np.isnan(np.asarray(solve_tol(scores, bad)))), bad
+  batched = jax.vmap(lambda e: sk.sinkhorn(scores, e, 3))(jnp.asarray([0.05, -1.0]))
+  assert not np.any(np.isnan(np.asarray(batched[0]))) and np.all(np.isnan(np.asarray(batched[1])))
+  err, _ = jax.jit(checkify.checkify(lambda s, e: sk.sinkhorn(s, e, 3),
+                                     errors=checkify.nan_checks))(scores, -0.05)
+  assert err.get() is not None and 'nan generated' in err.get()
+  with pytest.raises(ValueError, match='epsilon must be a scalar'):
+    jax.jit(lambda s, e: sk.sinkhorn(s, e, 3))(scores, jnp.ones(2))
+
+
+@pytest.mark.parametrize('shape', [(), (8,), (0, 8), (8, 0), (0, 8, 8)])
+@pytest.mark.parametrize('solver', ['sinkhorn', 'tolerance'])
+def test_scores_must_be_non_empty_matrices(shape, solver):
+  scores = jnp.ones(shape)
+  fn = sk.sinkhorn if solver == 'sinkhorn' else sk.sinkhorn_with_tolerance
+  with pytest.raises(ValueError, match=r'scores must have shape \(\.\.\., b, B\) with b, B >= 1'):
+    fn(scores, 0.05)
+
+
+def test_scores_must_be_real():
+  with pytest.raises(TypeError, match='scores must be real'):
+    sk.sinkhorn(jnp.ones((4, 4), jnp.complex64), 0.05, 3)
+  # Integer scores (and nested lists) are fine: computed in float32.
+  np.testing.assert_allclose(np.asarray(sk.sinkhorn([[1, 0], [0, 1]], 0.5, 3)),
+                             exp_domain_sinkhorn(np.eye(2), 0.5, 3), atol=1e-6)
+
+
+@pytest.mark.parametrize('num_iters,error,message', [
+    (-1, ValueError, 'num_iters must be >= 0, got -1'),
+    (2.0, TypeError, 'num_iters must be an int, got 2.0'),
+    (True, TypeError, 'num_iters must be an int, got True'),
+])
+def test_num_iters_must_be_an_int_at_least_zero(num_iters, error, message):
+  with pytest.raises(error, match=message):
+    sk.sinkhorn(jnp.asarray(_scores((4, 4))), 0.05, num_iters)
+
+
+def test_traced_num_iters_names_the_fix():
+  scores = jnp.asarray(_scores((4, 4)))
+  with pytest.raises(TypeError, match='num_iters must be a static Python int.*static_argnums / '
+                     'static_argnames, or bind it with functools.partial'):
+    jax.jit(sk.sinkhorn)(scores, 0.05, 3)
+  # The fixes the message names work, and NumPy ints are ints.
+  want = np.asarray(sk.sinkhorn(scores, 0.05, 3))
+  for got in (jax.jit(sk.sinkhorn, static_argnames='num_iters')(scores, 0.05, num_iters=3),
+              jax.jit(functools.partial(sk.sinkhorn, num_iters=3))(scores, 0.05),
+              sk.sinkhorn(scores, 0.05, np.int64(3))):
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+
+
+@pytest.mark.parametrize('solver', ['sinkhorn', 'tolerance'])
+def test_unbound_axis_name_names_the_axis_and_the_fix(solver):
+  devices = jax.devices()
+  mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
+  P = jax.sharding.PartitionSpec
+  scores = jnp.asarray(_scores((2 * len(devices), 8)))
+
+  def call(s, axis_name):
+    if solver == 'sinkhorn':
+      return sk.sinkhorn(s, 0.05, 3, axis_name=axis_name)
+    return sk.sinkhorn_with_tolerance(s, 0.05, axis_name=axis_name).assignment
+
+  message = (r"axis_name='batch' is not bound here: call this inside jax.shard_map over a mesh "
+             r"whose axis 'batch' shards the rows, e\.g\. jax\.shard_map\(.*in_specs=P\('batch'\)"
+             r".*on one device pass axis_name=None")
+  with pytest.raises(ValueError, match=message):  # jax itself raised a bare AssertionError
+    jax.jit(jax.shard_map(lambda s: call(s, 'batch'), mesh=mesh, in_specs=P('data'),
+                          out_specs=P('data')))(scores)
+  with pytest.raises(ValueError, match=message):  # outside shard_map
+    call(scores, 'batch')
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(tol=-1e-3), 'tol must be >= 0'), (dict(tol=float('nan')), 'tol must be >= 0'),
+    (dict(max_iters=0), 'max_iters must be >= 1'), (dict(min_iters=-1), 'min_iters must be >= 0'),
+])
+def test_tolerance_arguments_are_checked_when_static(kwargs, message):
+  scores = jnp.asarray(_scores((8, 8)))
+  with pytest.raises(ValueError, match=message):
+    sk.sinkhorn_with_tolerance(scores, 0.05, **kwargs)
+  # They may be traced.
+  out = jax.jit(lambda s, t, n: sk.sinkhorn_with_tolerance(s, 0.05, tol=t, max_iters=n))(
+      scores, 1e-3, 5000)
+  assert float(out.error) <= 1e-3
