@@ -132,10 +132,13 @@ class SinkhornOutput(NamedTuple):
       ``assignment / N`` and the uniform ``1 / B`` (0 at convergence), measured
       before the final row normalisation.
     num_iters: (...) int32, iterations performed.
+    converged: (...) bool, ``error <= tol``: False when ``max_iters`` ran out
+      first, and for an all-NaN (invalid) problem.
   """
   assignment: jax.Array
   error: jax.Array
   num_iters: jax.Array
+  converged: jax.Array
 
 
 def _shifted_sum(x, axis, axis_name=None, shift=None, epsilon=None):
@@ -407,7 +410,8 @@ def sinkhorn_with_tolerance(scores: jax.Array,
       traced; when they are not, they are checked (ValueError).
 
   Returns:
-    SinkhornOutput(assignment (..., b, B), error (...), num_iters (...)).
+    SinkhornOutput(assignment (..., b, B), error (...), num_iters (...),
+    converged (...)).
   """
   for name, value, minimum in (('max_iters', max_iters, 1), ('min_iters', min_iters, 0)):
     if not isinstance(value, jax.core.Tracer):
@@ -448,4 +452,4 @@ def sinkhorn_with_tolerance(scores: jax.Array,
   assignment = terms / row_sum[..., :, None]
   # A NaN error means a NaN or infinite potential somewhere (module docstring).
   assignment = jnp.where(jnp.isnan(error)[..., None, None], jnp.nan, assignment)
-  return SinkhornOutput(assignment, error, jnp.broadcast_to(iters, batch_shape))
+  return SinkhornOutput(assignment, error, jnp.broadcast_to(iters, batch_shape), error <= tol)

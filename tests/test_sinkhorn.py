@@ -133,7 +133,7 @@ def test_sharded_rows_equal_single_device():
   np.testing.assert_allclose(np.asarray(got), np.asarray(sk.sinkhorn(scores, 0.05, 3)), atol=1e-6)
   tol_out = jax.jit(jax.shard_map(
       lambda s: sk.sinkhorn_with_tolerance(s, 0.05, tol=1e-3, axis_name='data'),
-      mesh=mesh, in_specs=P('data'), out_specs=sk.SinkhornOutput(P('data'), P(), P())))(scores)
+      mesh=mesh, in_specs=P('data'), out_specs=sk.SinkhornOutput(P('data'), P(), P(), P())))(scores)
   single = sk.sinkhorn_with_tolerance(scores, 0.05, tol=1e-3)
   assert int(tol_out.num_iters) == int(single.num_iters)
   np.testing.assert_allclose(np.asarray(tol_out.assignment), np.asarray(single.assignment),
@@ -451,3 +451,21 @@ def test_tolerance_arguments_are_checked_when_static(kwargs, message):
   out = jax.jit(lambda s, t, n: sk.sinkhorn_with_tolerance(s, 0.05, tol=t, max_iters=n))(
       scores, 1e-3, 5000)
   assert float(out.error) <= 1e-3
+
+
+def test_tolerance_mode_says_whether_it_converged():
+  scores = jnp.asarray(_scores((32, 48), seed=20))
+  solve = jax.jit(lambda s, n: sk.sinkhorn_with_tolerance(s, 0.05, tol=1e-4, max_iters=n))
+  done = solve(scores, 500)
+  assert done.converged.dtype == jnp.bool_ and bool(done.converged)
+  assert float(done.error) <= 1e-4 and int(done.num_iters) < 500
+  capped = solve(scores, 3)
+  assert not bool(capped.converged) and int(capped.num_iters) == 3 and float(capped.error) > 1e-4
+  # Per problem of a batch: one converges within the cap, the other does not.
+  easy = np.full((32, 48), 0.5, np.float32)  # uniform: exact after one iteration
+  batch = sk.sinkhorn_with_tolerance(jnp.stack([jnp.asarray(easy), scores]), 0.05, tol=1e-4,
+                                     max_iters=3)
+  np.testing.assert_array_equal(np.asarray(batch.converged), [True, False])
+  # An invalid (all-NaN) problem has not converged.
+  invalid = sk.sinkhorn_with_tolerance(_with(scores, (0, 0), np.nan), 0.05)
+  assert not bool(invalid.converged) and np.isnan(float(invalid.error))
