@@ -218,10 +218,11 @@ def sinkhorn(scores: jax.Array,
   if num_iters == 0:  # a softmax of each row: rows are independent problems
     _, terms, row_sum = _row_terms(scores, epsilon)
     return jnp.where(_invalid(row_sum)[..., :, None], jnp.nan, terms / row_sum[..., :, None])
-  fast, safe = _bounded_shift_assignment(scores / epsilon, num_iters, axis_name)
+  terms, row_sum, safe = _bounded_shift_terms(scores / epsilon, num_iters, axis_name)
   # `safe` is one scalar for the whole call (and, under shard_map, for all
-  # devices), so every device takes the same branch.
-  return jax.lax.cond(safe, lambda: fast,
+  # devices), so every device takes the same branch.  The last division runs
+  # inside the branch, which then writes the result itself (no copy).
+  return jax.lax.cond(safe, lambda: terms / row_sum[..., :, None],
                       lambda: _exact_assignment(scores, epsilon, num_iters, axis_name))
 
 
@@ -301,7 +302,7 @@ _MAX_ABS_LOG_SUM = 69.0  # -log(1e-30)
 _MAX_ABS_POTENTIAL = 2.0 ** 20
 
 
-def _bounded_shift_assignment(logits, num_iters, axis_name):
+def _bounded_shift_terms(logits, num_iters, axis_name):
   """The fixed-iteration Sinkhorn with one pass over (b, B) per normalisation.
 
   A logsumexp needs a shift c >= max(x) so that exp(x - c) <= 1.  Instead of a
@@ -319,7 +320,8 @@ def _bounded_shift_assignment(logits, num_iters, axis_name):
   [1e-30, 1e30] or a final potential above 2**20 in magnitude (NaN included).
 
   Returns:
-    (assignment (..., b, B), safe: a bool scalar, the same on every device).
+    (terms (..., b, B) and their row sums (..., b) of the last row step, the
+    assignment being terms / sums; safe: a bool scalar, the same on every device).
   """
   log_num_cols = _log_num_cols(logits)
   log_sums = []  # log of every sum, for `safe`
@@ -346,7 +348,7 @@ def _bounded_shift_assignment(logits, num_iters, axis_name):
   unsafe = (jnp.max(checked) > 1).astype(jnp.int32)
   if axis_name is not None:
     unsafe = jax.lax.psum(unsafe, axis_name)
-  return terms / row_sum[..., :, None], unsafe == 0
+  return terms, row_sum, unsafe == 0
 
 
 def _exact_assignment(scores, epsilon, num_iters, axis_name):

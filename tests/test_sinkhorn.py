@@ -151,8 +151,9 @@ def _nearly_empty_row_scores(n=16):
 def test_bounded_shift_path_equals_max_shift_path_on_ordinary_scores():
   for shape, epsilon in [((16, 16), 0.05), ((24, 40), 0.1), ((64, 64), 0.01)]:
     scores = jnp.asarray(_scores(shape, seed=10))
-    fast, safe = sk._bounded_shift_assignment(scores / epsilon, 3, None)
+    terms, row_sum, safe = sk._bounded_shift_terms(scores / epsilon, 3, None)
     assert bool(safe), (shape, epsilon)
+    fast = terms / row_sum[:, None]
     # Both are float32 renderings of the same iteration: compare each with float64.
     want = exp_domain_sinkhorn(_scores(shape, seed=10), epsilon, 3)
     exact = np.asarray(sk._exact_assignment(scores, jnp.float32(epsilon), 3, None))
@@ -162,7 +163,7 @@ def test_bounded_shift_path_equals_max_shift_path_on_ordinary_scores():
 
 def test_underflowing_sum_falls_back_to_exact_shifts():
   scores = _nearly_empty_row_scores()
-  _, safe = sk._bounded_shift_assignment(jnp.asarray(scores) / 0.005, 3, None)
+  *_, safe = sk._bounded_shift_terms(jnp.asarray(scores) / 0.005, 3, None)
   assert not bool(safe), 'the case must exercise the fallback'
   got = np.asarray(jax.jit(lambda s: sk.sinkhorn(s, 0.005, 3))(jnp.asarray(scores)))
   want = exp_domain_sinkhorn(scores, 0.005, 3)  # float64 does not underflow here
