@@ -42,18 +42,18 @@ Numerical choices
   ``1 / B``), so ``num_iters`` iterations read the matrix ``2 * num_iters + 2``
   times (one extra max pass at the start, one write at the end) instead of
   ``4 * num_iters + 1`` times, and write only vectors in between.
-* An exact path for the rest.  A bound can leave a nearly empty row or column
-  with a sum that underflows, and a large ``|L|`` is a coarse one: 1 ulp of
-  ``|L| = 1e10`` (epsilon 1e-10 on cosine scores) is 1e3, so two kernels that
-  round ``S / epsilon`` differently (XLA recomputes it per kernel, possibly as
-  an FMA) turn every ``exp`` into 0 or inf.  If any sum leaves [1e-30, 1e30] or a
-  potential exceeds 2**20 in magnitude (a tiny epsilon, extreme or non-finite
-  scores) the call recomputes inside a ``lax.cond`` (so only then does it cost
-  more; under ``vmap`` a cond runs both branches), in score units: potentials
-  ``F = epsilon f``, ``G = epsilon g`` and terms
-  ``exp((S + F + G - max) / epsilon)``, every logsumexp shifted by its exact max
-  and divided by epsilon only after the shift, so the division rounds a number
-  that is 0 at the max, whatever epsilon is.
+* An exact path for the rest, inside a ``lax.cond`` (so only then does it cost
+  more; under ``vmap`` a cond runs both branches).  A bound can leave a nearly
+  empty row or column with a sum that underflows, and a large ``L`` is a coarse
+  number: XLA recomputes ``S / epsilon`` in each kernel and may round it
+  differently there (a multiply by the reciprocal, fused into an FMA or not),
+  by 1 ulp, which at ``|L| = 1e10`` (epsilon 1e-10 on cosine scores) is 1e3 and
+  turns every ``exp`` into 0 or inf.  So if any sum leaves [1e-30, 1e30] or a
+  potential exceeds 2**20 (tiny epsilon, extreme or non-finite scores), the call
+  recomputes in score units: potentials ``F = epsilon f``, ``G = epsilon g`` and
+  terms ``exp((S + F + G - max) / epsilon)``, every shift the exact max.  Dividing
+  by epsilon after the shift rounds a number that is 0 at the max, whatever
+  epsilon is.
 * Rows sum to 1 to float32 rounding for any epsilon: the last step divides the
   very terms of each row (one array) by their sum.
 * Accuracy is that of float32 logits: entries carry a relative error of about
@@ -75,7 +75,7 @@ TypeError for a wrong type):
 
 * ``scores``: real, of shape ``(..., b, B)`` with ``b, B >= 1``.
 * ``epsilon``: a scalar, finite and at least the smallest normal number of the
-  compute dtype (1.2e-38 in float32; accelerators flush smaller ones to 0).  A
+  compute dtype (1.2e-38 in float32; XLA flushes smaller ones to 0).  A
   traced epsilon (e.g. a ``jit`` argument) is only known at run time and, as in
   ``jax.numpy`` and ott-jax, is not checked then: an invalid one makes the
   assignment all NaN, which ``checkify.checkify(..., errors=checkify.nan_checks)``
@@ -209,9 +209,9 @@ def sinkhorn(scores: jax.Array,
     axis_name: mesh axis over which the rows are sharded (under shard_map).
 
   Returns:
-    (..., b, B) float32 (float64) assignment; every row sums to 1.  Identical to
-    the reference iteration (module docstring) up to float32 (float64) rounding.
-    All NaN for NaN or +inf scores; -inf scores get 0 (module docstring).
+    (..., b, B) float32 (float64) assignment; every row sums to 1.  The
+    reference iteration (module docstring) up to the float32 (float64) rounding
+    of S / epsilon.  All NaN for NaN or +inf scores; -inf scores get 0.
   """
   num_iters = _static_int('num_iters', num_iters, 0)
   scores, epsilon = _checked_inputs(scores, epsilon, axis_name)  # (..., b, B)
@@ -242,7 +242,7 @@ def _checked_inputs(scores, epsilon, axis_name):
 
 def _checked_epsilon(epsilon, dtype):
   """epsilon as a scalar of `dtype`; a ValueError unless it is finite and at least
-  the smallest normal number of `dtype` (accelerators flush subnormals to 0).  A
+  the smallest normal number of `dtype` (XLA flushes subnormals to 0).  A
   traced epsilon cannot be checked: an invalid one becomes NaN."""
   finfo = jnp.finfo(dtype)
   if isinstance(epsilon, jax.core.Tracer):
