@@ -399,8 +399,9 @@ def sinkhorn_with_tolerance(scores: jax.Array,
   Same iteration as `sinkhorn`; stops after the first iteration (at least
   `min_iters`) whose column marginals are within `tol` (L1 distance of the column
   sums of P / N to the uniform 1 / B), or after `max_iters`.  Under shard_map the
-  error is global, so all devices run the same number of iterations.  Computed
-  as the exact path of `sinkhorn` (score units, exact max shifts).
+  error is global, so all devices run the same number of iterations.  Every
+  logsumexp is shifted by its exact max, on L = S / epsilon, so a logit that
+  overflows float32 (|S| > 4 at the smallest epsilon) counts as an infinite score.
 
   Runs a `lax.while_loop` (jit- and vmap-able; forward-mode differentiable only).
 
@@ -421,23 +422,28 @@ def sinkhorn_with_tolerance(scores: jax.Array,
   if not isinstance(tol, jax.core.Tracer) and not float(tol) >= 0:
     raise ValueError(f'tol must be >= 0, got {tol}')
   scores, epsilon = _checked_inputs(scores, epsilon, axis_name)
-  eps_log_num_cols = epsilon * _log_num_cols(scores)
-  num_rows = _global_rows(scores, axis_name)
-  batch_shape = scores.shape[:-2]
+  # The loop body reads L from one stored copy (a while_loop operand), so every
+  # pass sees bitwise the same logits, and every shift is an exact max: no
+  # score units needed (module docstring, exact path).
+  logits = scores / epsilon
+  log_num_cols = _log_num_cols(logits)
+  num_rows = _global_rows(logits, axis_name)
+  batch_shape = logits.shape[:-2]
+
+  def log_sum(x, axis):
+    shift, sums = _shifted_sum(x, axis, axis_name)
+    return jnp.log(sums) + shift
 
   def marginal_error(row_potential, col_potential):
     # After a row step rows are exact; measure how far the columns are.
-    shift, sums = _shifted_sum(scores + row_potential[..., :, None] + col_potential[..., None, :],
-                               -2, axis_name, epsilon=epsilon)
-    col_mass = jnp.exp(jnp.log(sums) + shift / epsilon) / num_rows  # (..., B)
-    return jnp.sum(jnp.abs(col_mass - 1.0 / scores.shape[-1]), axis=-1)
+    log_p = logits + row_potential[..., :, None] + col_potential[..., None, :]
+    col_mass = jnp.exp(log_sum(log_p, -2)) / num_rows  # (..., B)
+    return jnp.sum(jnp.abs(col_mass - 1.0 / logits.shape[-1]), axis=-1)
 
   def body(carry):
     row_potential, _, _, it = carry
-    col_potential = -_log_sum(*_shifted_sum(scores + row_potential[..., :, None], -2, axis_name,
-                                            epsilon=epsilon), epsilon) - eps_log_num_cols
-    row_potential = -_log_sum(*_shifted_sum(scores + col_potential[..., None, :], -1,
-                                            epsilon=epsilon), epsilon)
+    col_potential = -log_sum(logits + row_potential[..., :, None], -2) - log_num_cols
+    row_potential = -log_sum(logits + col_potential[..., None, :], -1)
     return row_potential, col_potential, marginal_error(row_potential, col_potential), it + 1
 
   def cond(carry):
@@ -445,12 +451,12 @@ def sinkhorn_with_tolerance(scores: jax.Array,
     return (it < max_iters) & ((it < min_iters) | jnp.any(err > tol))
 
   # zeros_like keeps the row potential 'varying' over axis_name under shard_map.
-  init = (jnp.zeros_like(scores[..., 0]),
-          jnp.zeros(batch_shape + scores.shape[-1:], scores.dtype),
-          jnp.full(batch_shape, jnp.inf, scores.dtype),
+  init = (jnp.zeros_like(logits[..., 0]),
+          jnp.zeros(batch_shape + logits.shape[-1:], logits.dtype),
+          jnp.full(batch_shape, jnp.inf, logits.dtype),
           jnp.zeros((), jnp.int32))
   row_potential, col_potential, error, iters = jax.lax.while_loop(cond, body, init)
-  _, terms, row_sum = _row_terms(scores + col_potential[..., None, :], epsilon)
+  _, terms, row_sum = _row_terms(logits + col_potential[..., None, :])
   assignment = terms / row_sum[..., :, None]
   # A NaN error means a NaN or infinite potential somewhere (module docstring).
   assignment = jnp.where(jnp.isnan(error)[..., None, None], jnp.nan, assignment)
