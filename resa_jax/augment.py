@@ -99,7 +99,6 @@ def view_specs(config) -> list[ViewSpec]:
 # ---------------------------------------------------------------------------
 # Randomness helpers
 
-
 def split_seed(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
   """`num` independent (2,) seeds from one (2,) seed."""
   return tf.unstack(tf.random.experimental.stateless_split(seed, num))
