@@ -128,6 +128,8 @@ def _torch_module_name(flax_path: tuple[str, ...]) -> str:
       parts.append(str(3 * int(m.group(1))))
     elif m := re.fullmatch(r'(blocks|proj)_(\d+)', name):  # ViT: ModuleList / stem Sequential
       parts += [m.group(1), m.group(2)]
+    elif m := re.fullmatch(r'seq_(\d+)', name):  # ViT heads: the Sequential index itself
+      parts.append(m.group(1))
     else:
       parts.append(name)
   return '.'.join(parts)

@@ -153,3 +153,67 @@ def test_misfits_are_one_line_errors(converted):
     with pytest.raises(convert.ConversionError) as info:
       convert.convert_encoder(sd, encoder)
     assert '\n' not in str(info.value), (name, case)
+
+
+def _torch_heads(dim, mlp_dim, emb_dim):
+  """The authors' ViT heads (src/model.py, is_vit): projector and predictor Sequentials."""
+  import torch
+  from torch import nn
+  torch.manual_seed(0)
+  projector = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, mlp_dim),
+                            nn.GELU(), nn.Linear(mlp_dim, emb_dim))
+  predictor = nn.Sequential(nn.LayerNorm(emb_dim, eps=1e-6), nn.Linear(emb_dim, mlp_dim),
+                            nn.GELU(), nn.Linear(mlp_dim, emb_dim))
+  with torch.no_grad():  # non-trivial LayerNorm affine parameters
+    predictor[0].weight.normal_(1.0, 0.2)
+    predictor[0].bias.normal_(0.0, 0.2)
+  return projector, predictor
+
+
+def test_full_checkpoint_with_vit_heads(converted, vectors):
+  import ml_collections
+  import torch
+  from configs import default
+  from resa_jax import models
+  name, (encoder, enc_vars, _, state_dict) = next(iter(converted.items()))
+  mlp_dim, emb_dim = 64, 32
+  projector, predictor = _torch_heads(encoder.embed_dim, mlp_dim, emb_dim)
+  full = {}
+  for sub in ('encoder', 'momentum_encoder'):
+    full.update({f'module.{sub}.{k}': v for k, v in state_dict.items()})
+  for sub, module in (('projector', projector), ('momentum_projector', projector),
+                      ('predictor', predictor)):
+    full.update({f'module.{sub}.{k}': v.detach().numpy() for k, v in module.state_dict().items()})
+  config = default.get_config()
+  config.update(ml_collections.ConfigDict(dict(arch=name, mlp_layers=3, mlp_dim=mlp_dim,
+                                               emb_dim=emb_dim, predictor=True,
+                                               dtype='float32')))
+  online, momentum = models.create_networks(config)
+  variables = convert.convert_state_dict(full, online, momentum)
+  jax.tree.map(np.testing.assert_array_equal, variables['params']['encoder'], enc_vars['params'])
+  h, z = jax.jit(lambda v, x: online.apply(v, x, train=False))(
+      {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})},
+      _nhwc(vectors['images']))
+  np.testing.assert_allclose(np.asarray(h), vectors[f'eval_features_{name}'], rtol=0, atol=ATOL)
+  with torch.no_grad():
+    want = predictor(projector(torch.from_numpy(np.array(h)))).numpy()
+  np.testing.assert_allclose(np.asarray(z), want, rtol=0, atol=ATOL)
+
+
+def test_vit_heads_init_as_theirs():
+  """Xavier-uniform Linear weights (bound sqrt(6 / (fan_in + fan_out))), zero biases, no BN."""
+  from resa_jax import models
+  net = models.SSLNetwork(encoder=vit.create_vit('vit_tiny'), mlp_dim=64, emb_dim=32,
+                          use_predictor=True, vit_heads=True)
+  x = jnp.zeros((1, 32, 32, 3))
+  variables = jax.jit(lambda: net.init(jax.random.key(0), x, train=False))()
+  assert 'batch_stats' not in variables
+  for part in ('projector', 'predictor'):
+    for name, layer in variables['params'][part].items():
+      if layer['bias'].ndim and 'kernel' in layer:
+        fan_in, fan_out = layer['kernel'].shape
+        assert np.abs(layer['kernel']).max() <= np.sqrt(6 / (fan_in + fan_out)), (part, name)
+        assert np.abs(layer['kernel']).max() > 0.9 * np.sqrt(6 / (fan_in + fan_out)), (part, name)
+        np.testing.assert_array_equal(layer['bias'], 0)
+  assert sorted(variables['params']['projector']) == ['seq_0', 'seq_2', 'seq_4']
+  assert sorted(variables['params']['predictor']) == ['seq_0', 'seq_1', 'seq_3']

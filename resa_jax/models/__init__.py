@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from resa_jax.models import vit
-from resa_jax.models.heads import Predictor, Projector, SSLNetwork
+from resa_jax.models.heads import (Predictor, Projector, SSLNetwork, ViTPredictor,
+                                   ViTProjector)
 from resa_jax.models.layers import BatchNorm
 from resa_jax.models.resnet import ARCHITECTURES as RESNETS
 from resa_jax.models.resnet import ResNet, create_resnet
@@ -15,7 +16,7 @@ ARCHITECTURES = {**RESNETS, **vit.ARCHITECTURES}
 
 __all__ = ['ARCHITECTURES', 'BatchNorm', 'Predictor', 'Projector', 'ResNet', 'SSLNetwork',
            'VisionTransformer', 'create_encoder', 'create_networks', 'create_resnet',
-           'create_vit', 'is_vit']
+           'ViTPredictor', 'ViTProjector', 'create_vit', 'is_vit']
 
 
 def is_vit(arch: str) -> bool:
@@ -38,6 +39,7 @@ def create_networks(config):
   """(online, momentum) SSLNetworks from a config (arch, stem, widths, dtype, heads)."""
   dtype = jnp.dtype(config.dtype)
   kwargs = dict(encoder=create_encoder(config), mlp_layers=config.mlp_layers,
-                mlp_dim=config.mlp_dim, emb_dim=config.emb_dim, dtype=dtype)
+                mlp_dim=config.mlp_dim, emb_dim=config.emb_dim, vit_heads=is_vit(config.arch),
+                dtype=dtype)
   return (SSLNetwork(use_predictor=config.predictor, **kwargs),
           SSLNetwork(use_predictor=False, **kwargs))
