@@ -32,6 +32,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from resa_jax import losses
+from resa_jax import models
 from resa_jax import sharding
 from resa_jax import sinkhorn as sinkhorn_lib
 
@@ -76,6 +77,11 @@ def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransfor
     raise ValueError(f"unknown optimizer {config.optimizer!r}; expected 'sgd' or 'adamw'")
   if config.get('grad_clip'):
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+  if models.is_vit(config.arch):
+    # Their frozen ViT parameters (requires_grad=False) are outside the optimizer: no
+    # update, no weight decay, not in the clipped norm.
+    tx = optax.multi_transform({'trainable': tx, 'frozen': optax.set_to_zero()},
+                               models.parameter_labels)
   return tx
 
 

@@ -89,6 +89,16 @@ def test_one_device_equals_eight_devices_vit(arch, monkeypatch):
   for name in ('params', 'momentum_params', 'batch_stats', 'momentum_batch_stats'):
     _assert_trees_close(getattr(state1, name), getattr(state8, name), 1e-5, 2e-6, name)
   assert bool(state8.batch_stats) == vit.ARCHITECTURES[arch][3]  # BN only in the conv stem
+  # Their requires_grad=False parameters do not move (weight decay included).
+  init = step_lib.create_train_state(jax.random.key(0), *models.create_networks(config),
+                                     step_lib.create_optimizer(config, lambda _: 0.0),
+                                     (16, 16, 3))
+  frozen = models.parameter_labels(init.params)
+  moved = jax.tree.map(lambda a, b, f: (f == 'frozen', bool(np.any(np.asarray(a) != b))),
+                       init.params, state8.params, frozen)
+  flags = jax.tree.leaves(moved, is_leaf=lambda x: isinstance(x, tuple))
+  assert any(f for f, _ in flags) and not any(m for f, m in flags if f)
+  assert all(m for f, m in flags if not f)
 
 
 def test_step_metrics_and_learning_signal():

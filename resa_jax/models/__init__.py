@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from resa_jax.models import vit
@@ -16,12 +17,21 @@ ARCHITECTURES = {**RESNETS, **vit.ARCHITECTURES}
 
 __all__ = ['ARCHITECTURES', 'BatchNorm', 'Predictor', 'Projector', 'ResNet', 'SSLNetwork',
            'VisionTransformer', 'create_encoder', 'create_networks', 'create_resnet',
-           'ViTPredictor', 'ViTProjector', 'create_vit', 'is_vit']
+           'ViTPredictor', 'ViTProjector', 'create_vit', 'is_vit', 'parameter_labels']
 
 
 def is_vit(arch: str) -> bool:
   """Whether `arch` is one of the ViT encoders (their `args.is_vit`)."""
   return arch in vit.ARCHITECTURES
+
+
+def parameter_labels(params):
+  """'frozen' or 'trainable' for each leaf of a params tree (any architecture): the
+  ViT's fixed position table and patch conv are frozen (vit.is_frozen)."""
+  def label(path, _):
+    names = tuple(str(getattr(p, 'key', p)) for p in path)
+    return 'frozen' if vit.is_frozen(names) else 'trainable'
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
 def create_encoder(config):

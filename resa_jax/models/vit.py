@@ -307,6 +307,13 @@ class VisionTransformer(nn.Module):
     return jnp.concatenate(feats, axis=-1)
 
 
+def is_frozen(path: tuple[str, ...]) -> bool:
+  """Whether a parameter (its names from the network root) is not trained: `pos_embed`
+  (their requires_grad=False) and the ViT patch conv `patch_embed/proj` (they freeze it,
+  following MoCo v3, for stability; the ViTC stem, proj_<i>, trains)."""
+  return path[-1] == 'pos_embed' or tuple(path[-3:-1]) == ('patch_embed', 'proj')
+
+
 # (embed_dim, depth, heads, conv stem): their vit_* and vitc_* factories (patch 16).
 ARCHITECTURES = {
     'vit_tiny': (192, 12, 3, False),
