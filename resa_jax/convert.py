@@ -126,6 +126,10 @@ def _torch_module_name(flax_path: tuple[str, ...]) -> str:
       parts += ['downsample', '1']
     elif m := re.fullmatch(r'linear(\d+)', name):  # nn.Sequential: Linear, BN, ReLU
       parts.append(str(3 * int(m.group(1))))
+    elif m := re.fullmatch(r'(blocks|proj)_(\d+)', name):  # ViT: ModuleList / stem Sequential
+      parts += [m.group(1), m.group(2)]
+    elif m := re.fullmatch(r'seq_(\d+)', name):  # ViT heads: the Sequential index itself
+      parts.append(m.group(1))
     else:
       parts.append(name)
   return '.'.join(parts)
@@ -143,8 +147,9 @@ def _torch_key(subnet: str, collection: str, path: tuple[str, ...]) -> str:
   module = _torch_module_name(tuple(modules))
   torch_leaf = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight',
                 ('params', 'bias'): 'bias', ('batch_stats', 'mean'): 'running_mean',
-                ('batch_stats', 'var'): 'running_var'}[(collection, leaf)]
-  return f'{module}.{torch_leaf}'
+                ('batch_stats', 'var'): 'running_var', ('params', 'cls_token'): 'cls_token',
+                ('params', 'pos_embed'): 'pos_embed'}[(collection, leaf)]
+  return f'{module}.{torch_leaf}' if module else torch_leaf
 
 
 def _to_flax(value: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
@@ -221,6 +226,49 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], online_net, momentu
   if 'encoder' not in result.get('params', {}) and 'encoder' not in result.get('momentum_params', {}):
     raise ConversionError('no encoder weights found in the checkpoint')
   return result
+
+
+MOMENTUM_ENCODER_PREFIX = 'module.momentum_encoder.'
+
+
+def encoder_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The encoder keys of an encoder-only file, in the three layouts the authors'
+  `load_pretrained_encoder` accepts: a plain state dict, one under 'state_dict', and
+  keys prefixed 'module.momentum_encoder.' (stripped; other keys, such as the rest of
+  a full checkpoint, are not the encoder and are left out).
+  """
+  if isinstance(state_dict.get('state_dict'), Mapping):
+    state_dict = state_dict['state_dict']
+  prefixed = {k[len(MOMENTUM_ENCODER_PREFIX):]: v for k, v in state_dict.items()
+              if k.startswith(MOMENTUM_ENCODER_PREFIX)}
+  return prefixed or dict(state_dict)
+
+
+def convert_encoder(state_dict: Mapping[str, Any], encoder, image_size: int = 224,
+                    ) -> tuple[dict[str, Any], dict[str, int]]:
+  """An encoder-only state dict -> ({'params', 'batch_stats'}, counts) for `encoder`.
+
+  Their loader uses load_state_dict(strict=False), so a wrongly prefixed file loads
+  nothing silently; here every model leaf must be filled from a key of the right shape
+  and every checkpoint key used (BatchNorm's num_batches_tracked, unused at eval, and a
+  ResNet's fc.* classifier aside),
+  else a one-line ConversionError.  counts: {'checkpoint_keys', 'used_keys',
+  'model_leaves'}.
+  """
+  torch_sd = encoder_state_dict(state_dict)
+  if not torch_sd:
+    raise ConversionError('the checkpoint holds no tensors')
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  template = jax.eval_shape(lambda: encoder.init(jax.random.key(0), x, train=False))
+  variables = convert_subnet('encoder', torch_sd, template)
+  leaves = len(jax.tree_util.tree_leaves(variables))
+  ignored = sum(k.endswith('num_batches_tracked') or k.startswith('fc.') for k in torch_sd)
+  counts = {'checkpoint_keys': len(torch_sd), 'used_keys': len(torch_sd) - ignored,
+            'model_leaves': leaves}
+  if counts['used_keys'] != leaves:  # a key used twice, or a template leaf not filled
+    raise ConversionError(f'encoder: {leaves} model leaves but {counts["used_keys"]} '
+                          'checkpoint keys used; is the architecture right?')
+  return variables, counts
 
 
 # ------------------------------------------------------------ orbax I/O ----

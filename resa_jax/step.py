@@ -32,6 +32,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from resa_jax import losses
+from resa_jax import models
 from resa_jax import sharding
 from resa_jax import sinkhorn as sinkhorn_lib
 
@@ -76,6 +77,11 @@ def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransfor
     raise ValueError(f"unknown optimizer {config.optimizer!r}; expected 'sgd' or 'adamw'")
   if config.get('grad_clip'):
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+  if models.is_vit(config.arch):
+    # Their frozen ViT parameters (requires_grad=False) are outside the optimizer: no
+    # update, no weight decay, not in the clipped norm.
+    tx = optax.multi_transform({'trainable': tx, 'frozen': optax.set_to_zero()},
+                               models.parameter_labels)
   return tx
 
 
@@ -85,8 +91,10 @@ def create_train_state(rng, online_net, momentum_net, tx, image_shape) -> TrainS
   """Initialises the online network; the momentum network starts as its copy."""
   x = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
   variables = online_net.init(rng, x, train=False)
-  params, batch_stats = variables['params'], variables['batch_stats']
-  copy = lambda tree: jax.tree.map(jnp.array, {k: tree[k] for k in ONLINE_EMA_PARTS})
+  # A ViT without a conv stem has no BatchNorm, hence no 'batch_stats' collection.
+  params, batch_stats = variables['params'], variables.get('batch_stats', {})
+  # ViT heads have no BatchNorm: copy the parts a collection has.
+  copy = lambda tree: jax.tree.map(jnp.array, {k: tree[k] for k in ONLINE_EMA_PARTS if k in tree})
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     momentum_params=copy(params), momentum_batch_stats=copy(batch_stats),
                     opt_state=tx.init(params))
@@ -103,7 +111,7 @@ def forward_views(net, params, batch_stats, views, train: bool = True):
   for view in views:
     (h, z), updates = net.apply({'params': params, 'batch_stats': batch_stats}, view,
                                 train=train, mutable=['batch_stats'])
-    batch_stats = updates['batch_stats']
+    batch_stats = updates.get('batch_stats', {})
     encodings.append(h)
     embeddings.append(z)
   return encodings, embeddings, batch_stats

@@ -21,13 +21,12 @@ def tiny_config(**overrides):
   return config
 
 
-def _views(batch, seed=0):
+def _views(batch, seed=0, sizes=(16, 16, 8)):  # weak, strong, one small extra crop
   rng = np.random.default_rng(seed)
-  sizes = (16, 16, 8)  # weak, strong, one small extra crop
   return tuple(jnp.asarray(rng.normal(size=(batch, s, s, 3)), jnp.float32) for s in sizes)
 
 
-def _run(config, devices, num_steps=2):
+def _run(config, devices, num_steps=2, sizes=(16, 16, 8)):
   mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
   online, momentum = models.create_networks(config)
   total_steps, steps_per_epoch = 4, 2
@@ -41,7 +40,7 @@ def _run(config, devices, num_steps=2):
                                lr_schedule=schedule, total_steps=total_steps)
   history = []
   for i in range(num_steps):
-    views = jax.device_put(_views(config.batch_size, seed=i), batch)
+    views = jax.device_put(_views(config.batch_size, seed=i, sizes=sizes), batch)
     state, metrics = step(state, views)
     history.append(jax.device_get(metrics))
   return jax.device_get(state), history
@@ -68,6 +67,38 @@ def test_one_device_equals_eight_devices():
   for name in ('params', 'momentum_params', 'batch_stats', 'momentum_batch_stats'):
     _assert_trees_close(getattr(state1, name), getattr(state8, name), 1e-5, 2e-6, name)
   assert int(state8.step) == 2
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason='needs 8 (simulated) devices')
+@pytest.mark.parametrize('arch', ['vit_tiny', 'vitc_tiny'])
+def test_one_device_equals_eight_devices_vit(arch, monkeypatch):
+  """A shrunken ViT (dim 32, 2 blocks, 2 heads; the ViTC's stem BN is SyncBN) with
+  their ViT heads, on 32 / 32 / 16 px views (2x2 and 1x1 patches, resized tables)."""
+  from resa_jax.models import vit
+  monkeypatch.setitem(vit.ARCHITECTURES, arch, (32, 2, 2, vit.ARCHITECTURES[arch][3]))
+  # SGD, not AdamW: the k part of the qkv bias has a zero gradient in exact arithmetic
+  # (it shifts a softmax row by a constant), and Adam would scale its rounding noise up
+  # to lr-sized, device-count-dependent steps.
+  config = tiny_config(arch=arch)
+  sizes = (32, 32, 16)
+  state1, hist1 = _run(config, jax.devices()[:1], sizes=sizes)
+  state8, hist8 = _run(config, jax.devices()[:8], sizes=sizes)
+  for m1, m8 in zip(hist1, hist8):
+    for key in m1:
+      np.testing.assert_allclose(m1[key], m8[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  for name in ('params', 'momentum_params', 'batch_stats', 'momentum_batch_stats'):
+    _assert_trees_close(getattr(state1, name), getattr(state8, name), 1e-5, 2e-6, name)
+  assert bool(state8.batch_stats) == vit.ARCHITECTURES[arch][3]  # BN only in the conv stem
+  # Their requires_grad=False parameters do not move (weight decay included).
+  init = step_lib.create_train_state(jax.random.key(0), *models.create_networks(config),
+                                     step_lib.create_optimizer(config, lambda _: 0.0),
+                                     (16, 16, 3))
+  frozen = models.parameter_labels(init.params)
+  moved = jax.tree.map(lambda a, b, f: (f == 'frozen', bool(np.any(np.asarray(a) != b))),
+                       init.params, state8.params, frozen)
+  flags = jax.tree.leaves(moved, is_leaf=lambda x: isinstance(x, tuple))
+  assert any(f for f, _ in flags) and not any(m for f, m in flags if f)
+  assert all(m for f, m in flags if not f)
 
 
 def test_step_metrics_and_learning_signal():
