@@ -12,9 +12,11 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
 from test_reliability import (PausedRun, checkpoint_steps, env, error_line,  # noqa: F401
                               reference, resumed_step, snapshot, train, TOTAL_STEPS)
+from test_reliability import run as run_module
 
 
 def strict_json(text):
@@ -112,3 +114,82 @@ def test_resume_with_another_config_is_refused_unless_allowed(env, reference, tm
   assert again.returncode == 0 and 'finished at step 14; nothing to do' in again.stdout
   proc = train(env, workdir)
   assert proc.returncode == 2 and 'was trained with base_lr=0.5' in error_line(proc)
+
+
+# ------------------------------------------------------------ no silent NaN ----
+
+def test_convert_refuses_a_nonfinite_checkpoint(env, tmp_path):
+  torch = pytest.importorskip('torch')
+  from test_reliability import _torchvision_resnet18_state_dict
+  state = _torchvision_resnet18_state_dict(torch)
+  state['layer1.0.conv1.weight'][0, 0, :2, 0] = float('nan')
+  state['layer2.0.bn1.running_var'][3] = float('inf')
+  checkpoint = tmp_path / 'diverged.pth'
+  torch.save(state, checkpoint)
+  proc = run_module(env, f'--checkpoint={checkpoint}', '--arch=resnet18',
+                    f'--out={tmp_path}/out', module='resa_jax.convert')
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = error_line(proc)
+  assert ('layer1.0.conv1.weight has 2 non-finite (NaN/Inf) entries of 36864; '
+          '1 more tensor(s) have some') in line, line
+  assert not (tmp_path / 'out').exists()
+  print(f'\n[faults] convert, NaN in the weights: exit 2 in {proc.seconds:.1f} s: {line}')
+
+
+@pytest.fixture(scope='module')
+def eval_workdir(tmp_path_factory):
+  """A training workdir (tiny config, one checkpoint) whose momentum encoder has NaN in
+  one entry of one kernel; the online encoder is finite."""
+  import jax
+  from resa_jax import checkpoints as checkpoints_lib, models, step as step_lib
+  from test_evaluate_cli import tiny_config
+  config = tiny_config()
+  online, momentum = models.create_networks(config)
+  tx = step_lib.create_optimizer(config, step_lib.learning_rate_schedule(config, 1, 1))
+  state = jax.device_get(jax.jit(lambda: step_lib.create_train_state(
+      jax.random.key(1), online, momentum, tx, (16, 16, 3)))())
+  paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(state.momentum_params))
+  index = next(i for i, p in enumerate(paths) if 'encoder' in jax.tree_util.keystr(p)
+               and 'kernel' in jax.tree_util.keystr(p))
+  leaves = [np.array(x) for x in leaves]
+  leaves[index].reshape(-1)[0] = np.nan
+  state = state.replace(step=np.asarray(8, np.int32), momentum_params=jax.tree.unflatten(
+      jax.tree.structure(state.momentum_params), leaves))
+  workdir = tmp_path_factory.mktemp('nan_run')
+  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  checkpoints = checkpoints_lib.Checkpoints(workdir / 'checkpoints', 3)
+  checkpoints.save(8, state)
+  checkpoints.close()
+  return workdir
+
+
+@pytest.mark.parametrize('args,words', [
+    (['--eval=knn'], "the encoding features of split 'train' are non-finite (NaN/Inf) in 64 "
+     'of 64 rows'),
+    (['--eval=knn', '--knn_ks=1000'], 'every k exceeds the 64 examples of the kNN memory bank'),
+    (['--eval=linear', '--linear_epochs=0'], '--linear_epochs must be positive, or -1'),
+], ids=['nonfinite_features', 'knn_k_above_bank', 'zero_linear_epochs'])
+def test_evaluate_refuses(eval_workdir, tmp_path, args, words):
+  from test_evaluate_cli import run_cli
+  before = snapshot(eval_workdir)
+  start = time.perf_counter()
+  proc = run_cli(f'--checkpoint={eval_workdir}', f'--output={tmp_path}/out', '--batch_size=16',
+                 *args, devices=2)
+  seconds = time.perf_counter() - start
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = error_line(proc)
+  assert words in line, line
+  assert not (tmp_path / 'out').exists() and snapshot(eval_workdir) == before
+  print(f'\n[faults] evaluate {" ".join(args)}: exit 2 in {seconds:.1f} s: {line}')
+
+
+@pytest.mark.parametrize('flag', ['--config.run_steps=-5', '--config.run_steps=0',
+                                  '--config.num_train_steps=0', '--config.steps_per_epoch=-2',
+                                  '--config.knn_max_train_examples=0'])
+def test_sentinel_fields_accept_only_minus_one_or_positive(env, tmp_path, flag):
+  proc = train(env, tmp_path / 'run', flag)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  name = flag.split('.')[1].split('=')[0]
+  assert f'{name} must be positive, or -1 (unset)' in error_line(proc)
+  assert not (tmp_path / 'run').exists()
+  print(f'\n[faults] {flag}: exit 2 in {proc.seconds:.1f} s')
