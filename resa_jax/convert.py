@@ -271,6 +271,20 @@ def convert_encoder(state_dict: Mapping[str, Any], encoder, image_size: int = 22
   return variables, counts
 
 
+def check_finite(state_dict: Mapping[str, np.ndarray]) -> None:
+  """ConversionError naming the first tensor (in the file's order) with NaN/Inf
+  entries, how many it has and how many other tensors have some."""
+  bad = {k: int(np.size(v) - np.isfinite(v).sum()) for k, v in state_dict.items()
+         if np.issubdtype(np.asarray(v).dtype, np.floating)}
+  bad = {k: n for k, n in bad.items() if n}
+  if bad:
+    key = next(iter(bad))
+    more = f'; {len(bad) - 1} more tensor(s) have some' if len(bad) > 1 else ''
+    raise ConversionError(f'{key} has {bad[key]} non-finite (NaN/Inf) entries of '
+                          f'{np.size(state_dict[key])}{more}: the checkpoint has diverged; '
+                          'convert an earlier one')
+
+
 # ------------------------------------------------------------ orbax I/O ----
 
 def save_converted(out_dir, variables: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
@@ -324,6 +338,7 @@ def main(argv=None) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
       raise ConversionError(f'output {out} exists and is not an empty directory')
     state_dict = load_torch_state_dict(args.checkpoint)
+    check_finite(state_dict)
     has_predictor = any(re.match(r'^(module\.)?predictor\.', k) for k in state_dict)
     config = ml_collections.ConfigDict(dict(
         arch=args.arch, width_per_group=args.width_per_group, stem=args.stem,

@@ -9,6 +9,7 @@ reader, or a run killed mid-write, never leaves half a file behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -81,12 +82,34 @@ def _replace_atomically(path: str, write: Callable[[str], None], suffix: str) ->
     raise
 
 
+def _finite_json(x):
+  """`x` with numpy/JAX values as Python ones and every NaN/Inf float as None."""
+  if isinstance(x, dict):
+    return {k: _finite_json(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_finite_json(v) for v in x]
+  if not isinstance(x, (str, bool, int, type(None))) and not isinstance(x, float):
+    try:
+      x = _json_default(x)
+    except TypeError:
+      return x  # json.dump names it
+    return _finite_json(x)
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
 def write_json(path, obj: Any) -> None:
   """Writes `obj` as JSON to `path` atomically; numpy/JAX scalars and arrays become
-  numbers and lists.  The parent folder is created if needed.  Local paths only."""
+  numbers and lists.  The parent folder is created if needed.  Local paths only.
+
+  The file is always valid JSON: a NaN or infinite number (which `json` would write
+  as the invalid `NaN` / `Infinity`) is written as null, i.e. "not measured"."""
+  obj = _finite_json(obj)
+
   def write(tmp_path):
     with open(tmp_path, 'w') as f:
-      json.dump(obj, f, indent=2, default=_json_default)
+      json.dump(obj, f, indent=2, allow_nan=False)
       f.write('\n')
       f.flush()
       os.fsync(f.fileno())

@@ -32,6 +32,7 @@ import numpy as np
 
 from resa_jax import checkpoints as checkpoints_lib
 from resa_jax import reporting
+from resa_jax import run_dir
 from resa_jax import sharding
 from resa_jax import step as step_lib
 from resa_jax import train_metrics
@@ -102,6 +103,7 @@ class _Run:
   history: dict
   start_step: int
   state: Any = None
+  lock: Any = None
 
   @property
   def is_chief(self) -> bool:
@@ -135,11 +137,10 @@ def _restored_history(path: pathlib.Path, start_step: int, steps_per_epoch: int)
   return history
 
 
-def _set_up(config, workdir) -> _Run:
-  """Validates, builds the networks and the optimizer, restores the newest checkpoint."""
-  validation.validate_config(config)  # first: a bad config fails before TensorFlow
+def _set_up(config, workdir: pathlib.Path, lock) -> _Run:
+  """Builds the networks and the optimizer, takes the workdir's lock (`lock()`, the
+  first write), restores the newest checkpoint."""
   from resa_jax import datasets, input_pipeline, models  # pylint: disable=g-import-not-at-top
-  workdir = _check_workdir(workdir)
   info = datasets.dataset_info(config)  # DatasetNotFoundError before any write
   if info.num_train_examples < 1:
     raise ValueError(f'{config.dataset} split {config.train_split!r} has no examples')
@@ -156,16 +157,21 @@ def _set_up(config, workdir) -> _Run:
                                                             image_shape),
                     out_shardings=sharding.replicated_sharding(mesh))
   initial_state = init_fn(jax.random.key(config.seed))
-  workdir.mkdir(parents=True, exist_ok=True)
-  checkpoints = checkpoints_lib.Checkpoints(workdir / 'checkpoints', config.keep_checkpoints)
-  state, restored_step = checkpoints.restore_latest(initial_state)
+  lock = lock()  # creates the workdir
+  try:
+    checkpoints = checkpoints_lib.Checkpoints(workdir / 'checkpoints', config.keep_checkpoints)
+    state, restored_step = checkpoints.restore_latest(initial_state)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
   start_step = int(restored_step or 0)
   history = _restored_history(workdir / 'history.json', start_step, steps_per_epoch)
   return _Run(config=config, workdir=workdir, mesh=mesh, info=info,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               online_net=online_net, momentum_net=momentum_net, schedule=schedule, tx=tx,
               initial_state=initial_state, checkpoints=checkpoints, history=history,
-              start_step=start_step, state=state)
+              start_step=start_step, state=state, lock=lock)
 
 
 def eval_config(config):
@@ -288,12 +294,34 @@ def train_and_evaluate(config, workdir) -> dict:
   """Trains ReSA with `config`, checkpointing to and resuming from `workdir`.
 
   Returns the results dict also written to workdir/results.json.  Raises
-  ValueError (bad config, missing data; nothing written) or TrainingDivergedError.
+  ValueError (bad config, missing data, a workdir in use by another run or trained
+  with another config; nothing written) or TrainingDivergedError.  A finished run
+  rerun with its config prints its results.json and returns it, changing nothing.
   """
+  workdir = _check_workdir(workdir)
+  chief = jax.process_index() == 0  # multi-host: only process 0 takes the lock
+  if chief:
+    run_dir.refuse_if_locked(workdir)  # before TensorFlow: a refusal takes no time
+  changes = run_dir.config_changes(workdir, config)
+  validation.validate_config(config)  # a bad config fails before any write
+  done = None if changes else run_dir.finished_results(workdir)
+  if done is not None:
+    print(f'{workdir} finished at step {done["step"]}; nothing to do. results: '
+          + json.dumps(done), flush=True)
+    return done
+  run = _set_up(config, workdir, lambda: run_dir.Lock.acquire(workdir) if chief else None)
+  try:
+    return _train_and_report(run, changes)
+  finally:
+    if run.lock is not None:
+      run.lock.release()
+
+
+def _train_and_report(run: _Run, changes: dict) -> dict:
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  run = _set_up(config, workdir)
+  config = run.config
   if run.is_chief:
-    (run.workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    run_dir.record_config(run.workdir, config, run.start_step, changes)
   writer = metric_writers.create_default_writer(str(run.workdir), just_logging=not run.is_chief)
   print(f'ReSA: {config.arch} on {config.dataset}, global batch {config.batch_size} over '
         f'{run.mesh.size} device(s) ({jax.devices()[0].platform}), {run.steps_per_epoch} '

@@ -19,7 +19,7 @@ LAYERS = (
     'resa_jax.models.layers', 'resa_jax.models.resnet', 'resa_jax.models.vit',
     'resa_jax.models.heads',
     'resa_jax.models', 'resa_jax.augment', 'resa_jax.local_data', 'resa_jax.datasets',
-    'resa_jax.input_pipeline', 'resa_jax.step', 'resa_jax.checkpoints',
+    'resa_jax.input_pipeline', 'resa_jax.step', 'resa_jax.checkpoints', 'resa_jax.run_dir',
     'resa_jax.validation', 'resa_jax.convert', 'resa_jax.cli',
     'resa_jax.evaluate.common', 'resa_jax.evaluate.features', 'resa_jax.evaluate.knn',
     'resa_jax.evaluate.kmeans', 'resa_jax.evaluate.clustering', 'resa_jax.evaluate.linear',

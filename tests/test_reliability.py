@@ -433,7 +433,8 @@ def _continue_reference(env, reference, tmp_path, *overrides):
   workdir = tmp_path / 'run'
   shutil.copytree(reference[0], workdir)
   before = snapshot(workdir / 'checkpoints')
-  proc = train(env, workdir, '--config.num_train_steps=16', *overrides)
+  proc = train(env, workdir, '--config.num_train_steps=16', '--config.allow_config_change=True',
+               *overrides)
   return workdir, before, proc
 
 
@@ -543,8 +544,13 @@ def test_checkpoint_of_another_architecture_is_refused(env, reference, tmp_path)
   workdir = tmp_path / 'run'
   shutil.copytree(reference[0], workdir)
   before = snapshot(workdir)
-  proc = train(env, workdir, '--config.width_per_group=8')
+  proc = train(env, workdir, '--config.width_per_group=8')  # refused from config.json
   assert proc.returncode == 2, proc.stderr[-3000:]
+  line = error_line(proc)
+  assert 'was trained with width_per_group=4; --config has width_per_group=8' in line, line
+  assert snapshot(workdir) == before
+  proc = train(env, workdir, '--config.width_per_group=8', '--config.allow_config_change=True')
+  assert proc.returncode == 2, proc.stderr[-3000:]  # refused from the checkpoint's shapes
   line = error_line(proc)
   assert 'does not fit the config' in line and 'in the model' in line, line
   assert snapshot(workdir) == before

@@ -91,8 +91,27 @@ class Options:
     if self.dtype not in ('float32', 'bfloat16', 'float16', 'train'):
       raise common.EvaluationError("--dtype must be float32, bfloat16, float16 or 'train' (the "
                                    f'training config\'s), got {self.dtype!r}')
+    for name in ('linear_epochs', 'linear_batch_size', 'linear_lr'):
+      value = getattr(self, name)
+      if value != -1 and not value > 0:  # -1: the protocol's default
+        raise common.EvaluationError(f'--{name} must be positive, or -1 (the protocol\'s '
+                                     f'default), got {value!r}')
     if self.clustering_samples < 3:
       raise common.EvaluationError('--clustering_samples must be at least 3')
+
+
+def _check_finite(features: dict, split: str) -> None:
+  """EvaluationError naming how many rows and entries of `split`'s features are NaN/Inf
+  (a diverged checkpoint, or a half-precision --dtype that overflows)."""
+  for name, x in features.items():
+    x = np.asarray(x)
+    bad = ~np.isfinite(x)
+    if bad.any():
+      rows = int(bad.reshape(len(x), -1).any(axis=1).sum())
+      raise common.EvaluationError(
+          f'the {name} features of split {split!r} are non-finite (NaN/Inf) in {rows} of '
+          f'{len(x)} rows ({int(bad.sum())} of {x.size} entries): the checkpoint has '
+          'diverged, or --dtype overflows (try --dtype=float32)')
 
 
 def _best_and_last(result: dict) -> str:
@@ -127,6 +146,7 @@ class _Evaluation:
           config, self.mesh, self.model.feature_fn(self.mesh, layers=layers), split,
           batch_size=self.batch_size, num_examples=num_examples,
           label_keys=self.label_keys)
+      _check_finite(features, split)
       if self.options.save_features and jax.process_index() == 0:
         self.output.mkdir(parents=True, exist_ok=True)
         np.savez(self.output / f'features_{split}.npz', **features, **labels)
@@ -143,6 +163,10 @@ class _Evaluation:
     train_x, train_y = train['encoding'], train_labels['label']
     test_x, test_y = test['encoding'], test_labels['label']
     ks = sorted({k for k in self.options.knn_ks if k <= len(train_y)})
+    dropped = sorted({k for k in self.options.knn_ks if k > len(train_y)})
+    if dropped:
+      reporting.say(f'note: k={",".join(map(str, dropped))} left out: more than the '
+                    f'{len(train_y)} examples of the memory bank')
     temperature = float(self.config.knn_temperature)
     mesh = self.mesh if self.mesh.size > 1 else None
     weighted = knn.knn_weighted(train_x, train_y, test_x, test_y, self.info.num_classes, ks=ks,
@@ -283,6 +307,11 @@ def run_evaluations(config, checkpoint, output, options: Options, mesh: Mesh | N
   info = datasets.dataset_info(config)
   if info.num_classes <= 0:
     raise common.EvaluationError(f'{config.dataset} has no labels to evaluate with')
+  bank = info.num_eval_train_examples
+  if 'knn' in evaluations and min(options.knn_ks) > bank:
+    raise common.EvaluationError(
+        f'--knn_ks={",".join(map(str, options.knn_ks))}: every k exceeds the {bank} examples '
+        f'of the kNN memory bank ({config.eval_train_split!r}); use k <= {bank}')
   if 'semi' in evaluations and config.dataset == 'imagenet2012':
     semi_supervised.imagenet_subset_file_names(options.semi_fraction)  # fail now on a fraction without list
   start = time.time()

@@ -1,0 +1,236 @@
+"""The training workdir as a whole: its lock, its config and whether it is finished.
+
+Everything here runs before TensorFlow, data loading or a device is touched, so a
+refusal takes a fraction of a second and writes nothing.
+
+* **Lock.**  `<workdir>/.lock` holds `pid@host` of the run that trains there, under an
+  advisory `fcntl.flock`.  A second run on a live workdir is refused (`WorkdirLocked`,
+  naming the holder).  The kernel drops the flock when its process dies, so the lock of
+  a killed run (`kill -9`, OOM) is stale at once and the next run takes it over with a
+  one-line note.  A run that ends (finished, stopped, failed) removes the file.  On a
+  file system without flock (some network mounts) the pid is checked instead: held
+  while that pid is alive on this host; a lock of another host is then honoured only
+  through flock.  Multi-host: only process 0 takes the lock (the other processes are
+  started together with it and share its fate).
+* **Config.**  `config.json` is the config the workdir was trained with.  Resuming
+  with a config that differs in a field that changes the training is refused unless
+  `allow_config_change`; then `config.json` keeps the original and
+  `config_history.json` records each change as `{step, changed: {field: [old, new]}}`.
+* **Finished.**  A finished run (its `results.json`) rerun with its own config prints
+  its results and changes nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import pathlib
+import socket
+
+from resa_jax import checkpoints as checkpoints_lib
+from resa_jax import reporting
+
+LOCK_NAME = '.lock'
+HISTORY_NAME = 'config_history.json'
+
+# Fields that do not change what is trained (the data order, the model, the
+# optimisation and the schedule stay the same), so a resumed run may change them
+# freely: logging, checkpointing and periodic-kNN bookkeeping, where the data lives,
+# how far this invocation runs, input prefetching.  Every other field (num_epochs and
+# num_train_steps included: they change the schedule) is compared on resume.
+TRAINING_NEUTRAL_FIELDS = frozenset({
+    'data_dir', 'manual_dir', 'tfds_download', 'prefetch',
+    'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+    'knn_every_epochs', 'knn_k', 'knn_temperature', 'knn_max_train_examples',
+    'eval_split', 'eval_train_split', 'eval_resize',
+    'run_steps', 'allow_config_change',
+})
+
+
+class WorkdirLocked(ValueError):
+  """Another live run holds the workdir."""
+
+
+# ------------------------------------------------------------------- lock ----
+
+def _me() -> str:
+  return f'{os.getpid()}@{socket.gethostname()}'
+
+
+def _alive_here(holder: str) -> bool:
+  """Whether `pid@host` names a live process of this host."""
+  pid, _, host = holder.partition('@')
+  if host != socket.gethostname() or not pid.isdigit():
+    return False
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _locked_message(workdir, holder: str) -> str:
+  pid, _, host = holder.partition('@')
+  return (f'the workdir {workdir} is in use by another run (pid {pid or "?"} on host '
+          f'{host or "?"}, see {LOCK_NAME}); wait for it to end or stop it, or use '
+          'another --workdir')
+
+
+def _try_flock(fd) -> bool | None:
+  """True: locked; False: held by another process; None: no flock on this file system."""
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return True
+  except BlockingIOError:
+    return False
+  except OSError as e:
+    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+      return False
+    return None
+
+
+def refuse_if_locked(workdir) -> None:
+  """Raises WorkdirLocked if a live run holds `workdir`; reads only, writes nothing."""
+  path = pathlib.Path(workdir) / LOCK_NAME
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    holder = os.read(fd, 200).decode(errors='replace').strip()
+    locked = _try_flock(fd)
+  finally:
+    os.close(fd)  # also releases a probe lock
+  if locked is False or (locked is None and _alive_here(holder)):
+    raise WorkdirLocked(_locked_message(workdir, holder))
+
+
+class Lock:
+  """The lock of one workdir, held from `acquire` to `release` (or process exit)."""
+
+  def __init__(self, path: pathlib.Path, fd: int):
+    self.path, self._fd = path, fd
+
+  @classmethod
+  def acquire(cls, workdir) -> 'Lock':
+    """Creates the workdir if needed and takes its lock; WorkdirLocked if held."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / LOCK_NAME
+    for _ in range(5):  # the file may be removed by its holder between open and flock
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+      holder = os.read(fd, 200).decode(errors='replace').strip()
+      locked = _try_flock(fd)
+      if locked is False or (locked is None and _alive_here(holder)):
+        os.close(fd)
+        raise WorkdirLocked(_locked_message(workdir, holder))
+      try:
+        same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+      except FileNotFoundError:
+        same_file = False
+      if same_file:
+        break
+      os.close(fd)
+    else:
+      raise WorkdirLocked(f'cannot take the lock {path}: it keeps being replaced')
+    if holder and holder != _me():
+      print(f'note: taking over the lock of a run that is no longer running '
+            f'({holder}, {path})', flush=True)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'{_me()}\n'.encode(), 0)
+    os.fsync(fd)
+    return cls(path, fd)
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    try:
+      self.path.unlink()
+    except FileNotFoundError:
+      pass
+    os.close(self._fd)
+    self._fd = None
+
+
+# ----------------------------------------------------------------- config ----
+
+def _as_json(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def trained_config(workdir) -> dict | None:
+  """The config the workdir was trained with: config.json with the changes of
+  config_history.json applied; None without config.json or without checkpoints."""
+  workdir = pathlib.Path(workdir)
+  if not checkpoints_lib.checkpoint_steps(workdir / 'checkpoints'):
+    return None
+  try:
+    stored = json.loads((workdir / 'config.json').read_text())
+  except (OSError, ValueError):
+    return None
+  try:
+    history = json.loads((workdir / HISTORY_NAME).read_text())
+  except (OSError, ValueError):
+    history = []
+  for record in history:
+    stored.update({name: new for name, (_, new) in record.get('changed', {}).items()})
+  return stored
+
+
+def config_changes(workdir, config) -> dict:
+  """{field: [trained value, new value]} of the training-changing fields that differ
+  from the workdir's config ({} for a new workdir).  Raises ValueError (one line naming
+  the fields) unless config.allow_config_change."""
+  stored = trained_config(workdir)
+  if stored is None:
+    return {}
+  new = _as_json(config)
+  changes = {name: [stored[name], new[name]] for name in sorted(new)
+             if name not in TRAINING_NEUTRAL_FIELDS and name in stored
+             and stored[name] != new[name]}
+  if changes and not config.get('allow_config_change', False):
+    def listing(i):
+      return ', '.join(f'{name}={json.dumps(values[i])}' for name, values in changes.items())
+    raise ValueError(f'the workdir {workdir} was trained with {listing(0)}; --config has '
+                     f'{listing(1)}; rerun with the config it was trained with, use a new '
+                     '--workdir, or pass --config.allow_config_change=True to continue anyway')
+  return changes
+
+
+def record_config(workdir, config, start_step: int, changes: dict) -> None:
+  """config.json of a new run; for a resumed run with changes, a config_history.json
+  record (config.json keeps the original)."""
+  workdir = pathlib.Path(workdir)
+  if not start_step or not (workdir / 'config.json').exists():
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    if (workdir / HISTORY_NAME).exists():  # of an earlier run that left no checkpoint
+      (workdir / HISTORY_NAME).unlink()
+    return
+  if changes:
+    try:
+      history = json.loads((workdir / HISTORY_NAME).read_text())
+    except (OSError, ValueError):
+      history = []
+    history.append({'step': int(start_step), 'changed': changes})
+    reporting.write_json(workdir / HISTORY_NAME, history)
+    print('config changed at step {}: {}'.format(start_step, ', '.join(
+        f'{k} {json.dumps(a)} -> {json.dumps(b)}' for k, (a, b) in changes.items())), flush=True)
+
+
+def finished_results(workdir) -> dict | None:
+  """results.json of a finished run whose newest checkpoint is its last step, else None.
+  (Call it after `config_changes` found no change.)"""
+  workdir = pathlib.Path(workdir)
+  try:
+    results = json.loads((workdir / 'results.json').read_text())
+  except (OSError, ValueError):
+    return None
+  steps = checkpoints_lib.checkpoint_steps(workdir / 'checkpoints')
+  if (not isinstance(results, dict) or not results.get('finished') or not steps
+      or results.get('step') != steps[-1]):
+    return None
+  return results

@@ -1,0 +1,195 @@
+"""Faults of a workdir (issue 14): a finished run rerun, two runs on one workdir, a
+stale lock, a resume with another config; results.json always valid JSON.
+
+The real `python -m resa_jax.main` on tests/configs/tiny.py and 2 simulated devices,
+with the helpers (and the uninterrupted `reference` run) of tests/test_reliability.py.
+"""
+
+import json
+import math
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from test_reliability import (PausedRun, checkpoint_steps, env, error_line,  # noqa: F401
+                              reference, resumed_step, snapshot, train, TOTAL_STEPS)
+from test_reliability import run as run_module
+
+
+def strict_json(text):
+  """json.loads that refuses NaN / Infinity (what other JSON readers do)."""
+  def refuse(name):
+    raise ValueError(f'invalid JSON constant {name}')
+  return json.loads(text, parse_constant=refuse)
+
+
+def test_write_json_writes_nonfinite_numbers_as_null(tmp_path):
+  from resa_jax import reporting
+  path = tmp_path / 'out.json'
+  reporting.write_json(path, {'loss': float('nan'), 'rates': [1.5, np.float32(np.inf)],
+                              'array': np.array([-np.inf, 2.0]), 'step': np.int64(3),
+                              'curve': [(1, float('nan'))], 'ok': True, 'name': 'x'})
+  assert strict_json(path.read_text()) == {'loss': None, 'rates': [1.5, None],
+                                           'array': [None, 2.0], 'step': 3,
+                                           'curve': [[1, None]], 'ok': True, 'name': 'x'}
+
+
+def test_finished_run_rerun_prints_results_and_changes_nothing(env, reference, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference[0], workdir)
+  before = snapshot(workdir)
+  results = strict_json((workdir / 'results.json').read_text())
+  assert math.isfinite(results['final_loss']) and results['images_per_sec'] > 0
+  for overrides in ((), ('--config.knn_k=3', '--config.log_every_steps=5')):  # neutral fields
+    proc = train(env, workdir, *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [l for l in proc.stdout.splitlines() if 'results: ' in l]
+    assert len(lines) == 1 and f'finished at step {TOTAL_STEPS}; nothing to do' in lines[0]
+    assert strict_json(lines[0].split('results: ', 1)[1]) == results
+    assert 'step 1/' not in proc.stdout  # no training step
+    assert snapshot(workdir) == before
+    print(f'\n[faults] finished run rerun {overrides}: exit 0 in {proc.seconds:.1f} s, '
+          f'{len(before)} files and folders unchanged')
+
+
+def test_second_run_is_refused_and_a_stale_lock_taken_over(env, tmp_path):
+  workdir = tmp_path / 'run'
+  first = PausedRun(env, workdir, 3, tmp_path)
+  try:
+    deadline = time.monotonic() + 120
+    while 2 not in checkpoint_steps(workdir):
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    time.sleep(1.0)
+    before = snapshot(workdir)
+    second = train(env, workdir)
+    assert second.returncode == 2, second.stderr[-3000:]
+    line = error_line(second)
+    assert f'pid {first.proc.pid} on host' in line and 'in use by another run' in line, line
+    assert second.seconds < 15, second.seconds
+    assert snapshot(workdir) == before
+    print(f'\n[faults] second run on a live workdir: exit 2 in {second.seconds:.1f} s: {line}')
+  finally:
+    assert first.kill() == -signal.SIGKILL
+  assert (workdir / '.lock').read_text().startswith(f'{first.proc.pid}@')  # stale
+  third = train(env, workdir)
+  assert third.returncode == 0, third.stderr[-3000:]
+  notes = [l for l in third.stdout.splitlines() if l.startswith('note: taking over the lock')]
+  assert len(notes) == 1 and f'{first.proc.pid}@' in notes[0], third.stdout[-2000:]
+  assert resumed_step(third.stdout) == 2
+  assert strict_json((workdir / 'results.json').read_text())['step'] == TOTAL_STEPS
+  assert not (workdir / '.lock').exists()  # removed at the end of the run
+  print(f'\n[faults] after kill -9: {notes[0]}')
+
+
+def test_resume_with_another_config_is_refused_unless_allowed(env, reference, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference[0], workdir)
+  before = snapshot(workdir)
+  original = (workdir / 'config.json').read_text()
+  changed = ('--config.base_lr=0.5', '--config.num_train_steps=14')
+  proc = train(env, workdir, *changed)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = error_line(proc)
+  assert ('was trained with base_lr=0.3, num_train_steps=-1; --config has base_lr=0.5, '
+          'num_train_steps=14;') in line and '--config.allow_config_change=True' in line, line
+  assert snapshot(workdir) == before
+  print(f'\n[faults] resume with another config: exit 2 in {proc.seconds:.1f} s: {line}')
+
+  allowed = train(env, workdir, *changed, '--config.allow_config_change=True')
+  assert allowed.returncode == 0, allowed.stderr[-3000:]
+  assert resumed_step(allowed.stdout) == TOTAL_STEPS
+  assert 'config changed at step 12: base_lr 0.3 -> 0.5, num_train_steps -1 -> 14' \
+      in allowed.stdout
+  assert strict_json((workdir / 'results.json').read_text())['step'] == 14
+  assert (workdir / 'config.json').read_text() == original
+  assert strict_json((workdir / 'config_history.json').read_text()) == [
+      {'step': TOTAL_STEPS, 'changed': {'base_lr': [0.3, 0.5], 'num_train_steps': [-1, 14]}}]
+  # The workdir's config is now the changed one: the same command (with or without
+  # the flag) finds the run finished; the original config is a change again.
+  again = train(env, workdir, *changed)
+  assert again.returncode == 0 and 'finished at step 14; nothing to do' in again.stdout
+  proc = train(env, workdir)
+  assert proc.returncode == 2 and 'was trained with base_lr=0.5' in error_line(proc)
+
+
+# ------------------------------------------------------------ no silent NaN ----
+
+def test_convert_refuses_a_nonfinite_checkpoint(env, tmp_path):
+  torch = pytest.importorskip('torch')
+  from test_reliability import _torchvision_resnet18_state_dict
+  state = _torchvision_resnet18_state_dict(torch)
+  state['layer1.0.conv1.weight'][0, 0, :2, 0] = float('nan')
+  state['layer2.0.bn1.running_var'][3] = float('inf')
+  checkpoint = tmp_path / 'diverged.pth'
+  torch.save(state, checkpoint)
+  proc = run_module(env, f'--checkpoint={checkpoint}', '--arch=resnet18',
+                    f'--out={tmp_path}/out', module='resa_jax.convert')
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = error_line(proc)
+  assert ('layer1.0.conv1.weight has 2 non-finite (NaN/Inf) entries of 36864; '
+          '1 more tensor(s) have some') in line, line
+  assert not (tmp_path / 'out').exists()
+  print(f'\n[faults] convert, NaN in the weights: exit 2 in {proc.seconds:.1f} s: {line}')
+
+
+@pytest.fixture(scope='module')
+def eval_workdir(tmp_path_factory):
+  """A training workdir (tiny config, one checkpoint) whose momentum encoder has NaN in
+  one entry of one kernel; the online encoder is finite."""
+  import jax
+  from resa_jax import checkpoints as checkpoints_lib, models, step as step_lib
+  from test_evaluate_cli import tiny_config
+  config = tiny_config()
+  online, momentum = models.create_networks(config)
+  tx = step_lib.create_optimizer(config, step_lib.learning_rate_schedule(config, 1, 1))
+  state = jax.device_get(jax.jit(lambda: step_lib.create_train_state(
+      jax.random.key(1), online, momentum, tx, (16, 16, 3)))())
+  paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(state.momentum_params))
+  index = next(i for i, p in enumerate(paths) if 'encoder' in jax.tree_util.keystr(p)
+               and 'kernel' in jax.tree_util.keystr(p))
+  leaves = [np.array(x) for x in leaves]
+  leaves[index].reshape(-1)[0] = np.nan
+  state = state.replace(step=np.asarray(8, np.int32), momentum_params=jax.tree.unflatten(
+      jax.tree.structure(state.momentum_params), leaves))
+  workdir = tmp_path_factory.mktemp('nan_run')
+  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  checkpoints = checkpoints_lib.Checkpoints(workdir / 'checkpoints', 3)
+  checkpoints.save(8, state)
+  checkpoints.close()
+  return workdir
+
+
+@pytest.mark.parametrize('args,words', [
+    (['--eval=knn'], "the encoding features of split 'train' are non-finite (NaN/Inf) in 64 "
+     'of 64 rows'),
+    (['--eval=knn', '--knn_ks=1000'], 'every k exceeds the 64 examples of the kNN memory bank'),
+    (['--eval=linear', '--linear_epochs=0'], '--linear_epochs must be positive, or -1'),
+], ids=['nonfinite_features', 'knn_k_above_bank', 'zero_linear_epochs'])
+def test_evaluate_refuses(eval_workdir, tmp_path, args, words):
+  from test_evaluate_cli import run_cli
+  before = snapshot(eval_workdir)
+  start = time.perf_counter()
+  proc = run_cli(f'--checkpoint={eval_workdir}', f'--output={tmp_path}/out', '--batch_size=16',
+                 *args, devices=2)
+  seconds = time.perf_counter() - start
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = error_line(proc)
+  assert words in line, line
+  assert not (tmp_path / 'out').exists() and snapshot(eval_workdir) == before
+  print(f'\n[faults] evaluate {" ".join(args)}: exit 2 in {seconds:.1f} s: {line}')
+
+
+@pytest.mark.parametrize('flag', ['--config.run_steps=-5', '--config.run_steps=0',
+                                  '--config.num_train_steps=0', '--config.steps_per_epoch=-2',
+                                  '--config.knn_max_train_examples=0'])
+def test_sentinel_fields_accept_only_minus_one_or_positive(env, tmp_path, flag):
+  proc = train(env, tmp_path / 'run', flag)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  name = flag.split('.')[1].split('=')[0]
+  assert f'{name} must be positive, or -1 (unset)' in error_line(proc)
+  assert not (tmp_path / 'run').exists()
+  print(f'\n[faults] {flag}: exit 2 in {proc.seconds:.1f} s')
