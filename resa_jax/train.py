@@ -39,9 +39,6 @@ from resa_jax import train_metrics
 from resa_jax import validation
 
 
-# The authors' CIFAR metric is reported for these (datasets.CIFAR_DATASETS; not imported
-# here so that a bad config fails before TensorFlow).
-CIFAR_DATASETS = ('cifar10', 'cifar10_jpeg', 'cifar100')
 # results.json / history.json names of each kNN metric's curve.
 _KNN_CURVES = {'knn_top1': 'knn', 'knn5_euclidean_top1': 'knn5_euclidean'}
 
@@ -61,7 +58,7 @@ def knn_accuracies(config, mesh, feature_fn, num_classes: int) -> dict[str, floa
   examples when that is > 0), the queries config.eval_split, both without
   augmentation.  `feature_fn` maps a global image batch to (B, D) features.
   """
-  from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from resa_jax import datasets, input_pipeline  # pylint: disable=g-import-not-at-top  (TF)
   from resa_jax.evaluate import features, knn  # pylint: disable=g-import-not-at-top
   bank_batches = input_pipeline.create_eval_iterator(config, mesh, config.eval_train_split,
                                                     resize_method='bicubic')
@@ -77,7 +74,7 @@ def knn_accuracies(config, mesh, feature_fn, num_classes: int) -> dict[str, floa
   result = knn.knn_weighted(bank, bank_labels, queries, query_labels, num_classes,
                             ks=(config.knn_k,), temperature=config.knn_temperature)
   accuracies = {'knn_top1': float(result[f'top1_k{config.knn_k}'])}
-  if config.dataset in CIFAR_DATASETS:
+  if config.dataset in datasets.CIFAR_DATASETS:
     accuracies['knn5_euclidean_top1'] = knn.knn_majority(bank, bank_labels, queries,
                                                          query_labels, num_classes, k=5)
   return accuracies
