@@ -12,6 +12,7 @@ import sys
 from absl import flags
 from absl import logging
 
+from resa_jax import interrupts
 from resa_jax import reporting
 
 FLAGS = flags.FLAGS
@@ -41,17 +42,37 @@ def define_multihost_flags() -> None:
 
 def initialize_distributed() -> None:
   """jax.distributed from the multi-host flags (a one-line error on a bad combination);
-  then only process 0 prints progress (the others' errors still show)."""
+  then only process 0 prints progress (the others' errors still show).
+
+  One process: SIGTERM/SIGINT are watched from here on (`interrupts.watch`, before JAX
+  starts its threads).  Several: SIGTERM goes to JAX's preemption service instead.
+  """
   import os  # pylint: disable=g-import-not-at-top
   from resa_jax import sharding  # pylint: disable=g-import-not-at-top
+  interrupts.watch()
   try:
-    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                    FLAGS.process_id, force=FLAGS.distributed)
+    if sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                       FLAGS.process_id, force=FLAGS.distributed):
+      interrupts.unwatch()
   except ValueError as e:
     fail(e)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() > 0:
     sys.stdout = open(os.devnull, 'w')  # pylint: disable=consider-using-with
+
+
+def run(main) -> None:
+  """`app.run(main)` with this module's flag parsing, and one line for a stop signal
+  outside the training steps (those save first and exit themselves, see
+  resa_jax/interrupts.py): exit 130 (SIGINT) or 143 (SIGTERM)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  interrupts.running()
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except interrupts.Stopped as e:
+    interrupts.acknowledge()
+    fail(f'{e}: stopped outside the training steps, nothing to save (finished '
+         'checkpoints and result files are kept)', code=e.exit_code)
 
 
 def quiet_logging() -> None:

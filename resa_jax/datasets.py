@@ -268,6 +268,9 @@ def _image_folder_source(config) -> Source:
   if not root or not tf.io.gfile.isdir(os.path.join(root, 'train')):
     raise DatasetNotFoundError(f'image_folder: no train/ folder in {root!r}: {hint}')
   builder = tfds.folder_dataset.ImageFolder(root)
+  for split in dict.fromkeys((config.train_split, config.eval_train_split, config.eval_split)):
+    if split in builder.info.splits:
+      _check_some_decode(builder, split, root)
 
   def read(split, process_index, process_count, shuffle_seed, exact_shards):
     del shuffle_seed, exact_shards  # ImageFolder's own file shuffle is unseeded.
@@ -285,6 +288,23 @@ def _image_folder_source(config) -> Source:
       num_classes=builder.info.features['label'].num_classes,
       image_shape=(None, None, 3), mean=_IMAGENET_MEAN_STD[0],
       std=_IMAGENET_MEAN_STD[1], may_fail_decoding=True)
+
+
+def _check_some_decode(builder, split: str, root: str, probe: int = 32) -> None:
+  """DatasetNotFoundError unless one of the split's first `probe` files decodes: the
+  pipelines drop undecodable images, so a split of none would never yield a batch."""
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()}).take(probe)
+  tried = 0
+  for example in ds:
+    tried += 1
+    try:
+      tf.io.decode_image(example['image'], channels=3, expand_animations=False)
+      return
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
+      continue
+  raise DatasetNotFoundError(f'image_folder: none of the first {tried} images of '
+                             f'{os.path.join(root, split)} decodes (jpeg, png, gif, bmp)')
 
 
 def _fake_source(config) -> Source:

@@ -5,14 +5,20 @@
 
 Flags only; the work is `resa_jax.train.train_and_evaluate`.  A bad config or
 missing data ends with a one-line `error: ...` and exit code 2 before anything is
-written; a diverged run with exit code 3, keeping its last good checkpoint.
+written; a diverged run with exit code 3, keeping its last good checkpoint; SIGTERM or
+Ctrl-C with 143 or 130, after saving the steps done since the last checkpoint
+(resa_jax/interrupts.py).
 """
 
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-from absl import app  # noqa: E402
+from resa_jax import interrupts  # noqa: E402
+
+if __name__ == '__main__':
+  interrupts.watch()  # SIGTERM / Ctrl-C from here on: one line, nothing lost
+
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -43,4 +49,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

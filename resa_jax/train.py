@@ -10,8 +10,9 @@ averaged, written through clu and printed as the progress line).  Every
 `results.json` and `training_curves.png` (`reporting`).
 
 Exit paths: a NaN/Inf loss or state raises `TrainingDivergedError` before the bad
-state is saved; SIGTERM (or, multi-host, JAX's preemption sync point) saves and
-exits with 143; `config.run_steps` stops early with a checkpoint.
+state is saved; SIGTERM or Ctrl-C (or, multi-host, JAX's preemption sync point) saves
+and exits with 143 or 130 (`interrupts`); `config.run_steps` stops early with a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import json
 import math
 import pathlib
 import signal
-import threading
 import time
 from typing import Any
 
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resa_jax import checkpoints as checkpoints_lib
+from resa_jax import interrupts
 from resa_jax import reporting
 from resa_jax import run_dir
 from resa_jax import sharding
@@ -211,11 +212,29 @@ def _measure_baselines(run: _Run, features_of) -> None:
 
 # ----------------------------------------------------------------- loop ----
 
+def _periodic_knn(run: _Run, writer, features_of, step: int) -> None:
+  """The loop's kNN of the momentum encoder after `step`, into history and TensorBoard;
+  a stop signal during it ends it (the loop then saves `step`)."""
+  epoch = step / run.steps_per_epoch
+  try:
+    with interrupts.not_polling():
+      accuracies = knn_accuracies(eval_config(run.config), run.mesh, features_of(run.state),
+                                  run.info.num_classes)
+  except interrupts.Stopped:
+    return
+  for name, accuracy in accuracies.items():
+    run.history.setdefault(_KNN_CURVES[name], []).append((epoch, accuracy))
+  writer.write_scalars(step, accuracies)
+  print(f'epoch {epoch:.2f}: kNN top-1 {accuracies["knn_top1"]:.2f}% (k={run.config.knn_k})'
+        + (f', 5-NN Euclidean {accuracies["knn5_euclidean_top1"]:.2f}%'
+           if 'knn5_euclidean_top1' in accuracies else ''), flush=True)
+
+
 def _train(run: _Run, writer, features_of) -> tuple[int, MetricsLog, list[float]]:
   """Steps from run.start_step until the end, run_steps or a stop signal.
 
-  Returns (last step, its MetricsLog, checkpoint blocking seconds).  SIGTERM
-  saves and raises SystemExit(143).
+  Returns (last step, its MetricsLog, checkpoint blocking seconds).  SIGTERM or
+  SIGINT (resa_jax/interrupts.py) saves and raises SystemExit(143 or 130).
   """
   from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
   config, history = run.config, run.history
@@ -227,12 +246,9 @@ def _train(run: _Run, writer, features_of) -> tuple[int, MetricsLog, list[float]
                    total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
                    checkpoint_dir=run.workdir / 'checkpoints')
   has_labels = run.info.num_classes > 0 and config.knn_every_epochs > 0
-  stop_requested = []
   # Multi-host: saving is collective, so all processes must stop at the same step;
   # JAX's preemption service (jax.distributed) catches SIGTERM there and picks it.
   multihost = jax.process_count() > 1
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True)) \
-      if _is_main_thread() and not multihost else None
   run_start, prior_wall_time = time.time(), float(history.get('wall_time', 0.0))
   checkpoint_seconds = []
 
@@ -248,38 +264,34 @@ def _train(run: _Run, writer, features_of) -> tuple[int, MetricsLog, list[float]
   stop_at = (run.total_steps if config.run_steps <= 0
              else min(run.total_steps, run.start_step + config.run_steps))
   try:
-    while step < stop_at:
-      run.state, metrics = step_fn(run.state, next(train_iter)['views'])
-      step += 1
-      log.add(step, metrics)
-      if step == run.start_step + 1 or step % config.log_every_steps == 0 \
-          or step == run.total_steps:  # the first step compiles: time from its end
-        log.flush(step)
-      epoch_done = step % run.steps_per_epoch == 0 or step == run.total_steps
-      epoch = step / run.steps_per_epoch
-      if (has_labels and epoch_done and
-          (round(epoch) % config.knn_every_epochs == 0 or step == run.total_steps)):
-        log.flush(step)
-        accuracies = knn_accuracies(eval_config(config), run.mesh, features_of(run.state),
-                                    run.info.num_classes)
-        for name, accuracy in accuracies.items():
-          history.setdefault(_KNN_CURVES[name], []).append((epoch, accuracy))
-        writer.write_scalars(step, accuracies)
-        print(f'epoch {epoch:.2f}: kNN top-1 {accuracies["knn_top1"]:.2f}% (k={config.knn_k})'
-              + (f', 5-NN Euclidean {accuracies["knn5_euclidean_top1"]:.2f}%'
-                 if 'knn5_euclidean_top1' in accuracies else ''), flush=True)
-        log.restart_clock()  # do not count eval as training
-      if step % config.checkpoint_every_steps == 0 or step == run.total_steps:
-        save(step)
-      if stop_requested or (multihost and _reached_preemption_sync_point(step)):
-        if run.checkpoints.manager.latest_step() != step:  # not saved just above
+    with interrupts.polling(install_handlers=not multihost):
+      while step < stop_at:
+        run.state, metrics = step_fn(run.state, next(train_iter)['views'])
+        step += 1
+        log.add(step, metrics)
+        if step == run.start_step + 1 or step % config.log_every_steps == 0 \
+            or step == run.total_steps:  # the first step compiles: time from its end
+          log.flush(step)
+        epoch_done = step % run.steps_per_epoch == 0 or step == run.total_steps
+        if (has_labels and epoch_done and (round(step / run.steps_per_epoch)
+                                           % config.knn_every_epochs == 0
+                                           or step == run.total_steps)):
+          log.flush(step)
+          _periodic_knn(run, writer, features_of, step)  # a stop signal ends it at once
+          log.restart_clock()  # do not count eval as training
+        if step % config.checkpoint_every_steps == 0 or step == run.total_steps:
           save(step)
-        run.checkpoints.close()
-        print(f'SIGTERM at step {step}: checkpoint saved, exiting', flush=True)
-        raise SystemExit(143)
+        signum = interrupts.requested() or (
+            signal.SIGTERM if multihost and _reached_preemption_sync_point(step) else None)
+        if signum is not None:
+          interrupts.acknowledge()
+          if run.checkpoints.manager.latest_step() != step:  # not saved just above
+            save(step)
+          run.checkpoints.close()
+          print(f'{interrupts.signal_name(signum)} at step {step}: checkpoint saved, '
+                'exiting', flush=True)
+          raise SystemExit(128 + signum)
   finally:
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
     run.checkpoints.wait()
   if step < run.total_steps and run.checkpoints.manager.latest_step() != step:
     save(step)  # config.run_steps reached: checkpoint and leave
@@ -383,5 +395,3 @@ def _reached_preemption_sync_point(step: int) -> bool:
   return multihost_utils.reached_preemption_sync_point(step)
 
 
-def _is_main_thread() -> bool:
-  return threading.current_thread() is threading.main_thread()

@@ -345,6 +345,27 @@ def test_image_folder(tmp_path, mesh):
   assert_same_batches(host_batches(config, 2, start_step=2), full[2:])
 
 
+def test_image_folder_of_undecodable_files_is_refused_at_once(tmp_path):
+  for split in ('train', 'val'):
+    for label in ('ant', 'bee'):
+      (tmp_path / split / label).mkdir(parents=True)
+      for i in range(3):
+        (tmp_path / split / label / f'{i}.jpg').write_bytes(b'not an image')
+  config = small_config(dataset='image_folder', data_dir=str(tmp_path), eval_split='val')
+  with pytest.raises(datasets.DatasetNotFoundError,
+                     match=r'none of the first 6 images of .*train decodes'):
+    datasets.dataset_info(config)
+  _write_image_folder(tmp_path / 'good')  # one good train image is enough; val has none
+  for label in ('ant', 'bee'):
+    (tmp_path / 'good' / 'val' / label / '0.png').write_bytes(b'broken')
+  config.data_dir = str(tmp_path / 'mixed')
+  (tmp_path / 'mixed').mkdir()
+  (tmp_path / 'good' / 'train').rename(tmp_path / 'mixed' / 'train')
+  (tmp_path / 'val').rename(tmp_path / 'mixed' / 'val')
+  with pytest.raises(datasets.DatasetNotFoundError, match=r'of .*mixed/val decodes'):
+    datasets.dataset_info(config)
+
+
 def test_missing_data_raises_dataset_not_found(tmp_path):
   config = small_config(dataset='image_folder', data_dir=str(tmp_path / 'nowhere'))
   with pytest.raises(datasets.DatasetNotFoundError, match='train/') as error:

@@ -275,8 +275,8 @@ class PausedRun:
     self.proc.send_signal(signal.SIGKILL)
     return self.proc.wait(TIMEOUT)
 
-  def terminate_and_go_on(self):
-    self.proc.send_signal(signal.SIGTERM)
+  def terminate_and_go_on(self, signum=signal.SIGTERM):
+    self.proc.send_signal(signum)
     time.sleep(0.5)  # let the handler run; then the run takes its next step
     self.go_file.touch()
     return self.proc.wait(TIMEOUT)

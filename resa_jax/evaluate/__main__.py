@@ -12,7 +12,11 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-from absl import app  # noqa: E402
+from resa_jax import interrupts  # noqa: E402
+
+if __name__ == '__main__':
+  interrupts.watch()  # before the imports below start TensorFlow and JAX
+
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -117,4 +121,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)
