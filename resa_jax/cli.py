@@ -7,6 +7,8 @@ error and exit code 2 (bad input) or 3 (a diverged run), never a traceback.
 
 from __future__ import annotations
 
+import os
+import pathlib
 import sys
 
 from absl import flags
@@ -81,12 +83,33 @@ def quiet_logging() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+SHIPPED_CONFIGS = pathlib.Path(__file__).resolve().parent / 'configs'
+
+
+def shipped_config_paths(argv: list[str]) -> list[str]:
+  """`--config=NAME[:args]` naming a shipped config (resa_jax/configs/NAME.py) and not
+  a file here becomes its path; anything else is left as it is."""
+  out = []
+  for arg in argv:
+    name, sep, rest = arg.partition('=')[2].partition(':')
+    if (arg.startswith('--config=') and name.isidentifier() and not os.path.exists(name)):
+      if not (SHIPPED_CONFIGS / f'{name}.py').exists():
+        shipped = sorted(p.stem for p in SHIPPED_CONFIGS.glob('*.py') if p.stem != '__init__')
+        fail(f'--config={name}: no such file and no shipped config of that name (shipped: '
+             f'{", ".join(shipped)})')
+      arg = f'--config={SHIPPED_CONFIGS / name}.py{sep}{rest}'
+    out.append(arg)
+  return out
+
+
 def parse_flags(argv):
   """absl flag parsing with a one-line error (exit 2) instead of usage text.
 
-  Handles what a config flag (`--config=FILE`, `--config.x=y`) can raise: an
-  unknown flag or field, a bad value, a config file that does not load.
+  Handles what a config flag (`--config=FILE` or a shipped config's name,
+  `--config.x=y`) can raise: an unknown flag or field, a bad value, a config file
+  that does not load.
   """
+  argv = shipped_config_paths(argv)
   try:
     rest = FLAGS(argv)
   except flags.Error as e:  # unknown flag or --config.x field, bad value, broken config file
@@ -99,6 +122,12 @@ def parse_flags(argv):
     if isinstance(e, (AttributeError, KeyError)) and unknown:
       fail(f'{unknown[0]}: the config has no field {field!r} (the fields are in '
            'configs/default.py)')
+    nested = [a.split('=')[0] for a in argv if a.startswith('--config.') and
+              a.split('=')[0].count('.') > 1]
+    if isinstance(e, (AttributeError, TypeError)) and nested:  # --config.arch.name=...
+      top = nested[0].split('.')[1]
+      fail(f'{nested[0]}: config field {top!r} has no sub-fields (every field is flat; '
+           f'set it as --config.{top}=VALUE, see configs/default.py)')
     fail(f'cannot load the config: {type(e).__name__}: {reporting.first_line(e)}')
   if 'config' in FLAGS and FLAGS.config is None:
     fail('--config is required, e.g. --config=configs/fashion_mnist.py')

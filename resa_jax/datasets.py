@@ -17,10 +17,9 @@ CIFAR-10 JPEG snapshot, `config.data_dir` = the archive or its folder, default
 100 classes of resa_jax/data/imagenet100_classes.txt, relabelled 0..99 in sorted
 synset order), image_folder (`<data_dir>/{train,val}/<class>/<image>`, through
 `tfds.folder_dataset.ImageFolder`; undecodable images are skipped) and fake (random
-uint8 images, no TFDS; for benchmarks and tests).  A TFDS dataset that is not
-prepared is prepared on first use where that can work (single process,
-config.tfds_download), as `tfds.load` does; otherwise `DatasetNotFoundError` says how
-to prepare it.
+uint8 images, no TFDS; for benchmarks and tests).  A TFDS dataset not prepared is
+prepared on first use where that can work (single process, config.tfds_download), as
+`tfds.load` does; otherwise `DatasetNotFoundError` says how to prepare it.
 """
 
 from __future__ import annotations
@@ -41,15 +40,7 @@ from resa_jax import local_data
 from resa_jax import reporting
 
 
-def _hide_accelerators_from_tf() -> None:
-  """TF only feeds the host; JAX owns the GPUs (and their memory)."""
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except RuntimeError:  # TF already initialised its devices: nothing to do safely.
-    pass
-
-
-_hide_accelerators_from_tf()
+local_data.hide_accelerators_from_tf()
 
 DATASETS = ('fashion_mnist', 'cifar10', 'cifar10_jpeg', 'cifar100', 'stl10', 'imagenet2012',
             'imagenet100', 'image_folder', 'fake')
@@ -269,8 +260,12 @@ def _image_folder_source(config) -> Source:
     raise DatasetNotFoundError(f'image_folder: no train/ folder in {root!r}: {hint}')
   builder = tfds.folder_dataset.ImageFolder(root)
   for split in dict.fromkeys((config.train_split, config.eval_train_split, config.eval_split)):
-    if split in builder.info.splits:
-      _check_some_decode(builder, split, root)
+    if split in builder.info.splits:  # pipelines skip undecodable files: none would hang
+      local_data.check_some_decode(
+          (ex['image'] for ex in builder.as_dataset(
+              split=split, shuffle_files=False,
+              decoders={'image': tfds.decode.SkipDecoding()}).take(32)),
+          os.path.join(root, split), error=DatasetNotFoundError)
 
   def read(split, process_index, process_count, shuffle_seed, exact_shards):
     del shuffle_seed, exact_shards  # ImageFolder's own file shuffle is unseeded.
@@ -288,23 +283,6 @@ def _image_folder_source(config) -> Source:
       num_classes=builder.info.features['label'].num_classes,
       image_shape=(None, None, 3), mean=_IMAGENET_MEAN_STD[0],
       std=_IMAGENET_MEAN_STD[1], may_fail_decoding=True)
-
-
-def _check_some_decode(builder, split: str, root: str, probe: int = 32) -> None:
-  """DatasetNotFoundError unless one of the split's first `probe` files decodes: the
-  pipelines drop undecodable images, so a split of none would never yield a batch."""
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={'image': tfds.decode.SkipDecoding()}).take(probe)
-  tried = 0
-  for example in ds:
-    tried += 1
-    try:
-      tf.io.decode_image(example['image'], channels=3, expand_animations=False)
-      return
-    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
-      continue
-  raise DatasetNotFoundError(f'image_folder: none of the first {tried} images of '
-                             f'{os.path.join(root, split)} decodes (jpeg, png, gif, bmp)')
 
 
 def _fake_source(config) -> Source:

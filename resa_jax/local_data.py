@@ -174,3 +174,25 @@ def load_cifar10_jpeg(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
       raise ValueError(f'{path}: {split} images are {images.shape[1:]}, not 32x32x3')
     arrays[split] = (images, np.asarray([f[0] for f in found], np.int32))
   return arrays
+
+
+def check_some_decode(encoded_images, where: str, *, error=ValueError) -> None:
+  """Raises `error` unless one of `encoded_images` (scalar string tensors) decodes."""
+  tried = 0
+  for encoded in encoded_images:
+    tried += 1
+    try:
+      tf.io.decode_image(encoded, channels=3, expand_animations=False)
+      return
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
+      continue
+  raise error(f'image_folder: none of the first {tried} images of {where} decodes '
+              '(jpeg, png, gif, bmp)')
+
+
+def hide_accelerators_from_tf() -> None:
+  """TF only feeds the host; JAX owns the GPUs (and their memory)."""
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # TF already initialised its devices: nothing to do safely.
+    pass

@@ -142,6 +142,10 @@ def _set_up(config, workdir: pathlib.Path, lock) -> _Run:
   info = datasets.dataset_info(config)  # DatasetNotFoundError before any write
   if info.num_train_examples < 1:
     raise ValueError(f'{config.dataset} split {config.train_split!r} has no examples')
+  if info.num_train_examples < config.batch_size:  # before the baselines and any write
+    raise ValueError(f'{config.dataset} split {config.train_split!r} has '
+                     f'{info.num_train_examples} examples, fewer than one batch of '
+                     f'{config.batch_size}: lower --config.batch_size')
   mesh = sharding.create_mesh()
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
   total_steps = (config.num_train_steps if config.num_train_steps > 0

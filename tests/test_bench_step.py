@@ -6,7 +6,7 @@ import math
 import jax
 import ml_collections
 
-from configs import fake_data_benchmark
+from resa_jax.configs import fake_data_benchmark
 from experiments import bench_step
 
 

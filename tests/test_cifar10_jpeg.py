@@ -11,7 +11,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from configs import cifar10_jpeg
+from resa_jax.configs import cifar10_jpeg
 from resa_jax import datasets, input_pipeline, local_data, sharding
 
 ARCHIVE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'datasets' / 'cifar10_jpeg.tar.gz'

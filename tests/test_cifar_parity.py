@@ -26,7 +26,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
+from resa_jax.configs import default
 from resa_jax import models, sharding
 from resa_jax import step as step_lib
 from resa_jax.models import resnet

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from configs import default
+from resa_jax.configs import default
 from resa_jax import augment, datasets, input_pipeline, sharding
 
 AUTOTUNE = tf.data.AUTOTUNE

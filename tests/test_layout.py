@@ -39,7 +39,9 @@ def module_name(path: pathlib.Path) -> str:
 
 
 def modules() -> dict[str, pathlib.Path]:
-  return {module_name(p): p for p in sorted(PACKAGE.rglob('*.py'))}
+  """The library's modules; the configs (data, not layers) are checked on their own."""
+  return {module_name(p): p for p in sorted(PACKAGE.rglob('*.py'))
+          if p.parent.name != 'configs'}
 
 
 def project_imports(path: pathlib.Path) -> set[str]:
@@ -91,6 +93,16 @@ def test_the_evaluators_never_import_the_trainer():
   for name, path in modules().items():
     if name.startswith('resa_jax.evaluate'):
       assert 'resa_jax.train' not in project_imports(path), name
+
+
+@pytest.mark.parametrize('path', sorted((PACKAGE / 'configs').glob('*.py')), ids=lambda p: p.stem)
+def test_configs_import_only_ml_collections_and_other_configs(path):
+  """Loading a config is cheap (no JAX, no TensorFlow) and works from any directory."""
+  for node in ast.walk(ast.parse(path.read_text())):
+    names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+             [node.module] if isinstance(node, ast.ImportFrom) else [])
+    for name in names:
+      assert name == 'ml_collections' or name.startswith('resa_jax.configs'), (path, name)
 
 
 def test_sinkhorn_imports_nothing_but_jax():

@@ -17,6 +17,7 @@ known step, with whatever checkpoint writes are still in flight.
 """
 
 import concurrent.futures
+import importlib.util
 import json
 import os
 import pathlib
@@ -91,6 +92,14 @@ def train(env, workdir, *overrides):
   return run(env, f'--config={TINY}', f'--workdir={workdir}', *RUN_FLAGS, *overrides)
 
 
+def tiny_config():
+  """tests/configs/tiny.py's config, loaded from its path as --config=TINY does."""
+  spec = importlib.util.spec_from_file_location('tiny_config', TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def checkpoint_steps(workdir) -> list[int]:
   """Finalised checkpoints (orbax writes <step>.orbax-checkpoint-tmp-* then renames)."""
   folder = pathlib.Path(workdir) / 'checkpoints'
@@ -117,10 +126,8 @@ def error_line(proc) -> str:
 @pytest.fixture(scope='module')
 def template():
   """Abstract TrainState of the tiny config (shapes only; nothing computed)."""
-  sys.path.insert(0, str(ROOT / 'tests'))
-  from configs import tiny
   from resa_jax import models, step as step_lib
-  config = tiny.get_config()
+  config = tiny_config()
   online, momentum = models.create_networks(config)
   tx = step_lib.create_optimizer(config, step_lib.learning_rate_schedule(config, 4, 12))
   return jax.eval_shape(lambda: step_lib.create_train_state(
@@ -498,6 +505,11 @@ BAD_INPUT = [
     ('image_folder_missing', ['--config.dataset=image_folder', '--config.data_dir={tmp}/no_data'],
      'no train/ folder'),
     ('empty_dataset', ['--config.fake_num_examples=0'], 'has no examples'),
+    ('batch_larger_than_dataset', ['--config.batch_size=128'],
+     'has 64 examples, fewer than one batch of 128'),
+    ('nested_override', ['--config.arch.name=resnet18'],
+     "--config.arch.name: config field 'arch' has no sub-fields"),
+    ('unknown_shipped_config', ['--config=cifar11'], 'no shipped config of that name'),
     ('workdir_is_a_file', ['--workdir={tmp}/a_file'], 'is not a directory'),
 ]
 
@@ -537,6 +549,24 @@ def test_bad_input_one_line_exit_2_nothing_written(bad_input_runs, name, args, w
   assert not (tmp / 'run').exists()
   assert sorted(p.name for p in tmp.iterdir()) == ['a_file', 'broken.py']
   assert (tmp / 'a_file').read_text() == 'not a folder\n'
+
+
+def test_configs_load_from_any_directory_by_path_or_name(env, tmp_path):
+  """A config path outside the checkout, or a shipped config's name, from another
+  directory (the configs import resa_jax.configs, not a top-level `configs`)."""
+  mine = tmp_path / 'my_config.py'
+  mine.write_text('from resa_jax.configs import fashion_mnist\n\n\ndef get_config():\n'
+                  '  config = fashion_mnist.get_config()\n  config.batch_size = 0\n'
+                  '  return config\n')
+  for config, flags, words in ((ROOT / 'configs' / 'cifar10.py', ['--config.base_lr=-1'],
+                                 'base_lr must be positive'),
+                                ('cifar10', ['--config.base_lr=-1'], 'base_lr must be positive'),
+                                (mine, [], 'batch_size must be positive')):
+    proc = subprocess.run([sys.executable, '-m', 'resa_jax.main', f'--config={config}', *flags,
+                           f'--workdir={tmp_path}/run'], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 2 and words in error_line(proc), proc.stderr[-2000:]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['my_config.py']
 
 
 def test_checkpoint_of_another_architecture_is_refused(env, reference, tmp_path):
@@ -604,10 +634,8 @@ def test_convert_refuses_another_architectures_checkpoint(env, tmp_path):
 
 
 def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-  sys.path.insert(0, str(ROOT / 'tests'))
-  from configs import tiny
   from resa_jax import train as train_lib
   monkeypatch.chdir(tmp_path)
   with pytest.raises(ValueError, match='is a URL; it must be a local or mounted path'):
-    train_lib.train_and_evaluate(tiny.get_config(), 'gs://bucket/run')
+    train_lib.train_and_evaluate(tiny_config(), 'gs://bucket/run')
   assert not list(tmp_path.iterdir())  # no local 'gs:' folder

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import default
+from resa_jax.configs import default
 from resa_jax import models
 from resa_jax import step as step_lib
 

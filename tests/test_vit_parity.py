@@ -173,7 +173,7 @@ def _torch_heads(dim, mlp_dim, emb_dim):
 def test_full_checkpoint_with_vit_heads(converted, vectors):
   import ml_collections
   import torch
-  from configs import default
+  from resa_jax.configs import default
   from resa_jax import models
   name, (encoder, enc_vars, _, state_dict) = next(iter(converted.items()))
   mlp_dim, emb_dim = 64, 32

@@ -1,6 +1,6 @@
 """A tiny config for end-to-end tests: fake 16x16 data, a width-4 ResNet-18, 8 steps."""
 
-from configs import default
+from resa_jax.configs import default
 
 
 def get_config():

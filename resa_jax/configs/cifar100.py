@@ -11,7 +11,7 @@ not measured by us): 72.21% linear, 66.83% kNN.  Evaluation uses the fine labels
 clustering analysis (resa_jax.evaluate) also reports the 20 coarse superclasses.
 """
 
-from configs import cifar10
+from resa_jax.configs import cifar10
 
 
 def get_config():

@@ -9,7 +9,7 @@ recipe, so there are no reference numbers.  kNN: train split (5k labelled) as
 memory bank, test split (8k) as queries.
 """
 
-from configs import cifar10
+from resa_jax.configs import cifar10
 
 
 def get_config():

@@ -24,7 +24,7 @@ dataset='fake' keeps the config runnable by the training loop as well
 which then also exercises the input pipeline; labels are random, so kNN is off.
 """
 
-from configs import default
+from resa_jax.configs import default
 
 
 def get_config():

@@ -9,7 +9,7 @@ adaptation of the ImageNet recipe (the authors do not publish one for this
 subset); not yet measured by us.
 """
 
-from configs import imagenet
+from resa_jax.configs import imagenet
 
 
 def get_config():

@@ -24,7 +24,7 @@ weight decay 1e-4, cosine to 0.1 x lr, float32):
 Measured (ours): experiments/RESULTS.md "CIFAR-10 (JPEG snapshot), 2-core CPU".
 """
 
-from configs import cifar10_jpeg
+from resa_jax.configs import cifar10_jpeg
 
 
 def get_config():

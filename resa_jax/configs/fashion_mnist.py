@@ -15,7 +15,7 @@ no blur (28 px); ReSA's tau and epsilon as the authors', lr, EMA and crop scale
 tuned for a 1.5-epoch run.
 """
 
-from configs import default
+from resa_jax.configs import default
 
 
 def get_config():

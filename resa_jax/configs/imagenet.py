@@ -20,7 +20,7 @@ the step throughput).
 The recipe is configs/default.py's; this file adds only the bookkeeping of a long run.
 """
 
-from configs import default
+from resa_jax.configs import default
 
 
 def get_config():

@@ -22,7 +22,7 @@ GPU time yet).  Offline, configs/cifar10_jpeg.py runs the same recipe on the JPE
 snapshot.
 """
 
-from configs import default
+from resa_jax.configs import default
 
 
 def get_config():

@@ -11,7 +11,7 @@ Hardware, recipe and the authors' flags as configs/cifar10.py.  Results on this 
 Euclidean.  Accuracy of a full run: not measured by us yet.
 """
 
-from configs import cifar10
+from resa_jax.configs import cifar10
 
 
 def get_config():
