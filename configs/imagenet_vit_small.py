@@ -32,6 +32,11 @@ What their code does with these (main.py and src/utils.py `build_optimizer`, 862
 Their warm-up is np.linspace(0, lr, W) (reaches lr at step W - 1); ours reaches it at
 step W, a relative difference of 1 / W (2e-5 here) during the warm-up only.
 
+Evaluation (`python -m resa_jax.evaluate`): for ViTs the ImageNet linear probe uses
+their eval_linear.py ViT input, the class tokens of the last 4 blocks (ViT-B: the last
+block's plus the mean patch token) and base lr 0.03 (scripts/eval/linear_vits.sh);
+kNN uses the class token after the final norm.
+
 Expected accuracy (the AUTHORS' numbers for their released ViT-S/16 checkpoint, README
 at commit 08b8493, not measured by us): linear 72.7% / kNN 68.3% top-1.
 """

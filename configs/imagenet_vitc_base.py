@@ -12,7 +12,10 @@ only the encoder differs.  Their ViT-B command (scripts/vitb16_ep300.sh, commit
 e9e46a0: 4 GPUs x 256, 300 epochs, their ViT defaults) with the architecture swapped:
     torchrun --nproc_per_node=4 main.py --arch vitc_base --epochs 300 --batch_size 256
 (no ViTC script was among the versions of their repository we could read).  No
-gradient clipping, drop path 0, as theirs.
+gradient clipping, drop path 0, as theirs.  Linear probe: their ViT-B evaluation
+(scripts/eval/eval_linear_vitb.sh, commit 2adbb29): --n_last_blocks 1
+--avgpool_patchtokens --lr_classifier 0.03, which `python -m resa_jax.evaluate` uses
+for *_base ViTs by default.
 
 Expected accuracy (the AUTHORS' numbers for their released ViTC-B/16 checkpoint, as
 SPEC.md quotes their README until April 2025; we could not read that README version):

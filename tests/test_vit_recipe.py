@@ -1,8 +1,9 @@
 """The authors' ViT recipe as configs: they validate, their lr schedule and AdamW are the
 authors' (winci-ai/resa main.py, src/utils.py, args.py; configs/imagenet_vit_small.py
-names the commits).
+names the commits), and the ViT linear-probe defaults of `python -m resa_jax.evaluate`.
 
-Nothing here trains: the references are the authors' formulas written out in NumPy."""
+The references are the authors' formulas written out in NumPy; the only training is two
+steps of a linear head on a tiny ViT."""
 
 import importlib
 
@@ -15,6 +16,10 @@ import pytest
 from resa_jax import models
 from resa_jax import step as step_lib
 from resa_jax import validation
+from resa_jax.evaluate import common
+from resa_jax.evaluate import linear
+from resa_jax.evaluate import run
+from resa_jax.models import vit
 
 VIT_CONFIGS = ('imagenet_vit_small', 'imagenet_vitc_small', 'imagenet_vitc_base',
                'imagenet_vit_small_multicrop')
@@ -115,3 +120,77 @@ def test_adamw_is_torch_adamw_on_every_trainable_parameter():
     want = p * (1 - lr * wd) - lr * m_hat / (np.sqrt(v_hat) + 1e-8)
     np.testing.assert_allclose(q, want, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
   assert frozen == 3  # patch conv kernel and bias, pos_embed
+
+
+@pytest.mark.parametrize('arch, batch, overrides, want', [
+    ('vit_small', 1024, {}, (0.03, 4, False)),
+    ('vitc_small', 1024, {}, (0.03, 4, False)),
+    ('vit_base', 1024, {}, (0.03, 1, True)),
+    ('vitc_base', 256, {}, (0.03, 1, True)),
+    ('vit_small', 1024, dict(linear_n_last_blocks=2, linear_avgpool_patchtokens=True,
+                             linear_lr=0.1), (0.1, 2, True)),
+    ('vitc_base', 1024, dict(linear_avgpool_patchtokens=False), (0.03, 1, False)),
+    ('resnet50', 1024, {}, (40.0, None, None)),
+    ('resnet50', 256, {}, (10.0, None, None)),
+])
+def test_linear_probe_recipe(arch, batch, overrides, want):
+  config = _config('imagenet_vit_small')
+  config.arch, config.batch_size = arch, batch
+  recipe = run.linear_probe_recipe(config, run.Options(evaluations=(), **overrides), None)
+  assert (recipe['base_lr'], recipe['n_last_blocks'], recipe['avgpool_patchtokens']) == want
+
+
+def test_linear_probe_recipe_misfits():
+  config = _config('imagenet_vit_small')
+  with pytest.raises(common.EvaluationError, match='has 12 blocks'):
+    run.linear_probe_recipe(config, run.Options(evaluations=(), linear_n_last_blocks=13), None)
+  config.arch = 'resnet50'
+  with pytest.raises(common.EvaluationError, match='for ViT encoders'):
+    run.linear_probe_recipe(config, run.Options(evaluations=(), linear_n_last_blocks=4), None)
+  with pytest.raises(ValueError, match='linear_n_last_blocks'):
+    run.Options(evaluations=(), linear_n_last_blocks=0).check()
+
+
+def test_vit_probe_input_is_the_encoders_linear_features(monkeypatch):
+  """The probe's `net.apply` method on the evaluation network (encoder + ViT projector)
+  gives what the encoder's own `linear_features` gives, (B, (n + 1) D)."""
+  monkeypatch.setitem(vit.ARCHITECTURES, 'vit_small', (32, 3, 2, False))
+  config = _config('imagenet_vit_small')
+  config.update(dict(mlp_dim=16, emb_dim=8, dtype='float32'))
+  _, net = models.create_networks(config)
+  images = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, 3)), jnp.float32)
+  variables = net.init(jax.random.key(0), images, train=False)
+  got = net.apply(variables, images, method=linear.vit_probe_input(2, True))
+  encoder = models.create_encoder(config)
+  want = encoder.apply({'params': variables['params']['encoder']}, images, 2, True,
+                       method=vit.VisionTransformer.linear_features)
+  assert got.shape == (2, 3 * 32)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # The last D values of the class-token part are the encoding (the class token, final norm).
+  encoding = net.apply(variables, images, method='encode')
+  np.testing.assert_allclose(np.asarray(got[:, 32:64]), np.asarray(encoding), rtol=1e-6,
+                             atol=1e-6)
+
+
+def test_linear_probe_trains_on_a_bn_free_vit(monkeypatch):
+  """train_classifier with the ViT probe input on a tiny plain ViT (no batch_stats at
+  all): the head is sized for the (n + 1) D input and learns without error."""
+  from resa_jax.evaluate import model as model_lib
+  monkeypatch.setitem(vit.ARCHITECTURES, 'vit_small', (16, 2, 2, False))
+  config = _config('imagenet_vit_small')
+  config.update(dict(mlp_dim=16, emb_dim=8, dtype='float32'))
+  _, net = models.create_networks(config)
+  rng = np.random.default_rng(2)
+  batch = lambda: {'image': rng.normal(size=(4, 16, 16, 3)).astype(np.float32),
+                   'label': rng.integers(0, 3, size=(4,)).astype(np.int32),
+                   'mask': np.ones((4,), bool)}
+  variables = net.init(jax.random.key(0), batch()['image'], train=False)
+  assert 'batch_stats' not in variables
+  model = model_lib.Model(net=net, variables={'params': variables['params'], 'batch_stats': {}},
+                          source={})
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  eval_set = [batch()]
+  result = linear.train_classifier(
+      model, mesh, iter(lambda: batch(), None), lambda: iter(eval_set), num_classes=3,
+      steps_per_epoch=2, epochs=1, head_lr=0.1, encode=linear.vit_probe_input(2, True))
+  assert np.isfinite(result['train_loss']) and result['num_eval'] == 4 and result['steps'] == 2
