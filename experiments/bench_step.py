@@ -4,6 +4,10 @@
         [--steps=20] [--warmup=3] [--noparts] [--torch] [--write] \
         [--config.batch_size=128 ...]
     python experiments/bench_step.py --rerender   # RESULTS.md from the stored rows
+    python experiments/bench_step.py --config=configs/imagenet_vit_small.py \
+        --config.batch_size=256 --noparts   # ViT-S/16: batch 256 on one device, bfloat16
+
+(ViT configs need --noparts: the parts' supervised baseline builds a ResNet.)
 
 The views are random arrays already on the devices (sharded over the batch like
 the input pipeline's), so only the step is measured, never the input pipeline.

@@ -143,9 +143,8 @@ def _set_up(config, workdir: pathlib.Path, lock) -> _Run:
   if info.num_train_examples < 1:
     raise ValueError(f'{config.dataset} split {config.train_split!r} has no examples')
   if info.num_train_examples < config.batch_size:  # before the baselines and any write
-    raise ValueError(f'{config.dataset} split {config.train_split!r} has '
-                     f'{info.num_train_examples} examples, fewer than one batch of '
-                     f'{config.batch_size}: lower --config.batch_size')
+    raise ValueError(f'{config.dataset} split {config.train_split!r} has {info.num_train_examples}'
+                     f' examples, fewer than one batch of {config.batch_size}: lower it')
   mesh = sharding.create_mesh()
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
   total_steps = (config.num_train_steps if config.num_train_steps > 0

@@ -54,7 +54,14 @@ def define_flags() -> None:
   flags.DEFINE_integer('linear_batch_size', defaults.linear_batch_size,
                        '-1: 1000 (features) or 256 (imagenet).')
   flags.DEFINE_float('linear_lr', defaults.linear_lr, 'ImageNet protocol base lr (x batch '
-                     '/ 256); -1: 40 if config.batch_size >= 1024 else 10.')
+                     '/ 256); -1: 0.03 for ViTs, else 40 if pre-trained with batch >= 1024, '
+                     'else 10.')
+  flags.DEFINE_integer('linear_n_last_blocks', defaults.linear_n_last_blocks,
+                       "ViTs' ImageNet probe: class tokens of the last n blocks (their "
+                       '--n_last_blocks); -1: 1 for *_base ViTs, else 4.')
+  flags.DEFINE_bool('linear_avgpool_patchtokens', defaults.linear_avgpool_patchtokens,
+                    "ViTs' ImageNet probe: append the mean patch token (their "
+                    '--avgpool_patchtokens); unset: on for *_base ViTs only.')
   flags.DEFINE_float('semi_fraction', defaults.semi_fraction, 'Labelled fraction: 0.01 or '
                      '0.1 for ImageNet (the shipped lists), any in (0, 1] elsewhere '
                      '(class-balanced, seeded).')
@@ -87,7 +94,9 @@ def options_from_flags() -> run.Options:
       evaluations=evaluations, encoder=flags_.encoder, batch_size=flags_.batch_size,
       knn_ks=knn_ks, linear_protocol=flags_.linear_protocol,
       linear_epochs=flags_.linear_epochs, linear_batch_size=flags_.linear_batch_size,
-      linear_lr=flags_.linear_lr, semi_fraction=flags_.semi_fraction,
+      linear_lr=flags_.linear_lr, linear_n_last_blocks=flags_.linear_n_last_blocks,
+      linear_avgpool_patchtokens=flags_.linear_avgpool_patchtokens,
+      semi_fraction=flags_.semi_fraction,
       semi_epochs=flags_.semi_epochs, semi_batch_size=flags_.semi_batch_size,
       semi_encoder_lr=flags_.semi_encoder_lr, semi_head_lr=flags_.semi_head_lr,
       clustering_samples=flags_.clustering_samples,

@@ -173,13 +173,27 @@ def epoch_lr_factor(schedule: str, epoch, epochs: int):
   raise ValueError(f"schedule must be 'step' or 'cosine', got {schedule!r}")
 
 
-def _classifier_functions(net, mesh: Mesh, *, finetune: bool, num_classes: int, tx):
+def vit_probe_input(n_last_blocks: int, avgpool_patchtokens: bool):
+  """An `SSLNetwork.apply` method: the authors' ViT linear-probe input, eval mode
+  (`VisionTransformer.linear_features`: the class tokens of the last `n_last_blocks`
+  blocks, with `avgpool_patchtokens` the last block's mean patch token), (B, n' D).
+  With the mean token theirs interleaves [cls_0, mean_0, cls_1, ...] (and fails for
+  n > 1); ours concatenates: the same features in another fixed order."""
+  def method(net, images, train=False):
+    del train  # frozen encoder: always eval mode, as their eval_linear.py
+    return net.encoder.linear_features(images, n_last_blocks, avgpool_patchtokens)
+  return method
+
+
+def _classifier_functions(net, mesh: Mesh, *, finetune: bool, num_classes: int, tx,
+                          encode='encode'):
   """The jitted train and eval steps of a linear head on `net`'s encoder.
 
   train: (params, batch_stats, opt_state, frozen, images, labels) -> (params,
   batch_stats, opt_state, loss); eval: (params, batch_stats, frozen, images,
   labels, mask) -> (top-1 hits, top-5 hits, count).  `params` holds 'head' (and
-  'encoder' when fine-tuning); `frozen` the encoder parameters otherwise.
+  'encoder' when fine-tuning); `frozen` the encoder parameters otherwise.  `encode`:
+  the `net.apply` method giving the head's input with the encoder frozen.
   """
 
   def logits_fn(params, batch_stats, frozen, images, train):
@@ -190,7 +204,7 @@ def _classifier_functions(net, mesh: Mesh, *, finetune: bool, num_classes: int, 
                              mutable=['batch_stats'])
       batch_stats = updates['batch_stats']['encoder']
     else:
-      h = lax.stop_gradient(net.apply(variables, images, train=False, method='encode'))
+      h = lax.stop_gradient(net.apply(variables, images, train=False, method=encode))
     logits = h.astype(jnp.float32) @ params['head']['kernel'] + params['head']['bias']
     return logits, batch_stats
 
@@ -294,6 +308,7 @@ def train_classifier(
     schedule: str = 'step',
     seed: int = 0,
     label: str = 'classifier',
+    encode='encode',
 ) -> dict[str, Any]:
   """Trains a linear classifier on the encoder, then measures it on `eval_batches`.
 
@@ -313,6 +328,8 @@ def train_classifier(
     eval_batches: a function giving one pass of {'image', 'label', 'mask'} (the
       evaluation pipeline); called after every epoch, as the authors validate.
     head_lr, encoder_lr: learning rates already scaled by batch / 256.
+    encode: the `net.apply` method giving the head's input with the encoder frozen:
+      'encode' (the encoding), or `vit_probe_input(...)` (the authors' ViT probe).
 
   Returns:
     `best_and_last` of the per-epoch accuracies ('top1_last', 'top5_last',
@@ -321,14 +338,14 @@ def train_classifier(
   """
   finetune, net = encoder_lr is not None, model.net
   encoder_params = model.variables['params']['encoder']
-  batch_stats = model.variables['batch_stats']['encoder']
+  batch_stats = model.variables['batch_stats'].get('encoder', {})  # {}: a BN-free ViT
   train_batches = iter(train_batches)
   first = next(train_batches, None)
   if first is None:
     raise common.EvaluationError(f'{label}: the training input is empty')
   dim = jax.eval_shape(lambda v: net.apply(
       v, jnp.zeros((1,) + tuple(first['image'].shape[1:]), first['image'].dtype), train=False,
-      method='encode'), {'params': {'encoder': encoder_params},
+      method='encode' if finetune else encode), {'params': {'encoder': encoder_params},
                          'batch_stats': {'encoder': batch_stats}}).shape[-1]
   replicated = sharding.replicated_sharding(mesh)
   params = {'head': jax.jit(functools.partial(_init_head, dim=dim, num_classes=num_classes),
@@ -339,7 +356,7 @@ def train_classifier(
                              steps_per_epoch=steps_per_epoch, epochs=epochs)
   opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
   step_fn, eval_fn = _classifier_functions(net, mesh, finetune=finetune,
-                                           num_classes=num_classes, tx=tx)
+                                           num_classes=num_classes, tx=tx, encode=encode)
 
   counted = []
 

@@ -165,7 +165,7 @@ def _load_converted(config, path: pathlib.Path, net, mesh: Mesh, encoder: str,
   size = int(config.crops_size[0])
   expected = jax.eval_shape(lambda: net.init(
       jax.random.key(0), jnp.zeros((2, size, size, image_channels)), train=False))
-  expected = _select_parts(expected['params'], expected['batch_stats'])
+  expected = _select_parts(expected['params'], expected.get('batch_stats', {}))
   parts = set(selected['params'])
   expected = {c: {k: v for k, v in t.items() if k in parts} for c, t in expected.items()}
   mismatch = checkpoints.first_shape_difference(checkpoints.leaf_shapes(selected),

@@ -19,6 +19,7 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
+from resa_jax import models
 from resa_jax import reporting
 from resa_jax import sharding
 from resa_jax import validation
@@ -56,8 +57,12 @@ class Options:
   linear_protocol: str = ''  # '': default_linear_protocol(config)
   linear_epochs: int = -1  # -1: 500 (features) / 100 (imagenet)
   linear_batch_size: int = -1  # -1: 1000 (features) / 256 (imagenet)
-  # ImageNet protocol, x batch / 256; -1: 40 if pretrained with batch >= 1024, else 10.
+  # ImageNet protocol, x batch / 256; -1: `linear_probe_recipe` (ViTs 0.03, ResNets 40 if
+  # pretrained with batch >= 1024, else 10).
   linear_lr: float = -1.0
+  # ViTs' ImageNet probe input; -1 / None: `linear_probe_recipe`'s default for the arch.
+  linear_n_last_blocks: int = -1
+  linear_avgpool_patchtokens: bool | None = None
   semi_fraction: float = 0.01
   semi_epochs: int = 20
   semi_batch_size: int = 256
@@ -91,13 +96,42 @@ class Options:
     if self.dtype not in ('float32', 'bfloat16', 'float16', 'train'):
       raise common.EvaluationError("--dtype must be float32, bfloat16, float16 or 'train' (the "
                                    f'training config\'s), got {self.dtype!r}')
-    for name in ('linear_epochs', 'linear_batch_size', 'linear_lr'):
+    for name in ('linear_epochs', 'linear_batch_size', 'linear_lr', 'linear_n_last_blocks'):
       value = getattr(self, name)
       if value != -1 and not value > 0:  # -1: the protocol's default
         raise common.EvaluationError(f'--{name} must be positive, or -1 (the protocol\'s '
                                      f'default), got {value!r}')
     if self.clustering_samples < 3:
       raise common.EvaluationError('--clustering_samples must be at least 3')
+
+
+def linear_probe_recipe(config, options: Options, pretrain_batch) -> dict:
+  """Base lr and encoder input of the ImageNet linear probe, as the authors' eval_linear.py.
+
+  ResNets: the encoding; base lr 40 if pre-trained with batch >= 1024 (`pretrain_batch`,
+  else config.batch_size), else 10.  ViTs: base lr 0.03 (their scripts/eval/
+  linear_vits.sh and eval_linear_vitb.sh), the class tokens of the last
+  `n_last_blocks` blocks, each after the final norm (their --n_last_blocks, default 4)
+  and, with `avgpool_patchtokens`, the last block's mean patch token; *_base ViTs
+  default to 1 block + the mean patch token (their eval_linear_vitb.sh).  The options
+  override each default.  Returns {'base_lr', 'n_last_blocks', 'avgpool_patchtokens'}
+  (the last two None for a ResNet).
+  """
+  n, avgpool = options.linear_n_last_blocks, options.linear_avgpool_patchtokens
+  if not models.is_vit(config.arch):
+    if n != -1 or avgpool is not None:
+      raise common.EvaluationError('--linear_n_last_blocks / --linear_avgpool_patchtokens are '
+                                   f'for ViT encoders; --config.arch is {config.arch}')
+    base_lr = 40.0 if (pretrain_batch or config.batch_size) >= 1024 else 10.0
+    return {'base_lr': options.linear_lr if options.linear_lr > 0 else base_lr,
+            'n_last_blocks': None, 'avgpool_patchtokens': None}
+  is_base = config.arch.endswith('_base')
+  depth = models.vit.ARCHITECTURES[config.arch][1]
+  n = n if n > 0 else (1 if is_base else 4)
+  if n > depth:
+    raise common.EvaluationError(f'--linear_n_last_blocks={n}: {config.arch} has {depth} blocks')
+  return {'base_lr': options.linear_lr if options.linear_lr > 0 else 0.03, 'n_last_blocks': n,
+          'avgpool_patchtokens': is_base if avgpool is None else bool(avgpool)}
 
 
 def _check_finite(features: dict, split: str) -> None:
@@ -205,10 +239,12 @@ class _Evaluation:
     options, config = self.options, self.config
     epochs = options.linear_epochs if options.linear_epochs > 0 else 100
     batch_size = options.linear_batch_size if options.linear_batch_size > 0 else 256
-    # The authors' default follows the batch the checkpoint was PRE-trained with.
+    # The authors' ResNet default follows the batch the checkpoint was PRE-trained with.
     pretrain_batch = self.model.source.get('train_batch_size')
-    base_lr = (options.linear_lr if options.linear_lr > 0
-               else 40.0 if (pretrain_batch or config.batch_size) >= 1024 else 10.0)
+    recipe = linear_probe_recipe(config, options, pretrain_batch)
+    base_lr = recipe['base_lr']
+    encode = ('encode' if recipe['n_last_blocks'] is None else
+              linear.vit_probe_input(recipe['n_last_blocks'], recipe['avgpool_patchtokens']))
     steps_per_epoch = self.info.num_eval_train_examples // batch_size
     if steps_per_epoch < 1:
       raise common.EvaluationError(f'{config.eval_train_split} has fewer examples than one batch of '
@@ -220,10 +256,10 @@ class _Evaluation:
         self._eval_batches, num_classes=self.info.num_classes,
         steps_per_epoch=steps_per_epoch, epochs=epochs,
         head_lr=base_lr * batch_size / 256, schedule='step', seed=options.seed,
-        label='linear probe')
+        label='linear probe', encode=encode)
     reporting.say(f'linear probe (frozen encoder, {epochs} epochs): {_best_and_last(result)}')
     return {'protocol': 'imagenet', 'optimizer': 'sgd', 'momentum': 0.9, 'weight_decay': 0.0,
-            'base_lr': base_lr, 'batch_size': batch_size,
+            **{k: v for k, v in recipe.items() if v is not None}, 'batch_size': batch_size,
             'pretrain_batch_size': pretrain_batch or config.batch_size,
             'pretrain_batch_size_from': ('the checkpoint' if pretrain_batch
                                          else '--config (the checkpoint does not say)'),
