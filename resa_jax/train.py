@@ -249,9 +249,8 @@ def _train(run: _Run, writer, features_of) -> tuple[int, MetricsLog, list[float]
                    total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
                    checkpoint_dir=run.workdir / 'checkpoints')
   has_labels = run.info.num_classes > 0 and config.knn_every_epochs > 0
-  # Multi-host: saving is collective, so all processes must stop at the same step;
-  # JAX's preemption service (jax.distributed) catches SIGTERM there and picks it.
-  multihost = jax.process_count() > 1
+  # Multi-host: saving is collective, so all processes stop at one step (SIGTERM: JAX's
+  multihost = jax.process_count() > 1  # preemption service picks it)
   run_start, prior_wall_time = time.time(), float(history.get('wall_time', 0.0))
   checkpoint_seconds = []
 
@@ -266,6 +265,7 @@ def _train(run: _Run, writer, features_of) -> tuple[int, MetricsLog, list[float]
   step = run.start_step
   stop_at = (run.total_steps if config.run_steps <= 0
              else min(run.total_steps, run.start_step + config.run_steps))
+  print(f'compiling the train step (step {step + 1} follows)...', flush=True)
   try:
     with interrupts.polling(install_handlers=not multihost):
       while step < stop_at:

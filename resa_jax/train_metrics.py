@@ -3,6 +3,7 @@ averaged, written through a clu metric writer and printed as the progress line."
 
 from __future__ import annotations
 
+import collections
 import math
 import pathlib
 import time
@@ -27,16 +28,20 @@ class MetricsLog:
   does not wait for it); `flush(step)` fetches all kept ones, raises
   TrainingDivergedError naming the first step whose loss, gradient norm or new
   state is not finite, then writes their mean through `writer`, appends the loss
-  to `history['loss']` and prints the progress line.  The images/s and ETA of
-  that line cover the steps since the previous flush, timed from the end of the
-  first flush (so the first step's compilation is never counted) and restarted by
-  `restart_clock()` (after a kNN evaluation).
+  to `history['loss']` and prints the progress line.
+
+  Rates: only finished steps after the first flush are timed (the first step's
+  compilation never is), and `restart_clock()` (after a kNN evaluation) leaves the
+  evaluation out.  The progress line and TensorBoard's `images_per_sec` (and the
+  ETA) use a moving window, the last `window` timed intervals between flushes, so
+  one slow interval (a checkpoint, another process) neither swings them nor stays in
+  them; `images_per_sec` (results.json) is the same rule over the whole run.
   """
 
   def __init__(self, *, writer, history: dict, batch_size: int, total_steps: int,
                steps_per_epoch: int, checkpoint_dir: pathlib.Path,
                print_fn: Callable[[str], None] = lambda line: print(line, flush=True),
-               clock: Callable[[], float] = time.time):
+               clock: Callable[[], float] = time.time, window: int = 5):
     self.writer, self.history, self.print_fn, self.clock = writer, history, print_fn, clock
     self.batch_size, self.total_steps = batch_size, total_steps
     self.steps_per_epoch, self.checkpoint_dir = steps_per_epoch, checkpoint_dir
@@ -45,6 +50,7 @@ class MetricsLog:
     self.timed_steps, self.timed_seconds = 0, 0.0  # over the whole run, for results.json
     self._interval_start: float | None = None
     self._interval_steps = 0
+    self._window = collections.deque(maxlen=window)  # (steps, seconds) per interval
 
   def add(self, step: int, metrics) -> None:
     if self._interval_start is not None:
@@ -78,8 +84,10 @@ class MetricsLog:
       seconds = now - self._interval_start
       self.timed_steps += self._interval_steps
       self.timed_seconds += seconds
-      mean['images_per_sec'] = self._interval_steps * self.batch_size / seconds
-      eta = (self.total_steps - step) * seconds / self._interval_steps
+      self._window.append((self._interval_steps, seconds))
+      steps, seconds = (sum(column) for column in zip(*self._window))
+      mean['images_per_sec'] = steps * self.batch_size / seconds
+      eta = (self.total_steps - step) * seconds / steps
       rate = (f' | {mean["images_per_sec"]:.1f} img/s | ETA '
               f'{reporting.format_duration(eta)}')
     self._interval_start, self._interval_steps = now, 0

@@ -64,6 +64,23 @@ def test_mean_history_and_rates_exclude_the_compiled_first_step():
   assert log.images_per_sec == pytest.approx(3 * 8 / 3.0)  # eval time not counted
 
 
+def test_progress_rate_is_a_moving_window_and_results_rate_the_whole_run():
+  log, writer, _, lines, clock = make_log(window=2)
+  log.add(1, metrics(1.0))
+  clock.now += 60.0  # compilation
+  log.flush(1)
+  rates = []
+  for step, seconds in ((2, 1.0), (3, 1.0), (4, 9.0), (5, 1.0), (6, 1.0)):  # step 4: slow
+    log.add(step, metrics(1.0))
+    clock.now += seconds
+    rates.append(log.flush(step)['images_per_sec'])
+  # window of 2 intervals: 8/1, 16/2, 16/10, 16/10, 16/2 images per second
+  assert rates == pytest.approx([8.0, 8.0, 1.6, 1.6, 8.0])
+  assert [row[1]['images_per_sec'] for row in writer.rows[1:]] == pytest.approx(rates)
+  assert '8.0 img/s | ETA 0m04s' in lines[-1]  # 4 steps left at 1 s each (window)
+  assert log.images_per_sec == pytest.approx(5 * 8 / 13.0)  # whole run, compile left out
+
+
 @pytest.mark.parametrize('bad', [dict(loss=float('nan')), dict(loss=1.0, grad_norm=float('inf')),
                                  dict(loss=1.0, state_finite=0.0)])
 def test_divergence_names_the_step_and_writes_nothing(bad):
