@@ -102,15 +102,17 @@ def create_train_state(rng, online_net, momentum_net, tx, image_shape) -> TrainS
 
 # ------------------------------------------------------------- forward ----
 
-def forward_views(net, params, batch_stats, views, train: bool = True):
+def forward_views(net, params, batch_stats, views, train: bool = True, rng=None):
   """Runs `net` on each view separately, threading BatchNorm running statistics.
 
+  `rng`: the key of a ViT's drop path (view k draws with fold_in(rng, k)); None: none.
   Returns (encodings [h_k], embeddings [z_k], new batch_stats); h, z not normalised.
   """
   encodings, embeddings = [], []
-  for view in views:
+  for k, view in enumerate(views):
+    rngs = {} if rng is None else {'drop_path': jax.random.fold_in(rng, k)}
     (h, z), updates = net.apply({'params': params, 'batch_stats': batch_stats}, view,
-                                train=train, mutable=['batch_stats'])
+                                train=train, mutable=['batch_stats'], rngs=rngs)
     batch_stats = updates.get('batch_stats', {})
     encodings.append(h)
     embeddings.append(z)
@@ -137,7 +139,11 @@ def resa_loss_and_aux(params, state: TrainState, views, momentum: jax.Array, *, 
                       momentum_net, mesh, config):
   """The ReSA loss of one global batch; aux carries new statistics and metrics."""
   axis = mesh.axis_names[0]
-  h_online, z_online, batch_stats = forward_views(online_net, params, state.batch_stats, views)
+  # Drop path draws from (seed, step): no key in the state, the same on any mesh.
+  rng = (jax.random.fold_in(jax.random.key(config.seed), state.step)
+         if config.get('drop_path', 0.0) > 0 else None)
+  h_online, z_online, batch_stats = forward_views(online_net, params, state.batch_stats, views,
+                                                  rng=rng)
   # The loss side runs in float32 (float64 for a float64 model): at_least_float32.
   weak_encoding = jax.lax.stop_gradient(losses.l2_normalize(losses.at_least_float32(h_online[0])))
 

@@ -34,6 +34,10 @@ def validate_config(config) -> None:
   for name in ('run_steps', 'num_train_steps', 'steps_per_epoch', 'knn_max_train_examples'):
     if config[name] != -1 and not config[name] > 0:  # -1: the documented "unset"
       raise ValueError(f'{name} must be positive, or -1 (unset), got {config[name]!r}')
+  if not 0 <= config.get('drop_path', 0.0) < 1:
+    raise ValueError(f'drop_path must be in [0, 1), got {config.drop_path!r}')
+  if config.get('drop_path', 0.0) > 0 and not models.is_vit(config.arch):
+    raise ValueError(f'drop_path is for ViT encoders; --config.arch is {config.arch}')
   if not 0 <= config.ema_momentum <= 1:
     raise ValueError(f'ema_momentum must be in [0, 1], got {config.ema_momentum!r}')
   from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)

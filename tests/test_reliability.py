@@ -510,6 +510,7 @@ BAD_INPUT = [
     ('nested_override', ['--config.arch.name=resnet18'],
      "--config.arch.name: config field 'arch' has no sub-fields"),
     ('unknown_shipped_config', ['--config=cifar11'], 'no shipped config of that name'),
+    ('drop_path_on_a_resnet', ['--config.drop_path=0.1'], 'drop_path is for ViT encoders'),
     ('workdir_is_a_file', ['--workdir={tmp}/a_file'], 'is not a directory'),
 ]
 

@@ -101,6 +101,26 @@ def test_one_device_equals_eight_devices_vit(arch, monkeypatch):
   assert all(m for f, m in flags if not f)
 
 
+@pytest.mark.skipif(len(jax.devices()) < 8, reason='needs 8 (simulated) devices')
+def test_vit_drop_path_draws_per_step_the_same_on_any_mesh(monkeypatch):
+  """Drop path in the online ViT (keys from (seed, step), no key in the state): the
+  same steps on 1 and 8 devices, and not the steps without it."""
+  from resa_jax.models import vit
+  monkeypatch.setitem(vit.ARCHITECTURES, 'vit_tiny', (32, 2, 2, False))
+  sizes = (32, 32, 16)
+  config = tiny_config(arch='vit_tiny', drop_path=0.5)
+  online, momentum = models.create_networks(config)
+  assert online.encoder.drop_path_rate == 0.5 and momentum.encoder.drop_path_rate == 0.0
+  state1, hist1 = _run(config, jax.devices()[:1], sizes=sizes)
+  state8, hist8 = _run(config, jax.devices()[:8], sizes=sizes)
+  for m1, m8 in zip(hist1, hist8):
+    np.testing.assert_allclose(m1['loss'], m8['loss'], rtol=1e-5, atol=1e-6)
+  _assert_trees_close(state1.params, state8.params, 1e-5, 2e-6, 'params')
+  _, plain = _run(tiny_config(arch='vit_tiny'), jax.devices()[:1], sizes=sizes)
+  assert hist1[0]['loss'] != plain[0]['loss']
+  assert abs(float(hist1[0]['loss']) - float(plain[0]['loss'])) > 1e-4
+
+
 def test_step_metrics_and_learning_signal():
   config = tiny_config(batch_size=8)
   state, hist = _run(config, jax.devices()[:2], num_steps=3)

@@ -72,6 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.mlp_dim = 2048
   config.emb_dim = 512
   config.predictor = True
+  # ViTs: stochastic depth of the online encoder, rising linearly to this rate over the
+  # blocks (the authors' --drop_path); the momentum encoder never drops (as DINO's teacher).
+  config.drop_path = 0.0
   config.dtype = 'bfloat16'  # compute dtype; parameters, losses and Sinkhorn stay float32
 
   # ---- ReSA ----

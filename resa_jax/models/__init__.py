@@ -34,12 +34,13 @@ def parameter_labels(params):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def create_encoder(config):
-  """The encoder a config names: a ResNet, or a ViT (`drop_path`, default 0)."""
+def create_encoder(config, *, drop_path: bool = True):
+  """The encoder a config names: a ResNet, or a ViT (`config.drop_path` unless
+  `drop_path` is False, as for the momentum encoder)."""
   dtype = jnp.dtype(config.dtype)
   if is_vit(config.arch):
-    return create_vit(config.arch, drop_path_rate=float(config.get('drop_path', 0.0)),
-                      dtype=dtype)
+    rate = float(config.get('drop_path', 0.0)) if drop_path else 0.0
+    return create_vit(config.arch, drop_path_rate=rate, dtype=dtype)
   return create_resnet(config.arch, width_per_group=config.width_per_group,
                        stem=config.stem, zero_init_residual=config.zero_init_residual,
                        dtype=dtype)
@@ -48,8 +49,8 @@ def create_encoder(config):
 def create_networks(config):
   """(online, momentum) SSLNetworks from a config (arch, stem, widths, dtype, heads)."""
   dtype = jnp.dtype(config.dtype)
-  kwargs = dict(encoder=create_encoder(config), mlp_layers=config.mlp_layers,
-                mlp_dim=config.mlp_dim, emb_dim=config.emb_dim, vit_heads=is_vit(config.arch),
-                dtype=dtype)
-  return (SSLNetwork(use_predictor=config.predictor, **kwargs),
-          SSLNetwork(use_predictor=False, **kwargs))
+  kwargs = dict(mlp_layers=config.mlp_layers, mlp_dim=config.mlp_dim, emb_dim=config.emb_dim,
+                vit_heads=is_vit(config.arch), dtype=dtype)
+  return (SSLNetwork(encoder=create_encoder(config), use_predictor=config.predictor, **kwargs),
+          SSLNetwork(encoder=create_encoder(config, drop_path=False), use_predictor=False,
+                     **kwargs))
