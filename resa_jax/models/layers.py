@@ -12,15 +12,20 @@ checkpoints load unchanged and training statistics match theirs:
 * Dense layers use PyTorch's default uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
   kernel and bias; convolutions use He-normal with fan_out (torchvision ResNet),
   except the CIFAR stem's conv1, which has PyTorch's default init (resnet.py).
+* Convolutions go through `conv_general_dilated` below: XLA's own convolution
+  everywhere, except that on the CPU backend the weight gradient is computed as one
+  matmul per kernel offset (see its docstring for why and what was measured).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Dtype = Any
 
@@ -89,3 +94,75 @@ def dense(features: int, fan_in: int, dtype: Dtype, name: str, use_bias: bool = 
   """nn.Dense with PyTorch's default initialisation (call inside a compact module)."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype(dtype),
                   kernel_init=dense_kernel_init, bias_init=_dense_bias_init(fan_in), name=name)
+
+
+# ------------------------------------------------------------ convolution ----
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, **kwargs):
+  """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`; same values.
+
+  On the CPU backend XLA lowers the gradient of a convolution with respect to its
+  weights to a slow kernel: 1,180-2,170 ms for a 3x3 64->64 convolution on
+  64x32x32x64 float32, against 86 ms for the forward and 128 ms for the input
+  gradient (experiments/RESULTS.md, "This machine on 2026-12-01").  That gradient is
+  a sum over kernel offsets (i, j) of  x_pad[:, i::s, j::s, :]^T @ g  (one (C_in, C_out)
+  matmul per offset over all batch and output positions), which XLA's dot runs at
+  matmul speed.  So for plain NHWC/HWIO convolutions (no dilation, one feature group)
+  under the CPU backend this function is a `jax.custom_vjp` whose backward is XLA's
+  input gradient plus those matmuls; everywhere else, and on GPU/TPU always, it is
+  `lax.conv_general_dilated` itself.  Forward values are identical; gradients agree
+  to summation order (tests/test_conv.py: 1e-12 in float64).
+  """
+  plain = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
+                            padding=padding, lhs_dilation=lhs_dilation,
+                            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                            feature_group_count=feature_group_count, precision=precision,
+                            **kwargs)
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
+  simple = (lhs.ndim == 4 and feature_group_count == 1 and not kwargs
+            and all(d == 1 for d in (lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
+            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
+  if not simple or jax.default_backend() != 'cpu':
+    return plain(lhs, rhs)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  return _cpu_conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding),
+                   precision)
+
+
+def _nhwc_conv(x, w, strides, padding, precision):
+  return lax.conv_general_dilated(x, w, strides, padding, precision=precision,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _cpu_conv(x, w, strides, padding, precision):
+  return _nhwc_conv(x, w, strides, padding, precision)
+
+
+def _cpu_conv_fwd(x, w, strides, padding, precision):
+  return _nhwc_conv(x, w, strides, padding, precision), (x, w)
+
+
+def _cpu_conv_bwd(strides, padding, precision, residuals, g):
+  x, w = residuals
+  (gx,) = jax.linear_transpose(lambda x: _nhwc_conv(x, w, strides, padding, precision), x)(g)
+  n, oh, ow, _ = g.shape  # (N, OH, OW, C_out)
+  (sh, sw), (kh, kw) = strides, w.shape[:2]
+  x_pad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  # Offsets whose window runs past the padded input never occur: OH was computed from it.
+  gw = jnp.stack([
+      jnp.stack([
+          jnp.einsum('nhwc,nhwd->cd',
+                     lax.slice(x_pad, (0, i, j, 0),
+                               (n, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, x.shape[3]),
+                               (1, sh, sw, 1)),
+                     g, precision=precision, preferred_element_type=param_dtype(w.dtype))
+          for j in range(kw)])
+      for i in range(kh)])  # (KH, KW, C_in, C_out)
+  return gx, gw.astype(w.dtype)
+
+
+_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)

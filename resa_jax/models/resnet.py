@@ -33,8 +33,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from resa_jax.models.layers import (BatchNorm, conv_kernel_init, param_dtype,
-                                    torch_default_kernel_init)
+from resa_jax.models.layers import (BatchNorm, conv_general_dilated, conv_kernel_init,
+                                    param_dtype, torch_default_kernel_init)
 
 Dtype = Any
 
@@ -43,7 +43,7 @@ def _conv(features, kernel, stride, padding, dtype, name, kernel_init=conv_kerne
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=False,
                  dtype=dtype, param_dtype=param_dtype(dtype), kernel_init=kernel_init,
-                 name=name)
+                 conv_general_dilated=conv_general_dilated, name=name)
 
 
 class BasicBlock(nn.Module):

@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resa_jax.models.layers import BatchNorm, param_dtype, torch_default_kernel_init
+from resa_jax.models.layers import (BatchNorm, conv_general_dilated, param_dtype,
+                                    torch_default_kernel_init)
 
 Dtype = Any
 PATCH_SIZE = 16
@@ -227,7 +228,8 @@ class ConvStem(nn.Module):
     for stage in range(4):
       x = nn.Conv(self.embed_dim // 8 * 2 ** stage, (3, 3), strides=2, padding=((1, 1), (1, 1)),
                   use_bias=False, dtype=self.dtype, param_dtype=pdt,
-                  kernel_init=torch_default_kernel_init, name=f'proj_{3 * stage}')(x)
+                  kernel_init=torch_default_kernel_init,
+                  conv_general_dilated=conv_general_dilated, name=f'proj_{3 * stage}')(x)
       x = BatchNorm(use_running_average=not train, dtype=self.dtype,
                     name=f'proj_{3 * stage + 1}')(x)
       x = nn.relu(x)
