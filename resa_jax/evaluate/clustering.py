@@ -198,39 +198,70 @@ def clustering_metrics(
 _METRIC_NAMES = ('silhouette_mean', 'silhouette_std', 'ari', 'nmi')
 
 
-def _plot_bars(results, path: str) -> None:
+# Each measure's panel: (title, y-axis label).
+_PANELS = {
+    'silhouette_mean': ('silhouette mean (local quality)', 'mean silhouette vs the labels'),
+    'silhouette_std': ('silhouette std (stability; lower: more stable)', 'std of the silhouette'),
+    'ari': ('ARI: k-means vs the labels', 'adjusted Rand index'),
+    'nmi': ('NMI: k-means vs the labels', 'normalised mutual information'),
+}
+
+
+def _samples(num_samples: int, source: str) -> str:
+  return f'{num_samples:,} {source + " " if source else ""}samples'
+
+
+def _bars_figure(results, *, metric: str, num_samples: int, source: str = ''):
+  """clustering.png's Figure: a bar per representation (and label granularity) in one
+  panel per measure, each bar labelled with its value."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   representations = list(results)
   granularities = list(next(iter(results.values())))
-  figure = Figure(figsize=(4.0 * len(_METRIC_NAMES), 3.6))
+  figure = Figure(figsize=(4.2 * len(_METRIC_NAMES), 4.4), layout='constrained')
   axes = figure.subplots(1, len(_METRIC_NAMES))
   width = 0.8 / len(granularities)
   positions = np.arange(len(representations))
   for ax, metric_name in zip(axes, _METRIC_NAMES):
     for g, granularity in enumerate(granularities):
       values = [results[r][granularity][metric_name] for r in representations]
-      ax.bar(positions + (g - (len(granularities) - 1) / 2) * width, values, width,
-             label=granularity)
-    ax.set_xticks(positions)
-    ax.set_xticklabels(representations, rotation=20, ha='right')
-    ax.set_title(metric_name)
-    ax.axhline(0.0, color='black', linewidth=0.5)
-  axes[0].legend(title='labels')
-  figure.tight_layout()
-  reporting.save_figure(figure, path)
+      bars = ax.bar(positions + (g - (len(granularities) - 1) / 2) * width, values, width,
+                    color=f'C{g}', label=f'{granularity} labels')
+      ax.bar_label(bars, fmt='%.3f', fontsize=7, padding=2)
+    ax.set_xticks(positions, representations, rotation=20, ha='right')
+    ax.set(title=_PANELS[metric_name][0], ylabel=_PANELS[metric_name][1],
+           xlabel='representation')
+    ax.axhline(0.0, color='black', linewidth=0.6)
+    ax.margins(y=0.15)  # room for the value labels
+  kmeans_on = 'L2-normalised' if metric == 'cosine' else 'raw'
+  figure.suptitle(
+      f'Clustering per layer: silhouette mean and std ({metric} distance, against the '
+      f'{" and ".join(granularities)} labels); ARI and NMI (k-means on {kmeans_on} '
+      f'features, k = number of classes)\n{_samples(num_samples, source)}')
+  if len(granularities) > 1:
+    figure.legend(handles=axes[0].get_legend_handles_labels()[0], loc='outside lower center',
+                  ncols=len(granularities), frameon=False)
+  return figure
 
 
-def _plot_tsne(named_features, labels, path: str, *, num_samples: int, metric: str,
-               seed: int) -> None:
+def _plot_bars(results, path: str, *, metric: str, num_samples: int, source: str = '') -> None:
+  reporting.save_figure(_bars_figure(results, metric=metric, num_samples=num_samples,
+                                     source=source), path)
+
+
+def _tsne_figure(named_features, labels, *, num_samples: int, metric: str, seed: int,
+                 source: str = ''):
+  """tsne.png's Figure: a t-SNE map of `num_samples` random rows per representation
+  (rows), coloured by each granularity's labels (columns)."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
   num_rows = len(next(iter(named_features.values())))
   rng = np.random.default_rng(seed)
   subset = np.sort(rng.permutation(num_rows)[:min(num_samples, num_rows)])
-  figure = Figure(figsize=(4.0 * len(labels), 4.0 * len(named_features)))
+  perplexity = min(30.0, (len(subset) - 1) / 3.0)
+  figure = Figure(figsize=(max(4.0 * len(labels), 5.5), 4.0 * len(named_features) + 0.8),
+                  layout='constrained')
   axes = figure.subplots(len(named_features), len(labels), squeeze=False)
   for row, (name, features) in enumerate(named_features.items()):
-    perplexity = min(30.0, (len(subset) - 1) / 3.0)
     embedding = TSNE(n_components=2, metric=metric, init='pca', perplexity=perplexity,
                      random_state=seed).fit_transform(
                          np.asarray(features, np.float32)[subset])
@@ -238,11 +269,17 @@ def _plot_tsne(named_features, labels, path: str, *, num_samples: int, metric: s
       ax = axes[row, col]
       codes, _ = _encode(np.asarray(granularity_labels)[subset])
       ax.scatter(embedding[:, 0], embedding[:, 1], c=codes, s=3, cmap='tab20')
-      ax.set_title(f'{name} / {granularity}')
-      ax.set_xticks([])
-      ax.set_yticks([])
-  figure.tight_layout()
-  reporting.save_figure(figure, path)
+      ax.set(title=f'{name}, coloured by {granularity} label', xlabel='t-SNE 1',
+             ylabel='t-SNE 2', xticks=[], yticks=[])
+  figure.suptitle(f't-SNE of {_samples(len(subset), source)} drawn at random\n'
+                  f'({metric} distance, perplexity {perplexity:.3g}); colour = label')
+  return figure
+
+
+def _plot_tsne(named_features, labels, path: str, *, num_samples: int, metric: str,
+               seed: int, source: str = '') -> None:
+  reporting.save_figure(_tsne_figure(named_features, labels, num_samples=num_samples,
+                                     metric=metric, seed=seed, source=source), path)
 
 
 def clustering_analysis(
@@ -255,6 +292,7 @@ def clustering_analysis(
     num_inits: int = 3,
     tsne: bool = False,
     tsne_samples: int = 2000,
+    source: str = '',
     print_fn: Callable[[str], None] | None = print,
 ) -> dict[str, dict[str, dict[str, float]]]:
   """`clustering_metrics` for every (representation, label granularity).
@@ -267,6 +305,7 @@ def clustering_analysis(
       with `tsne`, tsne.png (a t-SNE map of `tsne_samples` random samples per
       representation, coloured by each granularity's labels).
     metric, seed, num_inits: as in `clustering_metrics`.
+    source: what the samples are, for the figures' titles, e.g. 'cifar10 test'.
     print_fn: prints the table (None: silent).
 
   Returns:
@@ -301,14 +340,16 @@ def clustering_analysis(
             f' {values[m]:>15.4f}' for m in _METRIC_NAMES))
     print_fn('\n'.join(lines))
 
+  num_samples = num_rows.pop()
   reporting.write_json(os.path.join(out_dir, 'clustering.json'), {
       'metric': metric,
       'seed': seed,
-      'num_samples': num_rows.pop(),
+      'num_samples': num_samples,
       'results': results,
   })
-  _plot_bars(results, os.path.join(out_dir, 'clustering.png'))
+  _plot_bars(results, os.path.join(out_dir, 'clustering.png'), metric=metric,
+             num_samples=num_samples, source=source)
   if tsne:
     _plot_tsne(named_features, labels, os.path.join(out_dir, 'tsne.png'),
-               num_samples=tsne_samples, metric=metric, seed=seed)
+               num_samples=tsne_samples, metric=metric, seed=seed, source=source)
   return results

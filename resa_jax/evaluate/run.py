@@ -317,7 +317,8 @@ class _Evaluation:
     if jax.process_index() == 0:  # local computations: the other processes skip them
       tables = clustering.clustering_analysis(named, granularities, self.output,
                                    metric=options.clustering_metric, seed=options.seed,
-                                   tsne=options.tsne, print_fn=reporting.say)
+                                   tsne=options.tsne, print_fn=reporting.say,
+                                   source=f'{self.config.dataset} {self.config.eval_split}')
     return {'metric': options.clustering_metric, 'seed': options.seed,
             'split': self.config.eval_split, 'num_samples': len(subset),
             'representations': order, 'granularities': list(granularities),
