@@ -38,6 +38,10 @@ def validate_config(config) -> None:
     raise ValueError(f'drop_path must be in [0, 1), got {config.drop_path!r}')
   if config.get('drop_path', 0.0) > 0 and not models.is_vit(config.arch):
     raise ValueError(f'drop_path is for ViT encoders; --config.arch is {config.arch}')
+  if models.is_vit(config.arch) and config.get('patch_size', 16) != 16 and (
+      config.arch.startswith('vitc') or config.patch_size < 1):
+    raise ValueError(f'patch_size {config.patch_size!r}: a positive size for a plain ViT; '
+                     f'the ViTC conv stem has patches of 16')
   if not 0 <= config.ema_momentum <= 1:
     raise ValueError(f'ema_momentum must be in [0, 1], got {config.ema_momentum!r}')
   from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)

@@ -194,3 +194,26 @@ def test_linear_probe_trains_on_a_bn_free_vit(monkeypatch):
       model, mesh, iter(lambda: batch(), None), lambda: iter(eval_set), num_classes=3,
       steps_per_epoch=2, epochs=1, head_lr=0.1, encode=linear.vit_probe_input(2, True))
   assert np.isfinite(result['train_loss']) and result['num_eval'] == 4 and result['steps'] == 2
+
+
+def test_small_image_vit_config_has_patches_of_its_patch_size_and_stores_its_table():
+  """configs/fashion_mnist_vit.py: 28 px in p px patches is (28 / p)^2 tokens, the position
+  table stored for the 28 px global crop (no interpolation in training); the conv stem
+  refuses any patch size but 16."""
+  config = _config('fashion_mnist_vit')
+  validation.validate_config(config)
+  encoder = models.create_encoder(config)
+  images = jnp.zeros((2, 28, 28, 1), jnp.float32)
+  variables = encoder.init(jax.random.key(0), images, train=False)
+  dim, p = vit.ARCHITECTURES[config.arch][0], config.patch_size
+  grid = 28 // p
+  assert variables['params']['pos_embed'].shape == (1, 1 + grid * grid, dim)
+  assert variables['params']['patch_embed']['proj']['kernel'].shape == (p, p, 1, dim)
+  tokens = encoder.apply(variables, images, False, method=vit.VisionTransformer.tokens)
+  assert tokens.shape == (2, 1 + grid * grid, dim)
+  np.testing.assert_allclose(np.asarray(tokens[0, 1:] - tokens[0, 1]),  # a constant image:
+                             np.asarray(variables['params']['pos_embed'][0, 1:]
+                                        - variables['params']['pos_embed'][0, 1]), atol=1e-6)
+  config.arch = 'vitc_tiny'
+  with pytest.raises(ValueError, match='patches of 16'):
+    validation.validate_config(config)

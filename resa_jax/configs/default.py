@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ViTs: stochastic depth of the online encoder, rising linearly to this rate over the
   # blocks (the authors' --drop_path); the momentum encoder never drops (as DINO's teacher).
   config.drop_path = 0.0
+  config.patch_size = 16  # plain ViTs (theirs: 16); smaller for 28-32 px images
   config.dtype = 'bfloat16'  # compute dtype; parameters, losses and Sinkhorn stay float32
 
   # ---- ReSA ----

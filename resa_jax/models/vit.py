@@ -199,14 +199,16 @@ def _patch_conv_init(key, shape, dtype=jnp.float32):
 
 
 class PatchEmbed(nn.Module):
-  """(B, H, W, 3) -> (B, H/16, W/16, D): one 16x16 stride-16 convolution with bias."""
+  """(B, H, W, C) -> (B, H/p, W/p, D): one p x p stride-p convolution with bias (p 16)."""
   embed_dim: int
+  patch_size: int = PATCH_SIZE
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     del train
-    return nn.Conv(self.embed_dim, (PATCH_SIZE, PATCH_SIZE), strides=PATCH_SIZE, padding='VALID',
+    p = self.patch_size
+    return nn.Conv(self.embed_dim, (p, p), strides=p, padding='VALID',
                    dtype=self.dtype, param_dtype=param_dtype(self.dtype),
                    kernel_init=_patch_conv_init, bias_init=nn.initializers.zeros, name='proj')(x)
 
@@ -246,8 +248,9 @@ class ConvStem(nn.Module):
 class VisionTransformer(nn.Module):
   """ViT trunk: images (B, H, W, 3) -> class token after the final norm, (B, D).
 
-  `img_size` fixes the stored position table (img_size / 16 patches a side); other
-  resolutions interpolate it (module docstring).  `drop_path_rate` is spread linearly
+  `img_size` fixes the stored position table (img_size / patch_size patches a side); other
+  resolutions interpolate it (module docstring).  `patch_size` is theirs, 16, unless set
+  for small images (a plain ViT only: the conv stem always reduces by 16).  `drop_path_rate` is spread linearly
   over the blocks from 0, as their `torch.linspace(0, rate, depth)`.
   """
   embed_dim: int
@@ -257,6 +260,7 @@ class VisionTransformer(nn.Module):
   conv_stem: bool = False
   drop_path_rate: float = 0.0
   img_size: int = 224
+  patch_size: int = PATCH_SIZE
   dtype: Dtype = jnp.float32
 
   @property
@@ -264,10 +268,15 @@ class VisionTransformer(nn.Module):
     return self.embed_dim
 
   def setup(self):
-    stem = ConvStem if self.conv_stem else PatchEmbed
-    self.patch_embed = stem(self.embed_dim, self.dtype)
+    if self.conv_stem:
+      if self.patch_size != PATCH_SIZE:
+        raise ValueError(f'the conv stem has patches of {PATCH_SIZE}, got patch_size '
+                         f'{self.patch_size}')
+      self.patch_embed = ConvStem(self.embed_dim, self.dtype)
+    else:
+      self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, self.dtype)
     pdt = param_dtype(self.dtype)
-    grid = self.img_size // PATCH_SIZE
+    grid = self.img_size // self.patch_size
     self.cls_token = self.param('cls_token', nn.initializers.normal(1e-6), (1, 1, self.embed_dim),
                                 pdt)
     self.pos_embed = self.param(
@@ -325,13 +334,15 @@ ARCHITECTURES = {
     'vitc_tiny': (192, 11, 3, True),
     'vitc_small': (384, 11, 6, True),
     'vitc_base': (768, 11, 12, True),
+    'vit_mini': (128, 6, 4, False),  # ours, not the authors': CPU demos on small images
 }
 
 
 def create_vit(arch: str, *, drop_path_rate: float = 0.0, img_size: int = 224,
-               dtype: Dtype = jnp.float32) -> VisionTransformer:
+               patch_size: int = PATCH_SIZE, dtype: Dtype = jnp.float32) -> VisionTransformer:
   if arch not in ARCHITECTURES:
     raise ValueError(f'unknown ViT {arch!r}; expected one of {sorted(ARCHITECTURES)}')
   dim, depth, heads, conv = ARCHITECTURES[arch]
   return VisionTransformer(embed_dim=dim, depth=depth, num_heads=heads, conv_stem=conv,
-                           drop_path_rate=drop_path_rate, img_size=img_size, dtype=dtype)
+                           drop_path_rate=drop_path_rate, img_size=img_size,
+                           patch_size=patch_size, dtype=dtype)
