@@ -629,7 +629,7 @@ def test_convert_refuses_another_architectures_checkpoint(env, tmp_path):
              module='resa_jax.convert')
   assert proc.returncode == 2, proc.stderr[-3000:]
   line = error_line(proc)
-  assert 'encoder' in line, line
+  assert '--arch=resnet50 does not fit the checkpoint: its shapes say --arch=resnet18' in line
   assert not (tmp_path / 'out').exists()
   print(f'\n[reliability] convert, resnet18 weights as resnet50: {line}')
 
