@@ -24,7 +24,8 @@ LAYERS = (
     'resa_jax.convert.files', 'resa_jax.convert', 'resa_jax.cli',
     'resa_jax.evaluate.common', 'resa_jax.evaluate.features', 'resa_jax.evaluate.knn',
     'resa_jax.evaluate.kmeans', 'resa_jax.evaluate.clustering', 'resa_jax.evaluate.linear',
-    'resa_jax.evaluate.semi_supervised', 'resa_jax.evaluate.model', 'resa_jax.evaluate.run',
+    'resa_jax.evaluate.semi_supervised', 'resa_jax.evaluate.model', 'resa_jax.evaluate.checkpoint_config',
+    'resa_jax.evaluate.run',
     'resa_jax.evaluate', 'resa_jax.train_metrics', 'resa_jax.train', 'resa_jax.main', 'resa_jax.evaluate.__main__',
     'resa_jax.convert.__main__',
 )

@@ -588,7 +588,8 @@ def test_checkpoint_of_another_architecture_is_refused(env, reference, tmp_path)
   proc = run(env, f'--config={TINY}', '--config.width_per_group=8', f'--checkpoint={workdir}',
              '--eval=knn', module='resa_jax.evaluate')
   assert proc.returncode == 2, proc.stderr[-3000:]
-  assert 'another architecture' in error_line(proc)
+  assert ('--config.width_per_group=8 contradicts the checkpoint, which records '
+          'width_per_group=4') in error_line(proc)
   assert snapshot(workdir) == before
 
 
