@@ -36,13 +36,13 @@ class ConversionError(ValueError):
 
 def load_torch_state_dict(path) -> dict[str, np.ndarray]:
   """Reads a .pth/.pt file into {key: float32/int numpy array} (CPU, no torch modules)."""
+  path = pathlib.Path(path)
+  if not path.is_file():  # before importing torch, which takes seconds
+    raise ConversionError(f'checkpoint not found: {path}')
   try:
     import torch
   except ImportError as e:  # pragma: no cover - depends on the install
     raise ConversionError("PyTorch is needed to read .pth files: pip install 'resa_jax[torch]'") from e
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise ConversionError(f'checkpoint not found: {path}')
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
