@@ -1,8 +1,10 @@
-"""What the command lines share (`resa_jax.main`, `resa_jax.evaluate`): flag parsing with
-one-line errors, the multi-host flags, and the one way a command fails.
+"""What the command lines share (`resa_jax.main`, `resa_jax.evaluate`, `resa_jax.convert`):
+absl flag parsing with one-line errors, the multi-host flags, and the one way a command
+fails.
 
 Every failure a user can cause ends the same way: one `error: ...` line on standard
-error and exit code 2 (bad input) or 3 (a diverged run), never a traceback.
+error and exit code 2 (bad input) or 3 (a diverged run), never a traceback.  `--help`
+prints the command's module docstring and its own flags, and exits 0.
 """
 
 from __future__ import annotations
@@ -63,14 +65,14 @@ def initialize_distributed() -> None:
     sys.stdout = open(os.devnull, 'w')  # pylint: disable=consider-using-with
 
 
-def run(main) -> None:
-  """`app.run(main)` with this module's flag parsing, and one line for a stop signal
-  outside the training steps (those save first and exit themselves, see
+def run(main, flags_parser=None) -> None:
+  """`app.run(main)` with `flags_parser` (default: `parse_flags`), and one line for a
+  stop signal outside the training steps (those save first and exit themselves, see
   resa_jax/interrupts.py): exit 130 (SIGINT) or 143 (SIGTERM)."""
   from absl import app  # pylint: disable=g-import-not-at-top
   interrupts.running()
   try:
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=flags_parser or parse_flags)
   except interrupts.Stopped as e:
     interrupts.acknowledge()
     fail(f'{e}: stopped outside the training steps, nothing to save (finished '
@@ -112,6 +114,8 @@ def parse_flags(argv):
   argv = shipped_config_paths(argv)
   try:
     rest = FLAGS(argv)
+  except SystemExit as e:  # --help / --helpfull have printed; absl exits 1 after them
+    sys.exit(0 if e.code == 1 else e.code)
   except flags.Error as e:  # unknown flag or --config.x field, bad value, broken config file
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     fail(lines[0].rstrip(':') + (f': {lines[-1]}' if len(lines) > 1 else ''))

@@ -1,4 +1,4 @@
-"""Command line: train ReSA.
+r"""Command line: train ReSA.
 
     python -m resa_jax.main --config=configs/fashion_mnist.py --workdir=/tmp/resa_fmnist \
         [--config.batch_size=256 ...]

@@ -571,12 +571,15 @@ def test_cli_errors_write_nothing(resnet18_case, tmp_path):
   assert len(lines) == 1 and lines[0].startswith('error: ') and str(busy) in lines[0], lines
   assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in busy.iterdir()} == before
 
-  # And a conversion error (wrong width) is reported the same way, writing nothing.
+  # And a width the shapes contradict is reported the same way, naming the flag to
+  # change, writing nothing.
   out = tmp_path / 'wrong_width'
   args = cli_args(c, ckpt, out)
   args[args.index('--width_per_group') + 1] = 2 * c['wpg']
   proc = run_cli(*args)
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith('error: ') and 'shape' in lines[0], lines
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: --width_per_group={2 * c['wpg']} does not fit the checkpoint: its shapes say "
+      f"--width_per_group={c['wpg']} "), lines
   assert not out.exists()

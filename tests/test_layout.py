@@ -20,11 +20,14 @@ LAYERS = (
     'resa_jax.models.heads',
     'resa_jax.models', 'resa_jax.augment', 'resa_jax.local_data', 'resa_jax.datasets',
     'resa_jax.input_pipeline', 'resa_jax.step', 'resa_jax.checkpoints', 'resa_jax.run_dir',
-    'resa_jax.validation', 'resa_jax.convert', 'resa_jax.cli',
+    'resa_jax.validation', 'resa_jax.convert.state_dict', 'resa_jax.convert.architecture',
+    'resa_jax.convert.files', 'resa_jax.convert', 'resa_jax.cli',
     'resa_jax.evaluate.common', 'resa_jax.evaluate.features', 'resa_jax.evaluate.knn',
     'resa_jax.evaluate.kmeans', 'resa_jax.evaluate.clustering', 'resa_jax.evaluate.linear',
-    'resa_jax.evaluate.semi_supervised', 'resa_jax.evaluate.model', 'resa_jax.evaluate.run',
+    'resa_jax.evaluate.semi_supervised', 'resa_jax.evaluate.model', 'resa_jax.evaluate.checkpoint_config',
+    'resa_jax.evaluate.run',
     'resa_jax.evaluate', 'resa_jax.train_metrics', 'resa_jax.train', 'resa_jax.main', 'resa_jax.evaluate.__main__',
+    'resa_jax.convert.__main__',
 )
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80

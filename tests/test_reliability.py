@@ -1,5 +1,6 @@
 """Reliability (issue #8): preemption, corrupt checkpoints, divergence, bad input,
-determinism and health counters, each measured on the real `python -m resa_jax.main`.
+determinism and health counters, each measured on the real `python -m resa_jax.main`
+(bad input also on `python -m resa_jax.evaluate` and `python -m resa_jax.convert`).
 
 Runs use tests/configs/tiny.py (fake 16x16 data, width-4 ResNet-18) for 12 steps
 (3 epochs of 4), a checkpoint every 2 steps, kNN off, on 2 simulated CPU devices
@@ -552,6 +553,92 @@ def test_bad_input_one_line_exit_2_nothing_written(bad_input_runs, name, args, w
   assert (tmp / 'a_file').read_text() == 'not a folder\n'
 
 
+# The other two commands, the same way: (id, module, arguments ({tmp} is filled in; it
+# holds a_file, a training workdir run/ with config.json, its converted copy converted/
+# and a PyTorch ResNet-18 width-4 encoder tiny.pth), words of the error line).
+TOOL_BAD_INPUT = [
+    ('evaluate_no_checkpoint', 'resa_jax.evaluate', [], '--checkpoint is required'),
+    ('evaluate_missing_checkpoint', 'resa_jax.evaluate', ['--checkpoint={tmp}/none'],
+     'does not exist'),
+    ('evaluate_not_a_checkpoint', 'resa_jax.evaluate', ['--checkpoint={tmp}'],
+     'neither a training workdir with checkpoints nor a converted checkpoint'),
+    ('evaluate_model_override', 'resa_jax.evaluate',
+     ['--checkpoint={tmp}/run', '--config.width_per_group=8'],
+     '--config.width_per_group=8 contradicts the checkpoint, which records width_per_group=4'),
+    ('evaluate_converted_without_config', 'resa_jax.evaluate', ['--checkpoint={tmp}/converted'],
+     'records its model (arch=resnet18, width_per_group=4, stem=cifar'),
+    ('evaluate_unknown_field', 'resa_jax.evaluate', ['--checkpoint={tmp}/run', '--config.nope=1'],
+     "the config has no field 'nope'"),
+    ('evaluate_bad_eval', 'resa_jax.evaluate', ['--checkpoint={tmp}/run', '--eval=svm'],
+     'unknown evaluation svm'),
+    ('evaluate_stray_argument', 'resa_jax.evaluate', ['--checkpoint={tmp}/run', 'stray'],
+     'unexpected arguments: stray'),
+    ('convert_no_checkpoint', 'resa_jax.convert', ['--out={tmp}/out'], '--checkpoint is required'),
+    ('convert_no_out', 'resa_jax.convert', ['--checkpoint={tmp}/tiny.pth'], '--out is required'),
+    ('convert_missing_file', 'resa_jax.convert', ['--checkpoint={tmp}/none.pth', '--out={tmp}/out'],
+     'checkpoint not found'),
+    ('convert_not_a_checkpoint', 'resa_jax.convert',
+     ['--checkpoint={tmp}/a_file', '--out={tmp}/out'], 'cannot read'),
+    ('convert_wrong_width', 'resa_jax.convert',
+     ['--checkpoint={tmp}/tiny.pth', '--out={tmp}/out', '--width_per_group=8', '--stem=cifar'],
+     '--width_per_group=8 --stem=cifar does not fit the checkpoint: its shapes say '
+     '--width_per_group=4 --stem=imagenet'),
+    ('convert_output_not_empty', 'resa_jax.convert', ['--checkpoint={tmp}/tiny.pth', '--out={tmp}'],
+     'exists and is not an empty directory'),
+    ('convert_bad_stem', 'resa_jax.convert',
+     ['--checkpoint={tmp}/tiny.pth', '--out={tmp}/out', '--stem=vit'], 'value should be one of'),
+    ('convert_stray_argument', 'resa_jax.convert',
+     ['--checkpoint={tmp}/tiny.pth', '--out={tmp}/out', 'stray'], 'unexpected arguments: stray'),
+]
+
+
+@pytest.fixture(scope='module')
+def tool_inputs(tmp_path_factory, template):
+  """A folder of what TOOL_BAD_INPUT's cases read, copied into each case's folder."""
+  torch = pytest.importorskip('torch')
+  from resa_jax import checkpoints as checkpoints_lib, convert
+  folder = tmp_path_factory.mktemp('tool_inputs')
+  (folder / 'a_file').write_text('not a folder\n')
+  state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
+  (folder / 'run').mkdir()
+  (folder / 'run' / 'config.json').write_text(tiny_config().to_json_best_effort(indent=2))
+  manager = checkpoints_lib.Checkpoints(folder / 'run' / 'checkpoints', 3)
+  manager.save(2, state)
+  manager.close()
+  convert.save_converted(folder / 'converted', {'params': state.params,
+                                                'batch_stats': state.batch_stats},
+                         {k: tiny_config()[k] for k in ('arch', 'width_per_group', 'stem')})
+  torch.save(_torchvision_resnet18_state_dict(torch, width=4), folder / 'tiny.pth')
+  return folder
+
+
+@pytest.fixture(scope='module')
+def tool_bad_input_runs(env, tool_inputs, tmp_path_factory):
+  """{case id: (process, folder, snapshot of the folder before)}; two cases at a time."""
+  def one(case):
+    name, module, args, _ = case
+    tmp = tmp_path_factory.mktemp(name)
+    shutil.copytree(tool_inputs, tmp, dirs_exist_ok=True)
+    before = snapshot(tmp)
+    return name, (run(env, *[a.format(tmp=tmp) for a in args], module=module), tmp, before)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    runs = dict(pool.map(one, TOOL_BAD_INPUT))
+  for name, (proc, _, _) in sorted(runs.items()):
+    print(f'\n[reliability] {name}: exit {proc.returncode} in {proc.seconds:.1f} s')
+  return runs
+
+
+@pytest.mark.parametrize('name,module,args,words', TOOL_BAD_INPUT,
+                         ids=[c[0] for c in TOOL_BAD_INPUT])
+def test_tool_bad_input_one_line_exit_2_nothing_written(tool_bad_input_runs, name, module, args,
+                                                        words):
+  proc, tmp, before = tool_bad_input_runs[name]
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = error_line(proc)
+  assert words in line, line
+  assert snapshot(tmp) == before  # nothing written, nothing removed or touched
+
+
 def test_configs_load_from_any_directory_by_path_or_name(env, tmp_path):
   """A config path outside the checkout, or a shipped config's name, from another
   directory (the configs import resa_jax.configs, not a top-level `configs`)."""
@@ -588,12 +675,14 @@ def test_checkpoint_of_another_architecture_is_refused(env, reference, tmp_path)
   proc = run(env, f'--config={TINY}', '--config.width_per_group=8', f'--checkpoint={workdir}',
              '--eval=knn', module='resa_jax.evaluate')
   assert proc.returncode == 2, proc.stderr[-3000:]
-  assert 'another architecture' in error_line(proc)
+  assert ('--config.width_per_group=8 contradicts the checkpoint, which records '
+          'width_per_group=4') in error_line(proc)
   assert snapshot(workdir) == before
 
 
-def _torchvision_resnet18_state_dict(torch) -> dict:
-  """The keys and shapes of torchvision's resnet18().state_dict() (random values)."""
+def _torchvision_resnet18_state_dict(torch, width: int = 64) -> dict:
+  """The keys and shapes of torchvision's resnet18().state_dict() (random values);
+  `width` 64 is torchvision's, another one scales every stage."""
   state = {}
 
   def conv(name, c_out, c_in, k):
@@ -603,10 +692,10 @@ def _torchvision_resnet18_state_dict(torch) -> dict:
     state.update({f'{name}.weight': torch.ones(c), f'{name}.bias': torch.zeros(c),
                   f'{name}.running_mean': torch.zeros(c), f'{name}.running_var': torch.ones(c),
                   f'{name}.num_batches_tracked': torch.tensor(0)})
-  conv('conv1', 64, 3, 7)
-  bn('bn1', 64)
-  c_in = 64
-  for i, c in enumerate((64, 128, 256, 512), start=1):
+  conv('conv1', width, 3, 7)
+  bn('bn1', width)
+  c_in = width
+  for i, c in enumerate((width, 2 * width, 4 * width, 8 * width), start=1):
     for b in range(2):
       prefix = f'layer{i}.{b}'
       conv(f'{prefix}.conv1', c, c_in if b == 0 else c, 3)
@@ -617,7 +706,7 @@ def _torchvision_resnet18_state_dict(torch) -> dict:
         conv(f'{prefix}.downsample.0', c, c_in, 1)
         bn(f'{prefix}.downsample.1', c)
     c_in = c
-  state.update({'fc.weight': torch.randn(1000, 512), 'fc.bias': torch.zeros(1000)})
+  state.update({'fc.weight': torch.randn(1000, 8 * width), 'fc.bias': torch.zeros(1000)})
   return state
 
 
@@ -629,7 +718,7 @@ def test_convert_refuses_another_architectures_checkpoint(env, tmp_path):
              module='resa_jax.convert')
   assert proc.returncode == 2, proc.stderr[-3000:]
   line = error_line(proc)
-  assert 'encoder' in line, line
+  assert '--arch=resnet50 does not fit the checkpoint: its shapes say --arch=resnet18' in line
   assert not (tmp_path / 'out').exists()
   print(f'\n[reliability] convert, resnet18 weights as resnet50: {line}')
 

@@ -1,7 +1,6 @@
 """Evaluation of learned representations (SPEC section 3): a library and a command line.
 
-    python -m resa_jax.evaluate --config=configs/fashion_mnist.py --checkpoint=WORKDIR \
-        --eval=knn,linear,semi,clustering
+    python -m resa_jax.evaluate --checkpoint=WORKDIR --eval=knn,linear,semi,clustering
 
 Which file holds what, from the bottom up (each imports only those above it, and
 none imports the trainer):
@@ -18,6 +17,8 @@ none imports the trainer):
                       `clustering_analysis` and its figures
   semi_supervised.py  the 1% / 10% subsets and their augmented input
   model.py            `load_model`: a workdir's or a converted checkpoint's encoder
+  checkpoint_config.py  `config_for_checkpoint`: the model the checkpoint records,
+                      the data and the rest from --config
   run.py              `Options`, `run_evaluations`: the protocols on one checkpoint
   __main__.py         the flags
 

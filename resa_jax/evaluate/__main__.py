@@ -1,14 +1,23 @@
-"""Command line: evaluate a checkpoint.  Flags only; the work is `run.run_evaluations`.
+r"""Command line: evaluate a checkpoint.  Flags only; the work is `run.run_evaluations`.
 
-    python -m resa_jax.evaluate --config=configs/fashion_mnist.py --checkpoint=WORKDIR \
-        --eval=knn,linear,semi,clustering [--output=DIR] [--encoder=momentum|online] \
-        [--linear_protocol=features|imagenet] [--semi_fraction=0.01] [--config.x=y ...]
+    python -m resa_jax.evaluate --checkpoint=WORKDIR --eval=knn,linear,semi,clustering \
+        [--output=DIR] [--encoder=momentum|online] [--config.data_dir=...]
+    python -m resa_jax.evaluate --checkpoint=CONVERTED_DIR --config=imagenet --eval=knn
+
+The model is the checkpoint's: a training workdir's config.json (with
+config_history.json's changes), a converted checkpoint's metadata.  A workdir needs no
+--config: its own config is used, `--config.FIELD=VALUE` changes a field.  --config
+(a file, or a shipped config's name) gives the dataset and the other fields; a
+converted checkpoint needs it.  Where --config's model fields differ from the
+checkpoint's, the checkpoint's are used and a `note:` line says so; an explicit
+`--config.FIELD=VALUE` that contradicts the checkpoint is refused.
 
 Multi-host as training: the same command on every process, with
 --coordinator_address/--num_processes/--process_id or --distributed.
 """
 
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
@@ -22,17 +31,23 @@ from ml_collections import config_flags  # noqa: E402
 
 from resa_jax import cli  # noqa: E402
 from resa_jax import reporting  # noqa: E402
+from resa_jax.evaluate import checkpoint_config  # noqa: E402
 from resa_jax.evaluate import common  # noqa: E402
 from resa_jax.evaluate import run  # noqa: E402
 
 FLAGS = flags.FLAGS
+# Parsed as --config when none is given, so that --config.FIELD=VALUE overrides have
+# their fields' types; the checkpoint's own config then replaces its values.
+DEFAULT_CONFIG = cli.SHIPPED_CONFIGS / 'default.py'
 
 
 def define_flags() -> None:
   """The command-line flags of `python -m resa_jax.evaluate`."""
   defaults = run.Options(evaluations=())
-  config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py); '
-                                  'its model fields must match the checkpoint.',
+  config_flags.DEFINE_config_file('config', None, 'A config file or a shipped config\'s '
+                                  'name: the dataset and the other non-model fields (the '
+                                  "model is the checkpoint's).  Default: a workdir's own "
+                                  'config.json; a converted checkpoint needs it.',
                                   lock_config=True)
   flags.DEFINE_string('checkpoint', None, 'A training workdir (its newest checkpoint), its '
                       'checkpoints/ folder, or a converted checkpoint (python -m '
@@ -41,7 +56,8 @@ def define_flags() -> None:
                       f'Comma-separated evaluations among {", ".join(common.EVALUATIONS)}.')
   flags.DEFINE_string('output', None, 'Folder for the result files (default: '
                       '<checkpoint>/eval).')
-  flags.DEFINE_string('encoder', defaults.encoder, "'momentum' (SPEC) or 'online'.")
+  flags.DEFINE_string('encoder', defaults.encoder, "'momentum' (the paper's "
+                      "evaluation) or 'online'.")
   flags.DEFINE_integer('batch_size', defaults.batch_size, 'Global batch of feature '
                        'extraction and evaluation; 0: config.batch_size.')
   flags.DEFINE_list('knn_ks', [str(k) for k in defaults.knn_ks], 'k of the weighted kNN.')
@@ -106,6 +122,17 @@ def options_from_flags() -> run.Options:
   return options
 
 
+def _config_given(argv) -> bool:
+  return any(a == '--config' or a.startswith('--config=') for a in argv[1:])
+
+
+def parse_flags(argv):
+  """`cli.parse_flags`, with DEFAULT_CONFIG as --config when none is given."""
+  if not _config_given(argv):
+    argv = [argv[0], f'--config={DEFAULT_CONFIG}', *argv[1:]]
+  return cli.parse_flags(argv)
+
+
 def main(argv):
   flags_ = FLAGS
   if len(argv) > 1:
@@ -115,19 +142,22 @@ def main(argv):
     options = options_from_flags()
     if not flags_.checkpoint:
       raise common.EvaluationError('--checkpoint is required (a training workdir or a converted '
-                            'checkpoint)')
-    if not os.path.exists(flags_.checkpoint):
-      raise common.EvaluationError(f'checkpoint {flags_.checkpoint} does not exist')
+                                   'checkpoint)')
+    config, notes = checkpoint_config.config_for_checkpoint(
+        flags_.config, flags_.checkpoint, config_given=_config_given(sys.argv),
+        overridden=config_flags.get_override_values(flags_['config']))
   except ValueError as e:
     cli.fail(reporting.first_line(e))
   cli.initialize_distributed()
+  for note in notes:
+    reporting.say(note)
   try:
     output = flags_.output or os.path.join(flags_.checkpoint, 'eval')
-    run.run_evaluations(flags_.config, flags_.checkpoint, output, options)
+    run.run_evaluations(config, flags_.checkpoint, output, options)
   except ValueError as e:  # EvaluationError, bad config, missing data, conversion errors
     cli.fail(reporting.first_line(e))
 
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(main)
+  cli.run(main, flags_parser=parse_flags)

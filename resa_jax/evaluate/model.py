@@ -20,6 +20,7 @@ import numpy as np
 
 from resa_jax import checkpoints
 from resa_jax import reporting
+from resa_jax import run_dir
 from resa_jax import sharding
 from resa_jax import step
 from resa_jax.evaluate import common
@@ -67,11 +68,9 @@ def _model_summary(config) -> str:
 
 
 def _trained_field(workdir: pathlib.Path, name: str):
-  """A field of the training run's config.json, None if it has none."""
-  try:
-    return json.loads((workdir / 'config.json').read_text()).get(name)
-  except (OSError, ValueError, AttributeError):
-    return None
+  """A field of the config the workdir was trained with, None if it has none."""
+  trained = run_dir.trained_config(workdir)
+  return trained.get(name) if isinstance(trained, dict) else None
 
 
 def _trained_config_note(workdir: pathlib.Path, config) -> str:

@@ -22,7 +22,7 @@ convolution; so does ours.
 
 The output is the global-average-pooled feature vector, (B, C) in the compute dtype.
 Parameter names mirror the PyTorch state dict (conv1, bn1, layer1_0/conv1, ...,
-downsample_conv, downsample_bn) so that convert.py is a renaming.
+downsample_conv, downsample_bn) so that resa_jax/convert is a renaming.
 """
 
 from __future__ import annotations

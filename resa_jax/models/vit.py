@@ -25,7 +25,7 @@ U(-b, b) with b = sqrt(6 / (D + D)) as if q, k and v were separate (D, D) matric
 ViT patch conv xavier-uniform over fan_in = 3 * 16 * 16, fan_out = D, zero bias; the
 class token N(0, 1e-6^2); the ViTC stem convs PyTorch's default init; LayerNorm 1 / 0.
 Parameter names mirror the PyTorch state dict (blocks_3/attn/qkv, patch_embed/proj_4)
-so that convert.py is a renaming.
+so that resa_jax/convert is a renaming.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The authors' PyTorch checkpoints -> Flax variables (and an orbax checkpoint).
+"""PyTorch state dicts -> the variable trees of `resa_jax.models`.
 
 Reads
 * the "full checkpoint" layout ``{'state_dict': {'module.encoder.*',
@@ -9,26 +9,16 @@ Reads
   a ``module.`` / ``module.encoder.`` / ``encoder.`` prefix; a ``fc.*`` classifier
   is ignored),
 
-into the variable trees of `resa_jax.models` (params and BatchNorm running
-statistics).  The Flax model is initialised first and every one of its leaves is
-looked up in the state dict: a missing key, an unexpected key or a shape that does
-not fit the chosen architecture is a `ConversionError` naming it.
-
-PyTorch is needed only here (``pip install 'resa_jax[torch]'``); it is imported
-lazily.  CLI::
-
-    python -m resa_jax.convert --checkpoint X.pth --arch resnet50 --out DIR \
-        [--width_per_group 64] [--stem imagenet] [--mlp_dim 2048] [--emb_dim 512]
-
-writes an orbax checkpoint in DIR (`save_converted` / `load_converted`).
+into params and BatchNorm running statistics.  The Flax model is initialised first
+(shapes only) and every one of its leaves is looked up in the state dict: a missing
+key, an unexpected key or a shape that does not fit the chosen architecture is a
+one-line `ConversionError` naming it.  PyTorch is imported lazily, only to read files.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
-import sys
 from typing import Any, Mapping
 
 import jax
@@ -36,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 SUBNETS = ('encoder', 'projector', 'predictor', 'momentum_encoder', 'momentum_projector')
-METADATA_FILE = 'resa_jax_metadata.json'
 
 
 class ConversionError(ValueError):
@@ -47,13 +36,13 @@ class ConversionError(ValueError):
 
 def load_torch_state_dict(path) -> dict[str, np.ndarray]:
   """Reads a .pth/.pt file into {key: float32/int numpy array} (CPU, no torch modules)."""
+  path = pathlib.Path(path)
+  if not path.is_file():  # before importing torch, which takes seconds
+    raise ConversionError(f'checkpoint not found: {path}')
   try:
     import torch
   except ImportError as e:  # pragma: no cover - depends on the install
     raise ConversionError("PyTorch is needed to read .pth files: pip install 'resa_jax[torch]'") from e
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise ConversionError(f'checkpoint not found: {path}')
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
@@ -283,77 +272,3 @@ def check_finite(state_dict: Mapping[str, np.ndarray]) -> None:
     raise ConversionError(f'{key} has {bad[key]} non-finite (NaN/Inf) entries of '
                           f'{np.size(state_dict[key])}{more}: the checkpoint has diverged; '
                           'convert an earlier one')
-
-
-# ------------------------------------------------------------ orbax I/O ----
-
-def save_converted(out_dir, variables: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
-  """Writes `variables` as an orbax checkpoint in out_dir/'variables' plus metadata JSON."""
-  import orbax.checkpoint as ocp
-  out_dir = pathlib.Path(out_dir).absolute()
-  if out_dir.exists() and any(out_dir.iterdir()):
-    raise ConversionError(f'output directory {out_dir} is not empty; choose a new one')
-  out_dir.mkdir(parents=True, exist_ok=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(out_dir / 'variables', jax.tree.map(np.asarray, dict(variables)))
-  (out_dir / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True))
-
-
-def load_converted(path) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(variables, metadata) written by `save_converted`."""
-  import orbax.checkpoint as ocp
-  path = pathlib.Path(path).absolute()
-  meta_file = path / METADATA_FILE
-  if not meta_file.is_file():
-    raise ConversionError(f'{path} is not a converted checkpoint (no {METADATA_FILE})')
-  with ocp.StandardCheckpointer() as checkpointer:
-    variables = checkpointer.restore(path / 'variables')
-  return variables, json.loads(meta_file.read_text())
-
-
-# ------------------------------------------------------------------ CLI ----
-
-def main(argv=None) -> int:
-  import argparse
-  import ml_collections
-  from resa_jax import models
-  parser = argparse.ArgumentParser(description='Convert an authors\' ReSA PyTorch checkpoint '
-                                   'to an orbax checkpoint of Flax variables.')
-  parser.add_argument('--checkpoint', required=True, help='.pth file (full or encoder only)')
-  parser.add_argument('--arch', default='resnet50', help=f'one of {sorted(models.ARCHITECTURES)}')
-  parser.add_argument('--out', required=True, help='new (or empty) output directory')
-  parser.add_argument('--width_per_group', type=int, default=64)
-  parser.add_argument('--stem', default='imagenet', choices=('imagenet', 'cifar'))
-  parser.add_argument('--mlp_layers', type=int, default=3)
-  parser.add_argument('--mlp_dim', type=int, default=2048)
-  parser.add_argument('--emb_dim', type=int, default=512)
-  args = parser.parse_args(argv)
-  try:
-    if args.arch not in models.ARCHITECTURES:
-      raise ConversionError(f'unknown architecture {args.arch!r}; expected one of '
-                            f'{sorted(models.ARCHITECTURES)}')
-    if min(args.width_per_group, args.mlp_layers, args.mlp_dim, args.emb_dim) <= 0:
-      raise ConversionError('width_per_group, mlp_layers, mlp_dim and emb_dim must be positive')
-    out = pathlib.Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-      raise ConversionError(f'output {out} exists and is not an empty directory')
-    state_dict = load_torch_state_dict(args.checkpoint)
-    check_finite(state_dict)
-    has_predictor = any(re.match(r'^(module\.)?predictor\.', k) for k in state_dict)
-    config = ml_collections.ConfigDict(dict(
-        arch=args.arch, width_per_group=args.width_per_group, stem=args.stem,
-        zero_init_residual=False, mlp_layers=args.mlp_layers, mlp_dim=args.mlp_dim,
-        emb_dim=args.emb_dim, predictor=has_predictor, dtype='float32'))
-    online, momentum = models.create_networks(config)
-    variables = convert_state_dict(state_dict, online, momentum)
-    save_converted(out, variables, {k: config[k] for k in config.keys()} |
-                   {'source': str(pathlib.Path(args.checkpoint).resolve())})
-  except ConversionError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  print(f'wrote {out} ({", ".join(sorted(variables))})')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
