@@ -27,7 +27,8 @@ from resa_jax.evaluate import common
 from resa_jax.evaluate import features
 
 # Config fields that fix the shapes of the encoder and the projector.
-MODEL_FIELDS = ('arch', 'width_per_group', 'stem', 'mlp_layers', 'mlp_dim', 'emb_dim')
+MODEL_FIELDS = ('arch', 'width_per_group', 'stem', 'patch_size', 'mlp_layers', 'mlp_dim',
+                'emb_dim')
 _EVAL_PARTS = ('encoder', 'projector')  # what evaluation uses of a network
 _PREFIXES = {'momentum': 'momentum_', 'online': ''}  # TrainState field prefixes
 
