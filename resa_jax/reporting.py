@@ -4,6 +4,7 @@ progress lines, durations, and the one-line error text every command prints.
 Nothing here knows about models or data; every module that reports imports this one.
 Writes are atomic (a temporary file in the same folder, then `os.replace`), so a
 reader, or a run killed mid-write, never leaves half a file behind.
+`require_writable` refuses a folder that cannot be written before any work starts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
 import re
 import tempfile
 import time
@@ -54,6 +56,35 @@ def say(text: str) -> None:
 
 
 # ----------------------------------------------------------------- files ----
+
+def require_writable(path, flag: str) -> None:
+  """ValueError (one line naming `flag`) unless this process may create files in the
+  folder `path` or, when it does not exist yet, create it: the nearest existing folder
+  above it must be writable.  Asks the file system (access, statvfs); writes nothing."""
+  path = pathlib.Path(os.path.abspath(path))
+  folder = path
+  while not os.path.lexists(folder):
+    folder = folder.parent
+  if not folder.is_dir():
+    raise ValueError(f'{flag}={path}: {folder} is not a directory')
+  read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+  if read_only or not os.access(folder, os.W_OK | os.X_OK):
+    why = 'is on a read-only file system' if read_only else f'is not writable by {_user()}'
+    if folder == path:
+      raise ValueError(f'{flag}={path} cannot be written: it {why}; choose a writable {flag}')
+    raise ValueError(f'{flag}={path} cannot be created: {folder} {why}; choose a writable '
+                     f'{flag}')
+
+
+def _user() -> str:
+  """'user NAME (uid N)' of this process (not $USER: a setuid or su'd process keeps it)."""
+  import pwd  # pylint: disable=g-import-not-at-top
+  uid = os.geteuid()
+  try:
+    return f'user {pwd.getpwuid(uid).pw_name} (uid {uid})'
+  except KeyError:
+    return f'uid {uid}'
+
 
 def _json_default(x):
   import jax  # pylint: disable=g-import-not-at-top

@@ -118,6 +118,8 @@ def main(argv):
                             'checkpoint)')
     if not os.path.exists(flags_.checkpoint):
       raise common.EvaluationError(f'checkpoint {flags_.checkpoint} does not exist')
+    reporting.require_writable(flags_.output or os.path.join(flags_.checkpoint, 'eval'),
+                               '--output')  # before any work
   except ValueError as e:
     cli.fail(reporting.first_line(e))
   cli.initialize_distributed()
