@@ -3,12 +3,16 @@ progress lines, durations, and the one-line error text every command prints.
 
 Nothing here knows about models or data; every module that reports imports this one.
 Writes are atomic (a temporary file in the same folder, then `os.replace`), so a
-reader, or a run killed mid-write, never leaves half a file behind.
-`require_writable` refuses a folder that cannot be written before any work starts.
+reader, or a run killed mid-write, never leaves half a file behind, and a write that
+fails (a full disk) leaves the previous file as it was.  A write the system refuses
+(full disk, quota, read-only file system, permission) is recognised by
+`refused_write` and told in one line by `refused_write_line`; `require_writable`
+refuses a folder that cannot be written before any work starts.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -33,6 +37,47 @@ def first_line(error: BaseException) -> str:
   """The first non-empty line of an exception's message, or its type's name."""
   text = str(error).strip()
   return text.splitlines()[0].strip() if text else type(error).__name__
+
+
+# errno of an access the system refused -> (what the error line says first, whether the
+# path was being written for certain, what to do).
+_REFUSED = {
+    errno.ENOSPC: ('the disk is full', True,
+                   'free some space there or write elsewhere; the files written before are kept'),
+    errno.EDQUOT: ('the disk quota is used up', True,
+                   'free some space there or write elsewhere; the files written before are kept'),
+    errno.EROFS: ('the file system is read-only', True, 'choose a writable folder'),
+    errno.EACCES: ('permission denied', False, 'check its permissions or use another path'),
+    errno.EPERM: ('operation not permitted', False, 'check its permissions or use another path'),
+}
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def refused_write(error: BaseException | None) -> OSError | None:
+  """The OSError of an access the system refused (a full disk or quota, a read-only file
+  system: writes; a permission) that `error` is or was caused by; None if none.
+
+  TensorStore (orbax's array writer) raises ValueErrors that only say it in words
+  ('... No space left on device [os_error_code=28]'): those count as the OSError."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _REFUSED:
+      return error
+    for code in DISK_FULL_ERRNOS:
+      if os.strerror(code) in str(error):
+        return OSError(code, os.strerror(code))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def refused_write_line(error: OSError) -> str:
+  """'the disk is full: cannot write PATH (No space left on device); ...' for an
+  OSError that `refused_write` returned: what happened, where, what to do."""
+  what, writing, advice = _REFUSED[error.errno]
+  if error.filename:
+    what += f': cannot write {error.filename}' if writing else f': {error.filename}'
+  return f'{what} ({error.strerror}); {advice}'
 
 
 def format_duration(seconds: float) -> str:
@@ -96,21 +141,30 @@ def _json_default(x):
 
 
 def _replace_atomically(path: str, write: Callable[[str], None], suffix: str) -> None:
-  """Calls write(tmp_path) on a new file beside `path`, then renames it to `path`."""
+  """Calls write(tmp_path) on a new file beside `path`, then renames it to `path`.
+
+  A refused write (see `refused_write`) is raised as an OSError naming `path` (the
+  temporary file's name would mean nothing to the reader); `path` is then unchanged."""
   path = os.path.abspath(os.fspath(path))
   folder = os.path.dirname(path)
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.',
-                                  suffix=suffix)
-  os.close(fd)
   try:
-    write(tmp_path)
-    os.chmod(tmp_path, 0o644)  # mkstemp creates 0600 files
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.unlink(tmp_path)
-    raise
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.',
+                                    suffix=suffix)
+    os.close(fd)
+    try:
+      write(tmp_path)
+      os.chmod(tmp_path, 0o644)  # mkstemp creates 0600 files
+      os.replace(tmp_path, path)
+    except BaseException:
+      if os.path.exists(tmp_path):
+        os.unlink(tmp_path)
+      raise
+  except OSError as e:
+    refused = refused_write(e)
+    if refused is None:
+      raise
+    raise OSError(refused.errno, refused.strerror, path) from e
 
 
 def _finite_json(x):
