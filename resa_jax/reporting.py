@@ -249,29 +249,48 @@ def plot_training_curves(history: dict, path) -> None:
 # -------------------------------------------------------------- progress ----
 
 class Progress:
-  """Prints 'label: done/total unit (pct), rate, elapsed, ETA' about every 10% of the
-  work or every `every_s` seconds, on the first process.  Call it with the count done."""
+  """Prints 'label: done/total unit (pct), rate unit/s, elapsed, ETA' about every 10% of
+  the work or every `every_s` seconds, on the first process.  Call it with the count done.
+
+  The rate and the ETA count from the first call: the work before it (the first batch,
+  which compiles) is not timed, so the first line has no rate.  Give `ready` the newest
+  result of asynchronously dispatched work (a step's loss): before the clock is read it
+  is waited for, so a rate is of finished work, not of work queued on the device.
+  """
 
   def __init__(self, label: str, total: int, unit: str = 'batches', every_s: float = 30.0,
-               print_fn: Callable[[str], None] | None = None):
+               print_fn: Callable[[str], None] | None = None,
+               clock: Callable[[], float] = time.time):
     self.label, self.total, self.unit, self.every_s = label, max(int(total), 1), unit, every_s
     self.print_fn = print_fn or (lambda line: print(line, flush=True))
-    self.start = self.last = time.time()
+    self.clock = clock
+    self.start = self.last = clock()
+    self.first: tuple[float, int] | None = None  # (time, done) at the first call
     self.next_fraction = 0.1
 
-  def __call__(self, done: int, *_) -> None:
-    now = time.time()
+  def __call__(self, done: int, *_, ready=None) -> None:
     fraction = done / self.total
-    if done < self.total and fraction < self.next_fraction and now - self.last < self.every_s:
+    due = (done >= self.total or fraction >= self.next_fraction
+           or self.clock() - self.last >= self.every_s)
+    if not due and self.first is not None:
+      return
+    if ready is not None:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.block_until_ready(ready)
+    now = self.clock()
+    if self.first is None:
+      self.first = (now, done)
+    if not due:
       return
     while self.next_fraction <= fraction:
       self.next_fraction += 0.1
     self.last = now
-    elapsed = now - self.start
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = ''
-    if rate and done < self.total:
-      eta = f', ETA {format_duration((self.total - done) / rate)}'
+    (first_time, first_done), rate, eta = self.first, '', ''
+    if now > first_time and done > first_done:
+      per_second = (done - first_done) / (now - first_time)
+      rate = f'{per_second:.1f} {self.unit}/s, '
+      if done < self.total:
+        eta = f', ETA {format_duration((self.total - done) / per_second)}'
     if is_chief():
       self.print_fn(f'{self.label}: {done}/{self.total} {self.unit} ({100 * fraction:.0f}%), '
-                    f'{rate:.1f} {self.unit}/s, {format_duration(elapsed)}{eta}')
+                    f'{rate}{format_duration(now - self.start)}{eta}')
