@@ -9,16 +9,22 @@ always refused with the same kind of message, naming the first array that differ
 
 Layout on disk: `<workdir>/checkpoints/<step>/default/` (orbax's StandardSave of one
 item).  Saves are asynchronous after the host copy; a save still being written is
-never deleted.
+never deleted.  A save the disk refuses (full, quota, read-only) raises an OSError
+naming the checkpoints folder, from `save` (the previous save's failure shows there),
+`wait` or `close`; orbax writes each step under a temporary name and renames it when
+complete, so the earlier checkpoints stay readable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import time
 
 from absl import logging
 import jax
+
+from resa_jax import reporting
 
 
 class CheckpointMismatchError(ValueError):
@@ -106,20 +112,35 @@ class Checkpoints:
                        'move it away to start afresh')
     return template, None
 
+  @contextlib.contextmanager
+  def _refused_writes_named(self):
+    """Re-raises a write the system refused (orbax's OSError, or TensorStore's
+    ValueError that only says it in words) as an OSError naming this folder."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      refused = reporting.refused_write(e)
+      if refused is None:
+        raise
+      raise OSError(refused.errno, refused.strerror, str(self.directory)) from e
+
   def save(self, step: int, state) -> float:
     """Saves (asynchronously after the host copy); returns the blocking seconds."""
     start = time.perf_counter()
-    if step in self.manager.all_steps():  # an unreadable leftover we fell back from
-      self.manager.wait_until_finished()  # never delete a save still being written
-      self.manager.delete(step)
-    self.manager.save(step, args=self._ocp.args.StandardSave(state), force=True)
+    with self._refused_writes_named():
+      if step in self.manager.all_steps():  # an unreadable leftover we fell back from
+        self.manager.wait_until_finished()  # never delete a save still being written
+        self.manager.delete(step)
+      self.manager.save(step, args=self._ocp.args.StandardSave(state), force=True)
     return time.perf_counter() - start
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._refused_writes_named():
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
+    with self._refused_writes_named():
+      self.manager.wait_until_finished()
     self.manager.close()
 
 

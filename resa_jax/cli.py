@@ -3,12 +3,15 @@ absl flag parsing with one-line errors, the multi-host flags, and the one way a 
 fails.
 
 Every failure a user can cause ends the same way: one `error: ...` line on standard
-error and exit code 2 (bad input) or 3 (a diverged run), never a traceback.  `--help`
+error and exit code 2 (bad input: a folder this user cannot write included) or 3 (a
+diverged run), never a traceback.  A write the disk refuses (full, quota) ends with
+exit code 4 and one line naming the path; what was written before stays.  `--help`
 prints the command's module docstring and its own flags, and exits 0.
 """
 
 from __future__ import annotations
 
+import logging as python_logging
 import os
 import pathlib
 import sys
@@ -22,9 +25,13 @@ from resa_jax import reporting
 FLAGS = flags.FLAGS
 
 
-def fail(message, code: int = 2):
-  """Prints `error: <message on one line>` to standard error and exits with `code`."""
+def fail(message, code: int = 2, at_once: bool = False):
+  """Prints `error: <message on one line>` to standard error and exits with `code`;
+  `at_once`: without the interpreter's shutdown (os._exit, after flushing stdout)."""
   print(f'error: {reporting.one_line(message)}', file=sys.stderr, flush=True)
+  if at_once:
+    sys.stdout.flush()
+    os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
 
 
@@ -65,10 +72,15 @@ def initialize_distributed() -> None:
     sys.stdout = open(os.devnull, 'w')  # pylint: disable=consider-using-with
 
 
+DISK_FULL_EXIT_CODE = 4
+
+
 def run(main, flags_parser=None) -> None:
-  """`app.run(main)` with `flags_parser` (default: `parse_flags`), and one line for a
-  stop signal outside the training steps (those save first and exit themselves, see
-  resa_jax/interrupts.py): exit 130 (SIGINT) or 143 (SIGTERM)."""
+  """`app.run(main)` with `flags_parser` (default: `parse_flags`); one line for a stop
+  signal outside the training steps (those save first and exit themselves, see
+  resa_jax/interrupts.py): exit 130 (SIGINT) or 143 (SIGTERM); one line for a write
+  the system refused (`reporting.refused_write`): exit 4 for a full disk or quota,
+  2 for a read-only file system or a permission."""
   from absl import app  # pylint: disable=g-import-not-at-top
   interrupts.running()
   try:
@@ -77,12 +89,46 @@ def run(main, flags_parser=None) -> None:
     interrupts.acknowledge()
     fail(f'{e}: stopped outside the training steps, nothing to save (finished '
          'checkpoints and result files are kept)', code=e.exit_code)
+  except Exception as e:  # pylint: disable=broad-except
+    refused = reporting.refused_write(e)
+    if refused is None:
+      raise
+    # At once: the writes still in flight (orbax's threads, TensorStore's) would fail
+    # too as the interpreter shuts down, each with a traceback (into closed event loops,
+    # executors already shut down).  The line says it once; the lock is released.
+    fail(reporting.refused_write_line(refused), at_once=True,
+         code=DISK_FULL_EXIT_CODE if refused.errno in reporting.DISK_FULL_ERRNOS else 2)
+
+
+def _not_a_refused_write(record) -> bool:
+  """False for a log record about a write the system refused: orbax's background
+  threads (and asyncio, for their tasks) log each failed write with a traceback; the
+  same error is raised to the command, which says it in one line (`run`)."""
+  if record.levelno < python_logging.ERROR:
+    return True
+  return (reporting.refused_write(record.exc_info[1] if record.exc_info else None) is None
+          and reporting.refused_write(Exception(record.getMessage())) is None)
+
+
+def _unraisable_but_not_a_late_callback(default_hook):
+  """A sys.unraisablehook that drops RuntimeError('Event loop is closed'): TensorStore's
+  writes that end after orbax closed their event loop (those of a failed save) call
+  back into it, each printing a traceback that says nothing the error line does not."""
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      default_hook(unraisable)
+  return hook
 
 
 def quiet_logging() -> None:
-  """WARNING unless --verbosity was given: orbax and TensorFlow are chatty at INFO."""
+  """WARNING unless --verbosity was given: orbax and TensorFlow are chatty at INFO; and
+  then no log record nor late-callback traceback of a failed write
+  (`_not_a_refused_write`, `_unraisable_but_not_a_late_callback`): `run` says it."""
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+    logging.get_absl_handler().addFilter(_not_a_refused_write)
+    sys.unraisablehook = _unraisable_but_not_a_late_callback(sys.unraisablehook)
 
 
 SHIPPED_CONFIGS = pathlib.Path(__file__).resolve().parent / 'configs'

@@ -3,11 +3,12 @@ r"""Command line: train ReSA.
     python -m resa_jax.main --config=configs/fashion_mnist.py --workdir=/tmp/resa_fmnist \
         [--config.batch_size=256 ...]
 
-Flags only; the work is `resa_jax.train.train_and_evaluate`.  A bad config or
-missing data ends with a one-line `error: ...` and exit code 2 before anything is
-written; a diverged run with exit code 3, keeping its last good checkpoint; SIGTERM or
-Ctrl-C with 143 or 130, after saving the steps done since the last checkpoint
-(resa_jax/interrupts.py).
+Flags only; the work is `resa_jax.train.train_and_evaluate`.  A bad config, missing
+data or a workdir this user cannot write ends with a one-line `error: ...` and exit
+code 2 before anything is written; a diverged run with exit code 3, keeping its last
+good checkpoint; a full disk with exit code 4, keeping the checkpoints and files
+written before; SIGTERM or Ctrl-C with 143 or 130, after saving the steps done since
+the last checkpoint (resa_jax/interrupts.py).
 """
 
 import os

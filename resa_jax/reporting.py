@@ -3,14 +3,20 @@ progress lines, durations, and the one-line error text every command prints.
 
 Nothing here knows about models or data; every module that reports imports this one.
 Writes are atomic (a temporary file in the same folder, then `os.replace`), so a
-reader, or a run killed mid-write, never leaves half a file behind.
+reader, or a run killed mid-write, never leaves half a file behind, and a write that
+fails (a full disk) leaves the previous file as it was.  A write the system refuses
+(full disk, quota, read-only file system, permission) is recognised by
+`refused_write` and told in one line by `refused_write_line`; `require_writable`
+refuses a folder that cannot be written before any work starts.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import pathlib
 import re
 import tempfile
 import time
@@ -31,6 +37,47 @@ def first_line(error: BaseException) -> str:
   """The first non-empty line of an exception's message, or its type's name."""
   text = str(error).strip()
   return text.splitlines()[0].strip() if text else type(error).__name__
+
+
+# errno of an access the system refused -> (what the error line says first, whether the
+# path was being written for certain, what to do).
+_REFUSED = {
+    errno.ENOSPC: ('the disk is full', True,
+                   'free some space there or write elsewhere; the files written before are kept'),
+    errno.EDQUOT: ('the disk quota is used up', True,
+                   'free some space there or write elsewhere; the files written before are kept'),
+    errno.EROFS: ('the file system is read-only', True, 'choose a writable folder'),
+    errno.EACCES: ('permission denied', False, 'check its permissions or use another path'),
+    errno.EPERM: ('operation not permitted', False, 'check its permissions or use another path'),
+}
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def refused_write(error: BaseException | None) -> OSError | None:
+  """The OSError of an access the system refused (a full disk or quota, a read-only file
+  system: writes; a permission) that `error` is or was caused by; None if none.
+
+  TensorStore (orbax's array writer) raises ValueErrors that only say it in words
+  ('... No space left on device [os_error_code=28]'): those count as the OSError."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _REFUSED:
+      return error
+    for code in DISK_FULL_ERRNOS:
+      if os.strerror(code) in str(error):
+        return OSError(code, os.strerror(code))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def refused_write_line(error: OSError) -> str:
+  """'the disk is full: cannot write PATH (No space left on device); ...' for an
+  OSError that `refused_write` returned: what happened, where, what to do."""
+  what, writing, advice = _REFUSED[error.errno]
+  if error.filename:
+    what += f': cannot write {error.filename}' if writing else f': {error.filename}'
+  return f'{what} ({error.strerror}); {advice}'
 
 
 def format_duration(seconds: float) -> str:
@@ -55,6 +102,35 @@ def say(text: str) -> None:
 
 # ----------------------------------------------------------------- files ----
 
+def require_writable(path, flag: str) -> None:
+  """ValueError (one line naming `flag`) unless this process may create files in the
+  folder `path` or, when it does not exist yet, create it: the nearest existing folder
+  above it must be writable.  Asks the file system (access, statvfs); writes nothing."""
+  path = pathlib.Path(os.path.abspath(path))
+  folder = path
+  while not os.path.lexists(folder):
+    folder = folder.parent
+  if not folder.is_dir():
+    raise ValueError(f'{flag}={path}: {folder} is not a directory')
+  read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+  if read_only or not os.access(folder, os.W_OK | os.X_OK):
+    why = 'is on a read-only file system' if read_only else f'is not writable by {_user()}'
+    if folder == path:
+      raise ValueError(f'{flag}={path} cannot be written: it {why}; choose a writable {flag}')
+    raise ValueError(f'{flag}={path} cannot be created: {folder} {why}; choose a writable '
+                     f'{flag}')
+
+
+def _user() -> str:
+  """'user NAME (uid N)' of this process (not $USER: a setuid or su'd process keeps it)."""
+  import pwd  # pylint: disable=g-import-not-at-top
+  uid = os.geteuid()
+  try:
+    return f'user {pwd.getpwuid(uid).pw_name} (uid {uid})'
+  except KeyError:
+    return f'uid {uid}'
+
+
 def _json_default(x):
   import jax  # pylint: disable=g-import-not-at-top
   if isinstance(x, (np.generic, jax.Array)) and np.ndim(x) == 0:
@@ -65,21 +141,30 @@ def _json_default(x):
 
 
 def _replace_atomically(path: str, write: Callable[[str], None], suffix: str) -> None:
-  """Calls write(tmp_path) on a new file beside `path`, then renames it to `path`."""
+  """Calls write(tmp_path) on a new file beside `path`, then renames it to `path`.
+
+  A refused write (see `refused_write`) is raised as an OSError naming `path` (the
+  temporary file's name would mean nothing to the reader); `path` is then unchanged."""
   path = os.path.abspath(os.fspath(path))
   folder = os.path.dirname(path)
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.',
-                                  suffix=suffix)
-  os.close(fd)
   try:
-    write(tmp_path)
-    os.chmod(tmp_path, 0o644)  # mkstemp creates 0600 files
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.unlink(tmp_path)
-    raise
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.',
+                                    suffix=suffix)
+    os.close(fd)
+    try:
+      write(tmp_path)
+      os.chmod(tmp_path, 0o644)  # mkstemp creates 0600 files
+      os.replace(tmp_path, path)
+    except BaseException:
+      if os.path.exists(tmp_path):
+        os.unlink(tmp_path)
+      raise
+  except OSError as e:
+    refused = refused_write(e)
+    if refused is None:
+      raise
+    raise OSError(refused.errno, refused.strerror, path) from e
 
 
 def _finite_json(x):
@@ -222,29 +307,48 @@ def plot_training_curves(history: dict, path, *, total_steps: int | None = None,
 # -------------------------------------------------------------- progress ----
 
 class Progress:
-  """Prints 'label: done/total unit (pct), rate, elapsed, ETA' about every 10% of the
-  work or every `every_s` seconds, on the first process.  Call it with the count done."""
+  """Prints 'label: done/total unit (pct), rate unit/s, elapsed, ETA' about every 10% of
+  the work or every `every_s` seconds, on the first process.  Call it with the count done.
+
+  The rate and the ETA count from the first call: the work before it (the first batch,
+  which compiles) is not timed, so the first line has no rate.  Give `ready` the newest
+  result of asynchronously dispatched work (a step's loss): before the clock is read it
+  is waited for, so a rate is of finished work, not of work queued on the device.
+  """
 
   def __init__(self, label: str, total: int, unit: str = 'batches', every_s: float = 30.0,
-               print_fn: Callable[[str], None] | None = None):
+               print_fn: Callable[[str], None] | None = None,
+               clock: Callable[[], float] = time.time):
     self.label, self.total, self.unit, self.every_s = label, max(int(total), 1), unit, every_s
     self.print_fn = print_fn or (lambda line: print(line, flush=True))
-    self.start = self.last = time.time()
+    self.clock = clock
+    self.start = self.last = clock()
+    self.first: tuple[float, int] | None = None  # (time, done) at the first call
     self.next_fraction = 0.1
 
-  def __call__(self, done: int, *_) -> None:
-    now = time.time()
+  def __call__(self, done: int, *_, ready=None) -> None:
     fraction = done / self.total
-    if done < self.total and fraction < self.next_fraction and now - self.last < self.every_s:
+    due = (done >= self.total or fraction >= self.next_fraction
+           or self.clock() - self.last >= self.every_s)
+    if not due and self.first is not None:
+      return
+    if ready is not None:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.block_until_ready(ready)
+    now = self.clock()
+    if self.first is None:
+      self.first = (now, done)
+    if not due:
       return
     while self.next_fraction <= fraction:
       self.next_fraction += 0.1
     self.last = now
-    elapsed = now - self.start
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = ''
-    if rate and done < self.total:
-      eta = f', ETA {format_duration((self.total - done) / rate)}'
+    (first_time, first_done), rate, eta = self.first, '', ''
+    if now > first_time and done > first_done:
+      per_second = (done - first_done) / (now - first_time)
+      rate = f'{per_second:.1f} {self.unit}/s, '
+      if done < self.total:
+        eta = f', ETA {format_duration((self.total - done) / per_second)}'
     if is_chief():
       self.print_fn(f'{self.label}: {done}/{self.total} {self.unit} ({100 * fraction:.0f}%), '
-                    f'{rate:.1f} {self.unit}/s, {format_duration(elapsed)}{eta}')
+                    f'{rate}{format_duration(now - self.start)}{eta}')

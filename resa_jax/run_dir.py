@@ -53,6 +53,17 @@ class WorkdirLocked(ValueError):
   """Another live run holds the workdir."""
 
 
+def check_workdir(workdir) -> pathlib.Path:
+  """`workdir` as a Path; ValueError for a URL or a path that is not a directory."""
+  if '://' in str(workdir):  # pathlib would quietly make a local folder 'gs:/...'
+    raise ValueError(f'workdir {workdir} is a URL; it must be a local or mounted path '
+                     '(e.g. a gcsfuse mount of the bucket)')
+  workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f'workdir {workdir} exists and is not a directory')
+  return workdir
+
+
 # ------------------------------------------------------------------- lock ----
 
 def _me() -> str:

@@ -112,16 +112,6 @@ class _Run:
     return self.workdir / 'history.json'
 
 
-def _check_workdir(workdir) -> pathlib.Path:
-  if '://' in str(workdir):  # pathlib would quietly make a local folder 'gs:/...'
-    raise ValueError(f'workdir {workdir} is a URL; it must be a local or mounted path '
-                     '(e.g. a gcsfuse mount of the bucket)')
-  workdir = pathlib.Path(workdir)
-  if workdir.exists() and not workdir.is_dir():
-    raise ValueError(f'workdir {workdir} exists and is not a directory')
-  return workdir
-
-
 def _restored_history(path: pathlib.Path, start_step: int, steps_per_epoch: int) -> dict:
   """history.json of the run, cut back to `start_step` (the checkpoint resumed from)."""
   history = {'loss': [], 'knn': [], 'wall_time': 0.0}
@@ -306,17 +296,20 @@ def train_and_evaluate(config, workdir) -> dict:
   """Trains ReSA with `config`, checkpointing to and resuming from `workdir`.
 
   Returns the results dict also written to workdir/results.json.  Raises
-  ValueError (bad config, missing data, a workdir in use by another run or trained
-  with another config; nothing written) or TrainingDivergedError.  A finished run
-  rerun with its config prints its results.json and returns it, changing nothing.
+  ValueError (bad config, missing data, a workdir this user cannot write, in use by
+  another run or trained with another config; nothing written) or
+  TrainingDivergedError.  A finished run rerun with its config prints its
+  results.json and returns it, changing nothing (a read-only workdir included).
   """
-  workdir = _check_workdir(workdir)
+  workdir = run_dir.check_workdir(workdir)
   chief = jax.process_index() == 0  # multi-host: only process 0 takes the lock
   if chief:
     run_dir.refuse_if_locked(workdir)  # before TensorFlow: a refusal takes no time
   changes = run_dir.config_changes(workdir, config)
-  validation.validate_config(config)  # a bad config fails before any write
   done = None if changes else run_dir.finished_results(workdir)
+  if done is None:
+    reporting.require_writable(workdir, '--workdir')  # before TensorFlow, too
+  validation.validate_config(config)  # a bad config fails before any write
   if done is not None:
     print(f'{workdir} finished at step {done["step"]}; nothing to do. results: '
           + json.dumps(done), flush=True)

@@ -236,6 +236,21 @@ def test_linear_probe_separable_vs_random_labels():
   assert shuffled['top5_last'] < 70.0
 
 
+def test_linear_probe_records_its_batch_and_prints_progress(capsys):
+  """A batch above the train set is the train set, and linear.json says so; the one
+  compiled run prints progress lines (examples/s, ETA) as its epochs end."""
+  rng = np.random.default_rng(3)
+  train_x, train_y, test_x, test_y = _train_test(rng, 200, 50, 8, 4, 0.5)
+  result = evaluate.linear_probe_features(train_x, train_y, test_x, test_y, 4, epochs=20,
+                                          batch_size=1000)
+  assert result['batch_size'] == 200
+  lines = [l for l in capsys.readouterr().out.splitlines()
+           if l.startswith('linear probe training: ')]
+  assert lines[-1].startswith('linear probe training: 4000/4000 examples (100%), ')
+  assert 2 <= len(lines) <= 11 and 'examples/s' in lines[-1]
+  assert all('examples/s' in l and 'ETA' in l for l in lines[:-1])
+
+
 def test_clustering_analysis_writes_files(tmp_path):
   rng = np.random.default_rng(9)
   fine = rng.integers(0, 6, size=240)

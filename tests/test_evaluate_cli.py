@@ -135,6 +135,8 @@ def test_cli_knn_linear_clustering(run, tmp_path):
 
   linear = json.loads((out / 'linear.json').read_text())
   assert linear['protocol'] == 'features' and linear['epochs'] == 3
+  assert linear['batch_size'] == 64  # the batch used: --linear_batch_size 1000 > 64 rows
+  assert 'linear probe training: 192/192 examples (100%)' in proc.stdout
   expected = evaluate.linear_probe_features(train_x, train_y, test_x, test_y, 4, epochs=3)
   for name in ('top1_last', 'top1_best', 'top5_last', 'best_epoch'):
     assert linear[name] == pytest.approx(expected[name])

@@ -1,21 +1,27 @@
 """Faults of a workdir (issue 14): a finished run rerun, two runs on one workdir, a
-stale lock, a resume with another config; results.json always valid JSON.
+stale lock, a resume with another config; results.json always valid JSON; a full disk
+and a read-only file system.
 
 The real `python -m resa_jax.main` on tests/configs/tiny.py and 2 simulated devices,
 with the helpers (and the uninterrupted `reference` run) of tests/test_reliability.py.
 """
 
+import contextlib
+import errno
 import json
 import math
+import os
 import shutil
 import signal
+import subprocess
 import time
 
 import numpy as np
 import pytest
 
 from test_reliability import (PausedRun, checkpoint_steps, env, error_line,  # noqa: F401
-                              reference, resumed_step, snapshot, train, TOTAL_STEPS)
+                              reference, restore, resumed_step, snapshot, template, train,
+                              TOTAL_STEPS)
 from test_reliability import run as run_module
 
 
@@ -53,6 +59,23 @@ def test_finished_run_rerun_prints_results_and_changes_nothing(env, reference, t
     assert snapshot(workdir) == before
     print(f'\n[faults] finished run rerun {overrides}: exit 0 in {proc.seconds:.1f} s, '
           f'{len(before)} files and folders unchanged')
+
+
+def test_finished_run_in_a_read_only_workdir_prints_its_results(env, reference, tmp_path):
+  """Reading a finished run needs no write: it is not refused as unwritable."""
+  from test_reliability import unprivileged
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference[0], workdir)
+  folders = [workdir] + [p for p in workdir.rglob('*') if p.is_dir()]
+  for folder in folders:
+    folder.chmod(0o555)
+  try:
+    proc = train(env, workdir, prefix=unprivileged(workdir))
+  finally:
+    for folder in folders:
+      folder.chmod(0o755)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'finished at step {TOTAL_STEPS}; nothing to do' in proc.stdout
 
 
 def test_second_run_is_refused_and_a_stale_lock_taken_over(env, tmp_path):
@@ -193,3 +216,121 @@ def test_sentinel_fields_accept_only_minus_one_or_positive(env, tmp_path, flag):
   assert f'{name} must be positive, or -1 (unset)' in error_line(proc)
   assert not (tmp_path / 'run').exists()
   print(f'\n[faults] {flag}: exit 2 in {proc.seconds:.1f} s')
+
+
+# ------------------------------------------------------------ full disk ----
+
+def test_refused_writes_are_recognised_through_causes_and_tensorstore_text():
+  from resa_jax import reporting
+  full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  try:
+    try:
+      raise full
+    except OSError as e:
+      raise RuntimeError('the save failed') from e
+  except RuntimeError as e:
+    assert reporting.refused_write(e) is full
+  tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "params/0" ... Failed to write '
+                           "2319 bytes to file 8: No space left on device [os_error_code='28']")
+  assert reporting.refused_write(tensorstore).errno == errno.ENOSPC
+  assert reporting.refused_write(PermissionError(errno.EACCES, 'Permission denied')).errno \
+      == errno.EACCES
+  assert reporting.refused_write(ValueError('bad value')) is None
+  assert reporting.refused_write(FileNotFoundError(errno.ENOENT, 'No such file')) is None
+
+
+def test_write_json_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
+  """ENOSPC injected where a buffered write reaches the disk (the fsync before the
+  rename): the error names results.json, which keeps its old content."""
+  from resa_jax import reporting
+  path = tmp_path / 'results.json'
+  reporting.write_json(path, {'step': 8})
+  before = path.read_text()
+
+  def full_disk(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(os, 'fsync', full_disk)
+  with pytest.raises(OSError) as raised:
+    reporting.write_json(path, {'step': 12})
+  assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+  assert reporting.refused_write_line(raised.value).startswith(
+      f'the disk is full: cannot write {path} (No space left on device); free some space')
+  assert path.read_text() == before and os.listdir(tmp_path) == ['results.json']
+
+
+def test_checkpoint_save_on_a_full_disk_names_the_folder(tmp_path, monkeypatch):
+  """TensorStore's words for ENOSPC, injected in orbax's save: an OSError naming the
+  checkpoints folder; the checkpoint saved before is still restored."""
+  import numpy as np
+  from resa_jax import checkpoints as checkpoints_lib
+  checkpoints = checkpoints_lib.Checkpoints(tmp_path / 'checkpoints', 3)
+  state = {'w': np.arange(4.0, dtype=np.float32)}
+  checkpoints.save(1, state)
+  checkpoints.wait()
+
+  def full_disk(*args, **kwargs):
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing "w/0": No space left on device '
+                     "[os_error_code='28']")
+  monkeypatch.setattr(checkpoints.manager, 'save', full_disk)
+  with pytest.raises(OSError) as raised:
+    checkpoints.save(2, {'w': state['w'] + 1})
+  assert raised.value.errno == errno.ENOSPC
+  assert raised.value.filename == str((tmp_path / 'checkpoints').absolute())
+  monkeypatch.undo()
+  restored, step = checkpoints.restore_latest({'w': np.zeros(4, np.float32)})
+  checkpoints.close()
+  assert step == 1 and np.array_equal(np.asarray(restored['w']), state['w'])
+
+
+@contextlib.contextmanager
+def tmpfs(folder, options: str):
+  """A tmpfs mounted on `folder` with `options` ('size=2m': a disk that fills up; 'ro':
+  a read-only file system).  Skips where this process may not mount (not root, or no
+  CAP_SYS_ADMIN in a container)."""
+  folder.mkdir()
+  if not shutil.which('mount') or os.geteuid() != 0:
+    pytest.skip('mounting a tmpfs needs root')
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(folder)],
+                           capture_output=True, text=True)
+  if mounted.returncode != 0:
+    pytest.skip(f'cannot mount a tmpfs here: {mounted.stderr.strip()}')
+  try:
+    yield folder
+  finally:
+    subprocess.run(['umount', '-l', str(folder)], check=False)
+
+
+def test_full_disk_during_a_checkpoint_save_one_line_keeps_the_last_checkpoint(
+    env, template, tmp_path):
+  """A real full disk: a 2 MB tmpfs holds the first checkpoint (1.3 MB) but not the
+  second.  One line, exit 4, the first checkpoint restorable; with space freed the
+  same command resumes from it and finishes."""
+  with tmpfs(tmp_path / 'disk', 'size=2m') as disk:
+    workdir = disk / 'run'
+    proc = train(env, workdir)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    line = error_line(proc)
+    assert line.startswith(f'error: the disk is full: cannot write {workdir}/checkpoints '
+                           '(No space left on device)'), line
+    steps = checkpoint_steps(workdir)
+    _, latest = restore(template, workdir / 'checkpoints')
+    assert steps and latest == steps[-1] < TOTAL_STEPS
+    assert strict_json((workdir / 'history.json').read_text())['loss']
+    assert not (workdir / 'results.json').exists() and not (workdir / '.lock').exists()
+    print(f'\n[faults] full disk at a checkpoint save: exit 4 in {proc.seconds:.1f} s, '
+          f'checkpoint {latest} kept: {line}')
+    subprocess.run(['mount', '-o', 'remount,size=64m', str(disk)], check=True)
+    again = train(env, workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert resumed_step(again.stdout) == latest
+    assert strict_json((workdir / 'results.json').read_text())['step'] == TOTAL_STEPS
+
+
+def test_read_only_file_system_workdir_is_refused_before_tensorflow(env, tmp_path):
+  with tmpfs(tmp_path / 'disk', 'ro,size=64k') as disk:
+    proc = train(env, disk / 'run')
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = error_line(proc)
+  assert f'--workdir={disk}/run cannot be created: {disk} is on a read-only file system' \
+      in line, line
+  print(f'\n[faults] read-only file system: exit 2 in {proc.seconds:.1f} s: {line}')

@@ -81,16 +81,17 @@ def env(tmp_path_factory):
   return env
 
 
-def run(env, *args, module='resa_jax.main'):
+def run(env, *args, module='resa_jax.main', prefix=()):
   start = time.perf_counter()
-  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env,
+  proc = subprocess.run([*prefix, sys.executable, '-m', module, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=TIMEOUT)
   proc.seconds = time.perf_counter() - start
   return proc
 
 
-def train(env, workdir, *overrides):
-  return run(env, f'--config={TINY}', f'--workdir={workdir}', *RUN_FLAGS, *overrides)
+def train(env, workdir, *overrides, prefix=()):
+  return run(env, f'--config={TINY}', f'--workdir={workdir}', *RUN_FLAGS, *overrides,
+             prefix=prefix)
 
 
 def tiny_config():
@@ -637,6 +638,55 @@ def test_tool_bad_input_one_line_exit_2_nothing_written(tool_bad_input_runs, nam
   line = error_line(proc)
   assert words in line, line
   assert snapshot(tmp) == before  # nothing written, nothing removed or touched
+
+
+# (id, module, arguments, words of the error line); {ro} is a folder of mode 0555 that
+# the process cannot write, {tmp} the folder holding it.
+UNWRITABLE = [
+    ('workdir_read_only', 'resa_jax.main', ['--workdir={ro}'],
+     '--workdir={ro} cannot be written: it is not writable by'),
+    ('workdir_parent_read_only', 'resa_jax.main', ['--workdir={ro}/run'],
+     '--workdir={ro}/run cannot be created: {ro} is not writable by'),
+    ('evaluate_output_read_only', 'resa_jax.evaluate',
+     ['--checkpoint={tmp}/checkpoint', '--output={ro}/out'],
+     '--output={ro}/out cannot be created: {ro} is not writable by'),
+    ('evaluate_default_output_read_only', 'resa_jax.evaluate', ['--checkpoint={ro}'],
+     '--output={ro}/eval cannot be created: {ro} is not writable by'),
+]
+
+
+def unprivileged(folder) -> list[str]:
+  """A command prefix under which `folder` (mode 0555) cannot be written: none for a
+  user other than root; for root, whom chmod does not stop, a new user namespace
+  (`unshare --user`: the same files, seen by an unmapped user without root's
+  capabilities over them).  Skips the test where neither stops a write."""
+  prefix = [] if os.geteuid() != 0 or not shutil.which('unshare') else ['unshare', '--user']
+  probe = subprocess.run([*prefix, 'sh', '-c', f'mkdir "{folder}/probe"'], capture_output=True)
+  if probe.returncode == 0:
+    os.rmdir(folder / 'probe')
+    pytest.skip(f'cannot make a folder this process may not write (uid {os.geteuid()})')
+  return prefix
+
+
+@pytest.mark.parametrize('name,module,args,words', UNWRITABLE, ids=[c[0] for c in UNWRITABLE])
+def test_unwritable_workdir_or_output_one_line_exit_2_nothing_written(
+    env, tmp_path, name, module, args, words):
+  ro = tmp_path / 'read_only'
+  (tmp_path / 'checkpoint').mkdir()
+  ro.mkdir()
+  ro.chmod(0o555)
+  try:
+    prefix = unprivileged(ro)
+    before = snapshot(tmp_path)
+    proc = run(env, f'--config={TINY}', *[a.format(ro=ro, tmp=tmp_path) for a in args],
+               module=module, prefix=prefix)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = error_line(proc)
+    assert words.format(ro=ro) in line and 'choose a writable' in line, line
+    assert snapshot(tmp_path) == before
+  finally:
+    ro.chmod(0o755)
+  print(f'\n[reliability] {name}: exit 2 in {proc.seconds:.1f} s: {line}')
 
 
 def test_configs_load_from_any_directory_by_path_or_name(env, tmp_path):

@@ -1,4 +1,5 @@
-"""train_metrics.MetricsLog on its own: divergence, averaging, honest rates."""
+"""train_metrics.MetricsLog on its own: divergence, averaging, honest rates; and the
+evaluation loops' progress lines (reporting.Progress), on a fake clock."""
 
 import math
 import pathlib
@@ -6,6 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from resa_jax import reporting
 from resa_jax import train_metrics
 
 
@@ -91,3 +93,37 @@ def test_divergence_names_the_step_and_writes_nothing(bad):
     log.flush(2)
   assert '/ckpt' in str(error.value)
   assert writer.rows == [] and history['loss'] == []
+
+
+def test_progress_lines_time_finished_work_from_the_first_call():
+  clock, lines, waited = FakeClock(), [], []
+
+  class Pending:  # an asynchronous result: block_until_ready waits for it
+    def block_until_ready(self):
+      waited.append(clock.now)
+      clock.now += 0.5  # the queued steps finish
+      return self
+  progress = reporting.Progress('probe training', 100, 'images', every_s=30.0,
+                                print_fn=lines.append, clock=clock)
+  clock.now += 20.0  # the first step compiles: not timed
+  progress(5, ready=Pending())  # 5%: not due, but it starts the clock (after waiting)
+  assert lines == [] and waited == [120.0]
+  clock.now += 5.0
+  progress(10)  # 10% due: 5 images in 5 s since the first call
+  assert lines == ['probe training: 10/100 images (10%), 1.0 images/s, 0m25s, ETA 1m30s']
+  clock.now += 1.0
+  progress(15, ready=Pending())  # neither 10% more nor 30 s: no line, nothing waited for
+  assert len(lines) == 1 and len(waited) == 1
+  clock.now += 29.0
+  progress(16, ready=Pending())  # 30 s since the last line: due; timed after the wait
+  assert len(waited) == 2  # 11 images in 35.5 s, 84 left
+  assert lines[-1] == 'probe training: 16/100 images (16%), 0.3 images/s, 0m56s, ETA 4m31s'
+  progress(100)
+  assert lines[-1].startswith('probe training: 100/100 images (100%), ') and 'ETA' not in lines[-1]
+
+
+def test_progress_first_call_at_the_end_has_no_rate():
+  lines = []
+  progress = reporting.Progress('features', 4, print_fn=lines.append, clock=FakeClock())
+  progress(4)
+  assert lines == ['features: 4/4 batches (100%), 0m00s']

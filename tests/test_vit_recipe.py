@@ -172,9 +172,10 @@ def test_vit_probe_input_is_the_encoders_linear_features(monkeypatch):
                              atol=1e-6)
 
 
-def test_linear_probe_trains_on_a_bn_free_vit(monkeypatch):
+def test_linear_probe_trains_on_a_bn_free_vit(monkeypatch, capsys):
   """train_classifier with the ViT probe input on a tiny plain ViT (no batch_stats at
-  all): the head is sized for the (n + 1) D input and learns without error."""
+  all): the head is sized for the (n + 1) D input and learns without error; its
+  progress lines count images."""
   from resa_jax.evaluate import model as model_lib
   monkeypatch.setitem(vit.ARCHITECTURES, 'vit_small', (16, 2, 2, False))
   config = _config('imagenet_vit_small')
@@ -194,6 +195,8 @@ def test_linear_probe_trains_on_a_bn_free_vit(monkeypatch):
       model, mesh, iter(lambda: batch(), None), lambda: iter(eval_set), num_classes=3,
       steps_per_epoch=2, epochs=1, head_lr=0.1, encode=linear.vit_probe_input(2, True))
   assert np.isfinite(result['train_loss']) and result['num_eval'] == 4 and result['steps'] == 2
+  out = capsys.readouterr().out
+  assert 'classifier training: 8/8 images (100%), ' in out and 'images/s' in out
 
 
 def test_small_image_vit_config_has_patches_of_its_patch_size_and_stores_its_table():

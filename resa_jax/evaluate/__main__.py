@@ -143,6 +143,8 @@ def main(argv):
     if not flags_.checkpoint:
       raise common.EvaluationError('--checkpoint is required (a training workdir or a converted '
                                    'checkpoint)')
+    reporting.require_writable(flags_.output or os.path.join(flags_.checkpoint, 'eval'),
+                               '--output')  # before any work
     config, notes = checkpoint_config.config_for_checkpoint(
         flags_.config, flags_.checkpoint, config_given=_config_given(sys.argv),
         overridden=config_flags.get_override_values(flags_['config']))

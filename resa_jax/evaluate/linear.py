@@ -68,10 +68,12 @@ def _linear_logits(params, features):
 
 
 def _train_on_features(params, optimizer, x, y, x_test, y_test, shuffle_key, *, epochs: int,
-                       batch_size: int, top: int):
+                       batch_size: int, top: int, progress=None):
   """One jit-compiled lax.scan over epochs of a scan over full batches of a fresh
   permutation, the test set measured after every epoch (the authors validate every
-  epoch).  Returns (params, per epoch: mean loss, top-1 hits, top-`top` hits)."""
+  epoch).  Returns (params, per epoch: mean loss, top-1 hits, top-`top` hits).
+
+  `progress(epochs done)` is called on the host as each epoch ends on the device."""
   num_train = x.shape[0]
   steps_per_epoch = num_train // batch_size
 
@@ -90,6 +92,8 @@ def _train_on_features(params, optimizer, x, y, x_test, y_test, shuffle_key, *, 
     batches = order[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
     carry, step_losses = lax.scan(step, carry, batches)
     top1, topk = common.top_k_hits(_linear_logits(carry[0], x_test), y_test, top)
+    if progress is not None:
+      jax.debug.callback(lambda e: progress(int(e) + 1), epoch_index, ordered=True)
     return carry, (step_losses.mean(), jnp.sum(top1), jnp.sum(topk))
 
   (params, _), per_epoch = lax.scan(epoch, (params, optimizer.init(params)),
@@ -123,7 +127,8 @@ def linear_probe_features(
   Returns:
     `best_and_last` of the test accuracies (%) after every epoch: 'top1_last',
     'top5_last', 'top1_best', 'top5_best', 'best_epoch', 'top1_by_epoch' (top-5 is
-    top-C if C < 5).
+    top-C if C < 5); 'batch_size', the batch used (min(batch_size, N)).  A progress
+    line (examples/s, ETA) about every 10% of the epochs.
   """
   x = np.asarray(train_x, np.float32)
   y = common.check_labels(train_y, num_classes, 'train_y')
@@ -133,16 +138,20 @@ def linear_probe_features(
   optimizer = _features_optimizer(lr, final_lr, weight_decay, epochs, num_train // batch_size)
   init_key, shuffle_key = jax.random.split(jax.random.PRNGKey(seed))
   start = time.time()
-  train = jax.jit(functools.partial(_train_on_features, optimizer=optimizer, epochs=epochs,
-                                    batch_size=batch_size, top=min(5, num_classes)))
+  examples_per_epoch = (num_train // batch_size) * batch_size
+  progress = reporting.Progress('linear probe training', epochs * examples_per_epoch,
+                                'examples')
+  train = jax.jit(functools.partial(
+      _train_on_features, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
+      top=min(5, num_classes), progress=lambda epoch: progress(epoch * examples_per_epoch)))
   _, (epoch_losses, top1, topk) = train(
       _torch_linear_init(init_key, dim, num_classes), x=jnp.asarray(x), y=jnp.asarray(y),
       x_test=jnp.asarray(test_x, jnp.float32), y_test=jnp.asarray(y_test),
       shuffle_key=shuffle_key)
   logging.info('linear probe: %d epochs, final train loss %.4f, %.1f s', epochs,
                float(epoch_losses[-1]), time.time() - start)
-  return best_and_last(100.0 * np.asarray(top1) / len(y_test),
-                       100.0 * np.asarray(topk) / len(y_test))
+  return {**best_and_last(100.0 * np.asarray(top1) / len(y_test),
+                         100.0 * np.asarray(topk) / len(y_test)), 'batch_size': batch_size}
 
 
 def best_and_last(top1_by_epoch, top5_by_epoch) -> dict:
@@ -254,16 +263,18 @@ def _count_hits(eval_fn, params, batch_stats, frozen, eval_batches) -> tuple[int
   return hits1, hits5, count
 
 
-def _fit(step_fn, carry, frozen, batches, *, steps_per_epoch: int, epochs: int, label: str,
-         lr_note, schedule: str, measure):
-  """Runs epochs x steps_per_epoch steps of `step_fn` with a progress line, and after
-  every epoch `measure(params, batch_stats)` -> (top-1 %, top-5 %) and a line.
+def _fit(step_fn, carry, frozen, batches, *, steps_per_epoch: int, epochs: int,
+         batch_size: int, label: str, lr_note, schedule: str, measure):
+  """Runs epochs x steps_per_epoch steps of `step_fn` with a progress line (images/s of
+  finished steps, ETA), and after every epoch `measure(params, batch_stats)` -> (top-1 %,
+  top-5 %) and a line.
 
   Returns (mean loss of the last epoch, [top-1 per epoch], [top-5 per epoch]).
   """
   params, batch_stats, opt_state = carry
   total_steps = epochs * steps_per_epoch
-  progress = reporting.Progress(f'{label} training', total_steps, 'steps', every_s=60.0)
+  progress = reporting.Progress(f'{label} training', total_steps * batch_size, 'images',
+                                every_s=60.0)
   epoch_losses, train_loss, top1_by_epoch, top5_by_epoch = [], math.nan, [], []
   start = time.time()
   for step in range(total_steps):
@@ -273,7 +284,7 @@ def _fit(step_fn, carry, frozen, batches, *, steps_per_epoch: int, epochs: int, 
     params, batch_stats, opt_state, loss = step_fn(params, batch_stats, opt_state, frozen,
                                                    batch['image'], batch['label'])
     epoch_losses.append(loss)
-    progress(step + 1)
+    progress((step + 1) * batch_size, ready=loss)
     if (step + 1) % steps_per_epoch == 0:
       epoch = (step + 1) // steps_per_epoch
       train_loss = float(np.mean([sharding.to_numpy(l) for l in epoch_losses]))
@@ -367,7 +378,8 @@ def train_classifier(
 
   train_loss, top1_by_epoch, top5_by_epoch = _fit(
       step_fn, (params, batch_stats, opt_state), frozen, itertools.chain([first], train_batches),
-      steps_per_epoch=steps_per_epoch, epochs=epochs, label=label,
+      steps_per_epoch=steps_per_epoch, epochs=epochs, batch_size=first['image'].shape[0],
+      label=label,
       lr_note=lambda factor: f'lr {head_lr * factor:.4g} (head)' + (
           f' {encoder_lr * factor:.4g} (encoder)' if finetune else ''),
       schedule=schedule, measure=measure)

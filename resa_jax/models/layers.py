@@ -153,13 +153,15 @@ def _cpu_conv_bwd(strides, padding, precision, residuals, g):
   (sh, sw), (kh, kw) = strides, w.shape[:2]
   x_pad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   # Offsets whose window runs past the padded input never occur: OH was computed from it.
+  # As 2-D (N OH OW, C) matrices: XLA:CPU runs this dot 2-3x faster than the 4-D einsum.
+  g2 = g.reshape(n * oh * ow, -1)  # (N OH OW, C_out)
+  out_dtype = param_dtype(w.dtype)
   gw = jnp.stack([
       jnp.stack([
-          jnp.einsum('nhwc,nhwd->cd',
-                     lax.slice(x_pad, (0, i, j, 0),
-                               (n, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, x.shape[3]),
-                               (1, sh, sw, 1)),
-                     g, precision=precision, preferred_element_type=param_dtype(w.dtype))
+          jnp.dot(lax.slice(x_pad, (0, i, j, 0),
+                            (n, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, x.shape[3]),
+                            (1, sh, sw, 1)).reshape(n * oh * ow, -1).T,
+                  g2, precision=precision, preferred_element_type=out_dtype)
           for j in range(kw)])
       for i in range(kh)])  # (KH, KW, C_in, C_out)
   return gx, gw.astype(w.dtype)
