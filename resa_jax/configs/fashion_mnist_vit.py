@@ -5,9 +5,9 @@ Command:
     python -m resa_jax.main --config=configs/fashion_mnist_vit.py --workdir=/tmp/resa_fvit
 
 vit_mini (ours: D 128, 6 blocks, 4 heads; the authors' smallest, vit_tiny, is D 192 with
-12 blocks) on 28x28 grey images in 7x7 patches (4x4 tokens; theirs are 16x16 on 224 px), AdamW as their ViT recipe
-(configs/imagenet_vit_small.py) with lr, warm-up, EMA and epochs scaled to a short run,
-no predictor, the demo's augmentations (configs/fashion_mnist.py).
+12 blocks) on 28x28 grey images in 7x7 patches (4x4 tokens; theirs are 16x16 on 224 px),
+AdamW as their ViT recipe (configs/imagenet_vit_small.py) with lr, warm-up, EMA and epochs
+scaled to a short run, no predictor, the demo's augmentations (configs/fashion_mnist.py).
 Measured numbers: experiments/RESULTS.md "Tiny ViT on Fashion-MNIST" (ours).
 """
 
