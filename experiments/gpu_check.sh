@@ -3,7 +3,7 @@
 # (ResNet-50, bfloat16, global batch 256, two 224 views) on one lent GPU.
 #
 # Run from the repository root on the device machine, carrying the wheels folder:
-#   device run, carry ["tmp/wheels"], timeout_s 540:
+#   device run, carry ["tmp/wheels"], timeout_s 590:
 #     bash experiments/gpu_check.sh
 # Prepare the wheels once, here (tmp/ is git-ignored):
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -17,11 +17,11 @@
 # (which works only where the machine has network access).
 #
 # Writes into $OUT: env.txt (versions, nvidia-smi), bench_b256.log (and
-# bench_b128.log if batch 256 ran out of memory), bench_step_results.json and
+# bench_b128.log if batch 256 ran out of memory), bench_vit_small_b256.log, bench_step_results.json and
 # RESULTS.md (the "Train step throughput" section rendered with the new row).
 # Back here: copy $OUT/bench_step_results.json over experiments/ and run
 #   python experiments/bench_step.py --rerender
-# Budget: about 8 minutes in all (each benchmark run is capped by `timeout`).
+# Budget: about 9 minutes in all (each benchmark run is capped by `timeout`).
 # For a dry run of the script's logic on a CPU (in a copy of the repository, since
 # it writes the results files): GPU_CHECK_CPU=1 BENCH_EXTRA='--config.arch=resnet18 ...'.
 
@@ -83,6 +83,13 @@ if [ $rc -ne 0 ] && grep -q -E 'RESOURCE_EXHAUSTED|[Oo]ut of memory|OOM' "$OUT/b
   run_bench 128 200
   rc=$?
 fi
+# 3. ViT-S/16 (configs/imagenet_vit_small.py: AdamW, bfloat16), batch 256 on the one
+# device, images/s and memory (issue 15); --noparts: the supervised part is ResNet-only.
+set -o pipefail
+timeout 150 "$PY" experiments/bench_step.py --config=configs/imagenet_vit_small.py \
+    --config.batch_size=256 --steps=10 --warmup=2 --noparts --write ${BENCH_EXTRA:-} 2>&1 \
+    | tee "$OUT/bench_vit_small_b256.log" || echo "ViT-S/16 benchmark: exit $?"
+set +o pipefail
 cp experiments/bench_step_results.json experiments/RESULTS.md "$OUT/" 2>/dev/null || true
 echo "gpu_check: exit $rc"
 exit $rc

@@ -102,20 +102,46 @@ def create_train_state(rng, online_net, momentum_net, tx, image_shape) -> TrainS
 
 # ------------------------------------------------------------- forward ----
 
-def forward_views(net, params, batch_stats, views, train: bool = True, rng=None):
-  """Runs `net` on each view separately, threading BatchNorm running statistics.
+def _same_size_runs(views) -> list[tuple[int, int]]:
+  """[start, end) of each run of consecutive views with one shape (their idx_crops)."""
+  runs, start = [], 0
+  for k in range(1, len(views) + 1):
+    if k == len(views) or views[k].shape != views[start].shape:
+      runs.append((start, k))
+      start = k
+  return runs
 
-  `rng`: the key of a ViT's drop path (view k draws with fold_in(rng, k)); None: none.
-  Returns (encodings [h_k], embeddings [z_k], new batch_stats); h, z not normalised.
+
+def forward_views(net, params, batch_stats, views, train: bool = True, rng=None,
+                  together: bool = False):
+  """Runs `net` on the views, threading BatchNorm running statistics.
+
+  together=False runs each view on its own: the authors' ResNets, whose BatchNorm
+  normalises each view with its own statistics ("do not concate different views if BN
+  is in the model").  together=True runs each run of consecutive same-size views as one
+  batch, as their ViT ForwardWrapper does (`torch.cat` per crop size): the ViTC stem's
+  BatchNorm then normalises over both 224 px views with one running-statistics update,
+  and the heads see the run at once.  The run is interleaved row by row
+  ((B, ...) x n -> (B n, ...), view k of row j at j n + k), so each device keeps its own
+  rows and the order, hence the drop-path draws, is the same on any mesh.
+
+  `rng`: the key of a ViT's drop path (call k, in order, draws with fold_in(rng, k));
+  None: none.  Returns (encodings [h_k], embeddings [z_k], new batch_stats), one per
+  view; h, z not normalised.
   """
   encodings, embeddings = [], []
-  for k, view in enumerate(views):
-    rngs = {} if rng is None else {'drop_path': jax.random.fold_in(rng, k)}
-    (h, z), updates = net.apply({'params': params, 'batch_stats': batch_stats}, view,
+  runs = _same_size_runs(views) if together else [(k, k + 1) for k in range(len(views))]
+  for call, (start, end) in enumerate(runs):
+    n = end - start
+    x = views[start] if n == 1 else jnp.stack(views[start:end], axis=1).reshape(
+        -1, *views[start].shape[1:])  # (B n, H, W, C)
+    rngs = {} if rng is None else {'drop_path': jax.random.fold_in(rng, call)}
+    (h, z), updates = net.apply({'params': params, 'batch_stats': batch_stats}, x,
                                 train=train, mutable=['batch_stats'], rngs=rngs)
     batch_stats = updates.get('batch_stats', {})
-    encodings.append(h)
-    embeddings.append(z)
+    for outputs, y in ((encodings, h), (embeddings, z)):
+      y = y.reshape(-1, n, *y.shape[1:])  # (B, n, d)
+      outputs.extend(y[:, k] for k in range(n))
   return encodings, embeddings, batch_stats
 
 
@@ -142,8 +168,9 @@ def resa_loss_and_aux(params, state: TrainState, views, momentum: jax.Array, *, 
   # Drop path draws from (seed, step): no key in the state, the same on any mesh.
   rng = (jax.random.fold_in(jax.random.key(config.seed), state.step)
          if config.get('drop_path', 0.0) > 0 else None)
+  together = models.is_vit(config.arch)  # their ForwardWrapper: ViTs batch same-size views
   h_online, z_online, batch_stats = forward_views(online_net, params, state.batch_stats, views,
-                                                  rng=rng)
+                                                  rng=rng, together=together)
   # The loss side runs in float32 (float64 for a float64 model): at_least_float32.
   weak_encoding = jax.lax.stop_gradient(losses.l2_normalize(losses.at_least_float32(h_online[0])))
 
@@ -151,7 +178,7 @@ def resa_loss_and_aux(params, state: TrainState, views, momentum: jax.Array, *, 
   online_part = jax.lax.stop_gradient({k: params[k] for k in ONLINE_EMA_PARTS})
   momentum_params = losses.ema_update(state.momentum_params, online_part, momentum)
   h_momentum, z_momentum, momentum_batch_stats = forward_views(
-      momentum_net, momentum_params, state.momentum_batch_stats, views[:2])
+      momentum_net, momentum_params, state.momentum_batch_stats, views[:2], together=together)
   weak_momentum_encoding = losses.l2_normalize(losses.at_least_float32(h_momentum[0]))
   z_online = jnp.stack([losses.l2_normalize(losses.at_least_float32(z)) for z in z_online])
   z_momentum = jnp.stack([losses.l2_normalize(losses.at_least_float32(z)) for z in z_momentum])

@@ -133,3 +133,31 @@ def test_step_metrics_and_learning_signal():
                              rtol=1e-6)
   np.testing.assert_allclose(hist[0]['ema_momentum'], 0.996, rtol=1e-7)
   assert hist[1]['ema_momentum'] > hist[0]['ema_momentum']
+
+
+def test_vit_views_of_one_size_run_as_one_batch_like_their_forward_wrapper(monkeypatch):
+  """forward_views(together=True), what the step uses for ViTs: the two 32 px views go
+  through the ViTC (BatchNorm in its stem) as one torch.cat-ed batch, the 16 px view on
+  its own after them; the reference concatenates in torch's order (view-major), so the
+  row-by-row interleaving cannot hide a difference.  Per view (the ResNet way) differs."""
+  from resa_jax.models import vit
+  monkeypatch.setitem(vit.ARCHITECTURES, 'vitc_tiny', (32, 2, 2, True))
+  config = tiny_config(arch='vitc_tiny')
+  online, _ = models.create_networks(config)
+  views = _views(4, sizes=(32, 32, 16))
+  variables = online.init(jax.random.key(0), views[0], train=False)
+  params, stats = variables['params'], variables['batch_stats']
+  h, z, new_stats = step_lib.forward_views(online, params, stats, views, together=True)
+
+  def apply(x, stats):
+    (h, z), updates = online.apply({'params': params, 'batch_stats': stats}, x, train=True,
+                                   mutable=['batch_stats'])
+    return h, z, updates['batch_stats']
+  h01, z01, ref_stats = apply(jnp.concatenate(views[:2]), stats)
+  h2, z2, ref_stats = apply(views[2], ref_stats)
+  want_h, want_z = (h01[:4], h01[4:], h2), (z01[:4], z01[4:], z2)
+  for got, want in zip(h + z, want_h + want_z):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  _assert_trees_close(new_stats, ref_stats, 1e-6, 1e-6, 'batch_stats')
+  h_alone, _, _ = step_lib.forward_views(online, params, stats, views, together=False)
+  assert float(jnp.max(jnp.abs(h_alone[0] - h[0]))) > 1e-3
