@@ -2,8 +2,10 @@
 
 One step (SPEC.md section 1), all inside one jit-compiled function:
 
-1. online forward of every view, each view separately (BatchNorm statistics per
-   view, running statistics updated view after view, as PyTorch does);
+1. online forward of every view, each view separately for ResNets (BatchNorm
+   statistics per view, running statistics updated view after view, as PyTorch
+   does), each run of same-size views as one batch for ViTs (their ForwardWrapper;
+   `forward_views`);
 2. EMA update of the momentum encoder and projector with the pre-step online
    parameters, then the momentum forward of views 0 and 1;
 3. Sinkhorn of the normalised online weak-view encodings against the normalised
