@@ -41,7 +41,8 @@ def create_encoder(config, *, drop_path: bool = True):
   if is_vit(config.arch):
     rate = float(config.get('drop_path', 0.0)) if drop_path else 0.0
     # The position table is stored for the global crop, as their img_size (224).
-    return create_vit(config.arch, drop_path_rate=rate, img_size=config.crops_size[0],
+    img_size = config.get('crops_size', (224,))[0]
+    return create_vit(config.arch, drop_path_rate=rate, img_size=img_size,
                       patch_size=config.get('patch_size', vit.PATCH_SIZE), dtype=dtype)
   return create_resnet(config.arch, width_per_group=config.width_per_group,
                        stem=config.stem, zero_init_residual=config.zero_init_residual,
