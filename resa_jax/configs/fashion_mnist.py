@@ -27,7 +27,7 @@ def get_config():
   config.gaussian_prob = (0.0,)
 
   config.arch = 'resnet18'
-  config.width_per_group = 16
+  config.width_per_group = 8  # 2.4x cheaper than 16 on this CPU; learns more in 15 min
   config.stem = 'cifar'
   config.zero_init_residual = False
   config.mlp_dim = 512
@@ -39,10 +39,10 @@ def get_config():
   config.weight_decay = 1e-4
   config.warmup_epochs = 0.2
   config.ema_momentum = 0.98  # the momentum encoder (kNN, targets) must track a short run
-  config.num_epochs = 1.5
+  config.num_epochs = 1.25
   config.batch_size = 128
 
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200
-  config.knn_every_epochs = 2  # in the demo: only at the end (1.5 epochs)
+  config.knn_every_epochs = 2  # in the demo: only at the end (1.25 epochs)
   return config
