@@ -100,9 +100,12 @@ def _load_config(path: str):
 
 
 def _total_steps(config) -> int:
-  """Steps of a fake-data config: ceil(num_epochs * (examples // batch))."""
+  """The steps a run of `config` takes, by training's rule (train._set_up)."""
   import math  # pylint: disable=g-import-not-at-top
-  return int(math.ceil(config.num_epochs * (config.fake_num_examples // config.batch_size)))
+  from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return int(math.ceil(config.num_epochs * input_pipeline.steps_per_epoch(config)))
 
 
 def _tiny_steps() -> list[float]:
