@@ -100,12 +100,8 @@ def _load_config(path: str):
 
 
 def _total_steps(config) -> int:
-  """The steps a run of `config` takes, by training's rule (train._set_up)."""
-  import math  # pylint: disable=g-import-not-at-top
-  from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  if config.num_train_steps > 0:
-    return config.num_train_steps
-  return int(math.ceil(config.num_epochs * input_pipeline.steps_per_epoch(config)))
+  from resa_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  return train.num_total_steps(config, input_pipeline.steps_per_epoch(config))
 
 
 def _tiny_steps() -> list[float]:

@@ -125,6 +125,14 @@ def _restored_history(path: pathlib.Path, start_step: int, steps_per_epoch: int)
   return history
 
 
+def num_total_steps(config, steps_per_epoch: int) -> int:
+  """The steps a run of `config` takes: num_train_steps if > 0, else
+  ceil(num_epochs * steps_per_epoch)."""
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return int(math.ceil(config.num_epochs * steps_per_epoch))
+
+
 def _set_up(config, workdir: pathlib.Path, lock) -> _Run:
   """Builds the networks and the optimizer, takes the workdir's lock (`lock()`, the
   first write), restores the newest checkpoint."""
@@ -137,8 +145,7 @@ def _set_up(config, workdir: pathlib.Path, lock) -> _Run:
                      f' examples, fewer than one batch of {config.batch_size}: lower it')
   mesh = sharding.create_mesh()
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  total_steps = num_total_steps(config, steps_per_epoch)
   online_net, momentum_net = models.create_networks(config)
   schedule = step_lib.learning_rate_schedule(config, steps_per_epoch, total_steps)
   tx = step_lib.create_optimizer(config, schedule)
