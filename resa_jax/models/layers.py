@@ -111,8 +111,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   a sum over kernel offsets (i, j) of  x_pad[:, i::s, j::s, :]^T @ g  (one (C_in, C_out)
   matmul per offset over all batch and output positions), which XLA's dot runs at
   matmul speed.  So for plain NHWC/HWIO convolutions (no dilation, one feature group)
-  under the CPU backend this function is a `jax.custom_vjp` whose backward
-  is XLA's input gradient plus those matmuls; everywhere else, and on GPU/TPU always, it is
+  under the CPU backend this function is a `jax.custom_vjp` whose backward is XLA's
+  input gradient plus those matmuls; everywhere else, and on GPU/TPU always, it is
   `lax.conv_general_dilated` itself.  Forward values are identical; gradients agree
   to summation order (tests/test_conv.py: 1e-12 in float64).
   """
