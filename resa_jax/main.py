@@ -27,10 +27,14 @@ from resa_jax import cli  # noqa: E402
 from resa_jax import reporting  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
-cli.define_multihost_flags()
+
+
+def define_flags() -> None:
+  """The command-line flags of `python -m resa_jax.main`."""
+  config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+  cli.define_multihost_flags()
 
 
 def main(argv):
@@ -50,4 +54,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   cli.run(main)

@@ -1,6 +1,15 @@
-"""Test set-up: 8 simulated CPU devices, set before jax is imported anywhere."""
+"""Test set-up: 8 simulated CPU devices (set before jax is imported anywhere), one
+persistent XLA compilation cache for this process and every command the tests launch,
+and the fixtures several modules share.
+
+Markers (setup.cfg): `slow` for tests that launch a process, send signals, execute the
+notebook, benchmark, or train for more than about 20 s; `data` for tests that read
+../shared/datasets.  `bash scripts/test.sh -m "not slow"` is the fast tier.
+"""
 
 import os
+import pathlib
+import tempfile
 
 _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:
@@ -8,11 +17,19 @@ if '--xla_force_host_platform_device_count' not in _flags:
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # Compile time dominates these tiny models; XLA's heavy optimisations do not pay off.
+# Tests that compare runs across meshes run in float64 (tests/test_train_step.py), where
+# the order of a reduction does not show at their tolerances.
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
-
-import pathlib  # noqa: E402
+# One compilation cache for the session ($RESA_TEST_XLA_CACHE keeps one across sessions):
+# the many tests that build the same tiny model's step compile it once.
+XLA_CACHE = os.environ.get('RESA_TEST_XLA_CACHE') or tempfile.mkdtemp(prefix='resa_xla_cache_')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', XLA_CACHE)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import pytest  # noqa: E402
+
+import helpers  # noqa: E402
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,3 +42,26 @@ def reference_dir() -> pathlib.Path:
   if not path.is_dir():
     pytest.skip(f'reference vectors not found at {path}')
   return path
+
+
+@pytest.fixture(scope='session')
+def env() -> dict:
+  """The environment of a command the tests launch: 2 simulated devices (enough for the
+  sharded Sinkhorn and BatchNorm collectives), the session's compilation cache."""
+  return helpers.cli_env(devices=2, cache_dir=os.environ['JAX_COMPILATION_CACHE_DIR'])
+
+
+@pytest.fixture(scope='session')
+def template():
+  """The abstract TrainState of tests/configs/tiny.py (shapes only)."""
+  return helpers.abstract_state(helpers.tiny_config())
+
+
+@pytest.fixture(scope='session')
+def reference(env, tmp_path_factory):
+  """An uninterrupted run of the training command (helpers.RUN_FLAGS): (workdir, process).
+  Made once a session; tests copy its workdir before changing anything."""
+  workdir = tmp_path_factory.mktemp('reference') / 'run'
+  proc = helpers.train(env, workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc

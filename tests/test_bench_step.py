@@ -5,6 +5,7 @@ import math
 
 import jax
 import ml_collections
+import pytest
 
 from resa_jax.configs import fake_data_benchmark
 from experiments import bench_step
@@ -23,6 +24,7 @@ def _positive(x):
   return isinstance(x, float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_benchmark_report_on_two_devices(tmp_path):
   config = tiny_config()
   report = bench_step.benchmark(config, steps=2, warmup=1, parts=True,

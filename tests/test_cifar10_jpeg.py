@@ -15,7 +15,8 @@ from resa_jax.configs import cifar10_jpeg
 from resa_jax import datasets, input_pipeline, local_data, sharding
 
 ARCHIVE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'datasets' / 'cifar10_jpeg.tar.gz'
-pytestmark = pytest.mark.skipif(not ARCHIVE.is_file(), reason=f'{ARCHIVE} not found')
+pytestmark = [pytest.mark.data,
+              pytest.mark.skipif(not ARCHIVE.is_file(), reason=f'{ARCHIVE} not found')]
 PER_CLASS = {'train': 4, 'test': 2}
 
 

@@ -1,12 +1,7 @@
-"""resa_jax.convert against independent PyTorch references.
-
-The references are small PyTorch ResNets written here in the authors' layout
-(torchvision-style names, SwAV-style `width_per_group`, a 1-pixel zero pad in front of
-every stem, ImageNet stem as that pad + 7x7 stride-2 conv with padding 2 + max-pool,
-CIFAR stem as that pad + 3x3 stride-1 conv with padding 1 without max-pool, as the
-authors' CIFAR code swaps it in, strides on the 3x3 convs), with random weights and random
-BatchNorm affine parameters and running statistics.  Widths are tiny so that the
-whole file runs in well under a minute on two CPU cores.
+"""resa_jax.convert against independent PyTorch references (tests/torch_reference.py:
+small ResNets in the authors' layout with random weights and random BatchNorm affine
+parameters and running statistics).  Widths are tiny so that the whole file runs in
+well under a minute on two CPU cores.
 
 PyTorch runs in float64 on float32-representable weights and inputs, so the torch
 numbers are an accurate reference for the float32 Flax model.
@@ -15,12 +10,7 @@ numbers are an accurate reference for the float32 Flax model.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -30,197 +20,12 @@ from torch import nn  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 
-from resa_jax import convert, models  # noqa: E402
-
-PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
-MLP_DIM, EMB_DIM = 16, 8
-
-
-# ------------------------------------------------- PyTorch reference model ----
-
-class TorchBasicBlock(nn.Module):
-  expansion = 1
-
-  def __init__(self, inplanes, planes, stride, downsample, base_width):
-    super().__init__()
-    del base_width  # a BasicBlock's width is `planes`
-    self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.relu = nn.ReLU()
-    self.downsample = downsample
-
-  def forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    return self.relu(out + identity)
-
-
-class TorchBottleneck(nn.Module):
-  expansion = 4
-
-  def __init__(self, inplanes, planes, stride, downsample, base_width):
-    super().__init__()
-    width = int(planes * (base_width / 64.0))
-    self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(width)
-    self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(width)
-    self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
-    self.bn3 = nn.BatchNorm2d(planes * 4)
-    self.relu = nn.ReLU()
-    self.downsample = downsample
-
-  def forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    return self.relu(out + identity)
-
-
-TORCH_ARCHS = {'resnet18': (TorchBasicBlock, (2, 2, 2, 2)),
-               'resnet50': (TorchBottleneck, (3, 4, 6, 3))}
-
-
-class TorchResNet(nn.Module):
-  """The authors' ResNet trunk (no classifier): NCHW images -> pooled features."""
-
-  def __init__(self, arch, width_per_group, stem):
-    super().__init__()
-    block, layers = TORCH_ARCHS[arch]
-    width = width_per_group
-    self.stem = stem
-    # The authors' forward pads by 1 whatever conv1 is: with the 7x7 conv's padding 2
-    # that is padding 3; the CIFAR code's swapped-in 3x3 conv keeps the pad (padding 2).
-    self.padding = nn.ConstantPad2d(1, 0.0)
-    if stem == 'imagenet':
-      self.conv1 = nn.Conv2d(3, width, 7, 2, 2, bias=False)
-      self.maxpool = nn.MaxPool2d(3, 2, 1)
-    else:
-      self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-      self.maxpool = nn.Identity()
-    self.bn1 = nn.BatchNorm2d(width)
-    self.relu = nn.ReLU()
-    inplanes = width
-    for i, n in enumerate(layers):
-      planes = width * 2 ** i
-      blocks = []
-      for j in range(n):
-        stride = 2 if (i > 0 and j == 0) else 1
-        downsample = None
-        if stride != 1 or inplanes != planes * block.expansion:
-          downsample = nn.Sequential(
-              nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
-              nn.BatchNorm2d(planes * block.expansion))
-        blocks.append(block(inplanes, planes, stride, downsample, width_per_group))
-        inplanes = planes * block.expansion
-      setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
-    self.num_features = inplanes
-
-  def forward(self, x):
-    x = self.maxpool(self.relu(self.bn1(self.conv1(self.padding(x)))))
-    for i in range(4):
-      x = getattr(self, f'layer{i + 1}')(x)
-    return x.mean(dim=(2, 3))
-
-
-def torch_projector(in_dim, mlp_dim, emb_dim):
-  return nn.Sequential(nn.Linear(in_dim, mlp_dim), nn.BatchNorm1d(mlp_dim), nn.ReLU(),
-                       nn.Linear(mlp_dim, mlp_dim), nn.BatchNorm1d(mlp_dim), nn.ReLU(),
-                       nn.Linear(mlp_dim, emb_dim), nn.BatchNorm1d(emb_dim, affine=False))
-
-
-def torch_predictor(emb_dim, mlp_dim):
-  return nn.Sequential(nn.Linear(emb_dim, mlp_dim), nn.BatchNorm1d(mlp_dim), nn.ReLU(),
-                       nn.Linear(mlp_dim, emb_dim))
-
-
-def randomise(module, seed):
-  """Random float32 weights and random BN affine parameters / running statistics."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in module.modules():
-      if isinstance(m, (nn.Conv2d, nn.Linear)):
-        fan_in = m.weight[0].numel()
-        m.weight.normal_(0.0, (2.0 / fan_in) ** 0.5, generator=gen)
-        if m.bias is not None:
-          m.bias.uniform_(-0.5, 0.5, generator=gen)
-      elif isinstance(m, nn.modules.batchnorm._BatchNorm):  # pylint: disable=protected-access
-        if m.affine:
-          m.weight.uniform_(0.5, 1.5, generator=gen)
-          m.bias.uniform_(-0.5, 0.5, generator=gen)
-        m.running_mean.uniform_(-0.5, 0.5, generator=gen)
-        m.running_var.uniform_(0.5, 2.0, generator=gen)
-        m.num_batches_tracked.fill_(11)
-  return module
-
-
-def float32_state_dict(module, prefix=''):
-  return {prefix + k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).clone()
-          for k, v in module.state_dict().items()}
-
-
-def flax_bn_path(torch_module_name):
-  """'layer2.0.downsample.1' -> ('layer2_0', 'downsample_bn') (the documented naming)."""
-  name = re.sub(r'^layer(\d+)\.(\d+)', r'layer\1_\2', torch_module_name)
-  name = name.replace('downsample.0', 'downsample_conv').replace('downsample.1', 'downsample_bn')
-  return tuple(name.split('.'))
-
-
-# -------------------------------------------------------------- Flax side ----
-
-def networks(arch, stem, width_per_group, predictor=False):
-  config = ml_collections.ConfigDict(dict(
-      arch=arch, width_per_group=width_per_group, stem=stem, zero_init_residual=False,
-      mlp_layers=3, mlp_dim=MLP_DIM, emb_dim=EMB_DIM, predictor=predictor, dtype='float32'))
-  return models.create_networks(config)
-
-
-_JIT_CACHE = {}
-
-
-def encoder_fn(encoder, train):
-  """A cached jitted encoder forward (eval: features; train: features, batch_stats)."""
-  key = (encoder, train)
-  if key not in _JIT_CACHE:
-    if train:
-      _JIT_CACHE[key] = jax.jit(lambda v, x: encoder.apply(v, x, train=True,
-                                                           mutable=['batch_stats']))
-    else:
-      _JIT_CACHE[key] = jax.jit(lambda v, x: encoder.apply(v, x, train=False))
-  return _JIT_CACHE[key]
-
-
-def encoder_variables(converted, prefix=''):
-  return {'params': converted[prefix + 'params']['encoder'],
-          'batch_stats': converted[prefix + 'batch_stats']['encoder']}
-
-
-def assert_close(got, want, rtol=1e-5, err_msg=''):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  assert got.shape == want.shape, (got.shape, want.shape, err_msg)
-  np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(np.abs(want).max()),
-                             err_msg=err_msg)
-
-
-def assert_trees_equal(a, b):
-  a_flat, a_def = jax.tree_util.tree_flatten_with_path(a)
-  b_flat, b_def = jax.tree_util.tree_flatten_with_path(b)
-  assert a_def == b_def
-  for (path, x), (_, y) in zip(a_flat, b_flat):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
-                                  err_msg=jax.tree_util.keystr(path))
-
-
-def images(n, size, seed):
-  """(NCHW float64 torch tensor, NHWC float32 jax array) with the same values."""
-  x = np.random.default_rng(seed).standard_normal((n, 3, size, size)).astype(np.float32)
-  return torch.from_numpy(x).double(), jnp.asarray(x.transpose(0, 2, 3, 1))
+from helpers import run_in_process  # noqa: E402
+from resa_jax import convert  # noqa: E402
+from torch_reference import (EMB_DIM, MLP_DIM, TorchResNet, assert_close,  # noqa: E402
+                             assert_trees_equal, encoder_fn, encoder_variables, flax_bn_path,
+                             float32_state_dict, full_checkpoint, images, networks, randomise)
 
 
 # (arch, stem, width_per_group, image size): a BasicBlock ResNet with the CIFAR stem
@@ -468,43 +273,21 @@ def test_error_not_a_checkpoint(tmp_path):
 
 # ------------------------------------------------------------------ 4. CLI ----
 
-def full_checkpoint(c):
-  """{'epoch', 'state_dict'} in the authors' DDP layout, from fresh torch modules
-  (online and momentum networks differ), and those modules (float64, eval mode)."""
-  encoder = randomise(TorchResNet(c['arch'], c['wpg'], c['stem']), seed=11)
-  dim = encoder.num_features
-  nets = {'encoder': encoder,
-          'projector': randomise(torch_projector(dim, MLP_DIM, EMB_DIM), seed=12),
-          'predictor': randomise(torch_predictor(EMB_DIM, MLP_DIM), seed=13),
-          'momentum_encoder': randomise(TorchResNet(c['arch'], c['wpg'], c['stem']), seed=14),
-          'momentum_projector': randomise(torch_projector(dim, MLP_DIM, EMB_DIM), seed=15)}
-  state = {}
-  for name, net in nets.items():
-    state.update(float32_state_dict(net, prefix=f'module.{name}.'))
-  return {'epoch': 7, 'state_dict': state}, {k: v.double().eval() for k, v in nets.items()}
-
-
-def run_cli(*args):
-  env = dict(os.environ, CUDA_VISIBLE_DEVICES='', JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', 'resa_jax.convert', *map(str, args)],
-                        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120,
-                        check=False)
-
-
 def cli_args(c, checkpoint, out, arch=None):
   return ['--checkpoint', checkpoint, '--arch', arch or c['arch'], '--stem', c['stem'],
           '--width_per_group', c['wpg'], '--mlp_dim', MLP_DIM, '--emb_dim', EMB_DIM,
           '--out', out]
 
 
-def test_cli_encoder_checkpoint_round_trip(resnet18_case, tmp_path):
+def test_cli_encoder_checkpoint_round_trip(resnet18_case, tmp_path, monkeypatch, capsys):
   """The CLI on a plain encoder .pth writes an orbax checkpoint that `load_converted`
   reads back equal to `convert_state_dict`, with the options in the metadata."""
   c = resnet18_case
   ckpt, out = tmp_path / 'enc.pth', tmp_path / 'out'
   torch.save({'state_dict': {'module.' + k: v for k, v in c['state_dict'].items()}}, ckpt)
-  proc = run_cli(*cli_args(c, ckpt, out))
-  assert proc.returncode == 0, proc.stderr
+  proc = run_in_process('resa_jax.convert', *cli_args(c, ckpt, out), monkeypatch=monkeypatch,
+                        capsys=capsys)
+  assert proc.code == 0, proc.stderr
   variables, meta = convert.load_converted(out)
   want = convert.convert_state_dict(convert.load_torch_state_dict(ckpt), c['online'],
                                     c['momentum'], c['size'])
@@ -513,7 +296,8 @@ def test_cli_encoder_checkpoint_round_trip(resnet18_case, tmp_path):
       c['arch'], c['stem'], c['wpg'], False)
 
 
-def test_cli_full_checkpoint_round_trip_matches_torch(resnet18_case, tmp_path):
+def test_cli_full_checkpoint_round_trip_matches_torch(resnet18_case, tmp_path, monkeypatch,
+                                                      capsys):
   """A full DDP checkpoint (encoder, projector, predictor, momentum encoder and
   projector) through the CLI: read back equal to `convert_state_dict`, and the online
   (h, predictor(projector(h))) and momentum (h, projector(h)) outputs in eval mode
@@ -522,8 +306,9 @@ def test_cli_full_checkpoint_round_trip_matches_torch(resnet18_case, tmp_path):
   full, nets = full_checkpoint(c)
   ckpt, out = tmp_path / 'full.pth', tmp_path / 'out'
   torch.save(full, ckpt)
-  proc = run_cli(*cli_args(c, ckpt, out))
-  assert proc.returncode == 0, proc.stderr
+  proc = run_in_process('resa_jax.convert', *cli_args(c, ckpt, out), monkeypatch=monkeypatch,
+                        capsys=capsys)
+  assert proc.code == 0, proc.stderr
   variables, meta = convert.load_converted(out)
   assert meta['predictor'] is True and meta['mlp_dim'] == MLP_DIM
   online, momentum = networks(c['arch'], c['stem'], c['wpg'], predictor=True)
@@ -545,41 +330,3 @@ def test_cli_full_checkpoint_round_trip_matches_torch(resnet18_case, tmp_path):
          'batch_stats': variables[prefix + 'batch_stats']}, x_jax)
     for name, g, w in zip(('h', 'z'), got, expected):
       assert_close(g, w.numpy(), err_msg=f'{prefix}{name}')
-
-
-def test_cli_errors_write_nothing(resnet18_case, tmp_path):
-  """Exit code 2 with one `error: ...` line on stderr: an unknown --arch (no output
-  written) and a non-empty --out directory (its files untouched)."""
-  c = resnet18_case
-  ckpt = tmp_path / 'enc.pth'
-  torch.save(c['state_dict'], ckpt)
-
-  out = tmp_path / 'new_out'
-  proc = run_cli(*cli_args(c, ckpt, out, arch='resnet19'))
-  assert proc.returncode == 2
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith('error: ') and 'resnet19' in lines[0], lines
-  assert not out.exists()
-
-  busy = tmp_path / 'busy'
-  busy.mkdir()
-  (busy / 'keep.txt').write_text('precious')
-  before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in busy.iterdir()}
-  proc = run_cli(*cli_args(c, ckpt, busy))
-  assert proc.returncode == 2
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith('error: ') and str(busy) in lines[0], lines
-  assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in busy.iterdir()} == before
-
-  # And a width the shapes contradict is reported the same way, naming the flag to
-  # change, writing nothing.
-  out = tmp_path / 'wrong_width'
-  args = cli_args(c, ckpt, out)
-  args[args.index('--width_per_group') + 1] = 2 * c['wpg']
-  proc = run_cli(*args)
-  assert proc.returncode == 2
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith(
-      f"error: --width_per_group={2 * c['wpg']} does not fit the checkpoint: its shapes say "
-      f"--width_per_group={c['wpg']} "), lines
-  assert not out.exists()

@@ -1,19 +1,13 @@
-"""`python -m resa_jax.convert` as a user runs it: the model read from the checkpoint's
-shapes, a contradicting flag named with the value to use, one-line errors, `--help`.
+"""`python -m resa_jax.convert` as a user runs it (in this process): the model read from
+the checkpoint's shapes.  Its refusals are in tests/test_refusals.py.
 
-The checkpoints are the small PyTorch references of tests/test_convert.py (a width-4
+The checkpoints are the small PyTorch references of tests/torch_reference.py (a width-4
 CIFAR ResNet-18 with heads, a width-8 ResNet-50 encoder); `infer_fields` is checked
 on those and, for every kind of architecture, on the keys and shapes a Flax template
 maps to.
 """
 
 from __future__ import annotations
-
-import os
-import pathlib
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -24,36 +18,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
+import torch_reference as reference  # noqa: E402
+from helpers import run_in_process  # noqa: E402
 from resa_jax import convert, models  # noqa: E402
 from resa_jax.convert import state_dict as state_dict_lib  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import test_convert as reference  # noqa: E402  pylint: disable=g-import-not-at-top
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 CIFAR18 = dict(arch='resnet18', wpg=4, stem='cifar')
-
-
-def run_cli(*args):
-  env = dict(os.environ, CUDA_VISIBLE_DEVICES='', JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
-  start = time.perf_counter()
-  proc = subprocess.run([sys.executable, '-m', 'resa_jax.convert', *map(str, args)], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=120, check=False)
-  proc.seconds = time.perf_counter() - start
-  return proc
-
-
-def error_line(proc) -> str:
-  """The one stderr line, an `error: ...`, exit code 2, no traceback."""
-  lines = proc.stderr.strip().splitlines()
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-2000:]
-  return lines[0]
-
-
-def listing(folder: pathlib.Path) -> dict:
-  return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-          for p in sorted(folder.rglob('*'))}
 
 
 @pytest.fixture(scope='module')
@@ -68,13 +38,14 @@ def files(tmp_path_factory):
   return {'full18': folder / 'full18.pth', 'encoder50': folder / 'encoder50.pth'}
 
 
-def test_no_model_flags_needed(files, tmp_path):
+def test_no_model_flags_needed(files, tmp_path, monkeypatch, capsys):
   """Without model flags the model is read from the checkpoint: the full ResNet-18's
   variables equal a conversion with the right flags; an encoder-only file records no
   head fields."""
   out = tmp_path / 'out18'
-  proc = run_cli(f'--checkpoint={files["full18"]}', f'--out={out}')
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  proc = run_in_process('resa_jax.convert', f'--checkpoint={files["full18"]}', f'--out={out}',
+                        monkeypatch=monkeypatch, capsys=capsys)
+  assert proc.code == 0, proc.stderr[-2000:]
   variables, meta = convert.load_converted(out)
   assert {k: meta[k] for k in ('arch', 'width_per_group', 'stem', 'mlp_layers', 'mlp_dim',
                                'emb_dim', 'predictor')} == dict(
@@ -87,64 +58,12 @@ def test_no_model_flags_needed(files, tmp_path):
   assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]  # no temporary left
 
   out = tmp_path / 'out50'
-  proc = run_cli('--checkpoint', files['encoder50'], '--out', out)  # space-separated too
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  proc = run_in_process('resa_jax.convert', '--checkpoint', files['encoder50'], '--out', out,
+                        monkeypatch=monkeypatch, capsys=capsys)  # space-separated too
+  assert proc.code == 0, proc.stderr[-2000:]
   meta = convert.read_metadata(out)
   assert (meta['arch'], meta['width_per_group'], meta['stem']) == ('resnet50', 8, 'imagenet')
   assert 'mlp_dim' not in meta and meta['parts'] == ['batch_stats', 'params']
-
-
-@pytest.mark.parametrize('flags,words', [
-    (['--width_per_group=8', '--mlp_dim=64'],
-     '--width_per_group=8 --mlp_dim=64 does not fit the checkpoint: its shapes say '
-     '--width_per_group=4 --mlp_dim=16 (change them'),
-    (['--arch=resnet50', '--stem=cifar'],
-     '--arch=resnet50 does not fit the checkpoint: its shapes say --arch=resnet18 (change it'),
-    (['--stem=imagenet', '--emb_dim=8'], 'its shapes say --stem=cifar (change it'),
-    (['--arch=resnet19'], "unknown architecture 'resnet19'"),
-    (['--stem=vit'], 'flag --stem=vit: value should be one of <imagenet|cifar>'),
-    (['--mlp_dim=0'], 'flag --mlp_dim=0: 0 is not a positive integer'),
-    (['--width_per_group=wide'], 'flag --width_per_group=wide: invalid literal'),
-    (['--no_such_flag=1'], "Unknown command line flag 'no_such_flag'"),
-    (['stray'], 'unexpected arguments: stray'),
-], ids=['width_and_mlp', 'arch', 'stem', 'unknown_arch', 'bad_enum', 'zero', 'not_int',
-        'unknown_flag', 'stray'])
-def test_bad_flags_one_line_nothing_written(files, tmp_path, flags, words):
-  """Each refusal: exit 2, one line naming the flag (and, for a flag the shapes
-  contradict, the value to use), the output folder's parent unchanged."""
-  before = listing(tmp_path)
-  proc = run_cli(f'--checkpoint={files["full18"]}', f'--out={tmp_path / "out"}', *flags)
-  assert words in error_line(proc)
-  assert listing(tmp_path) == before
-  print(f'\n[convert] {" ".join(flags)}: exit 2 in {proc.seconds:.1f} s')
-
-
-def test_missing_inputs_and_busy_output(files, tmp_path):
-  """No --checkpoint / --out, a missing file, a non-empty --out: one line each; the
-  busy folder's files untouched."""
-  assert '--checkpoint is required' in error_line(run_cli(f'--out={tmp_path}/o'))
-  assert '--out is required' in error_line(run_cli(f'--checkpoint={files["full18"]}'))
-  assert 'checkpoint not found' in error_line(
-      run_cli(f'--checkpoint={tmp_path}/none.pth', f'--out={tmp_path}/o'))
-  busy = tmp_path / 'busy'
-  busy.mkdir()
-  (busy / 'keep.txt').write_text('precious')
-  before = listing(tmp_path)
-  line = error_line(run_cli(f'--checkpoint={files["full18"]}', f'--out={busy}'))
-  assert f'output {busy} exists and is not an empty directory' in line
-  assert listing(tmp_path) == before
-
-
-def test_help_is_short_and_lists_the_flags():
-  proc = run_cli('--help')
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  text = proc.stdout
-  assert len(text.splitlines()) < 45, text
-  for name in ('checkpoint', 'out', 'arch', 'width_per_group', 'stem', 'mlp_layers', 'mlp_dim',
-               'emb_dim'):
-    assert f'--{name}:' in text, name
-  assert 'python -m resa_jax.convert --checkpoint=' in text
-  assert 'SPEC' not in text and '.md' not in text and 'Traceback' not in proc.stderr
 
 
 # ----------------------------------------------------------- infer_fields ----

@@ -2,22 +2,19 @@
 a workdir's config.json (with config_history.json), a converted checkpoint's metadata.
 
 The checkpoint is the tiny test config's initial TrainState at step 8 (no training);
-the user-facing cases run `python -m resa_jax.evaluate` in a subprocess.
+the user-facing cases run `python -m resa_jax.evaluate` in this process.  The refusals
+are in tests/test_refusals.py.
 """
 
-import importlib.util
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
+from helpers import TINY, run_in_process, tiny_config
 from resa_jax import checkpoints as checkpoints_lib
 from resa_jax import convert
 from resa_jax import models
@@ -25,42 +22,6 @@ from resa_jax import step as step_lib
 from resa_jax.configs import default
 from resa_jax.evaluate import checkpoint_config
 from resa_jax.evaluate import common
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ROOT / 'tests' / 'configs' / 'tiny.py'
-
-
-def tiny_config():
-  spec = importlib.util.spec_from_file_location('tiny_config', TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def run_cli(*args, module='resa_jax.evaluate'):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='3', JAX_DISABLE_MOST_OPTIMIZATIONS='1',
-             PYTHONPATH=str(ROOT))
-  start = time.perf_counter()
-  proc = subprocess.run([sys.executable, '-m', module, *map(str, args)], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
-  proc.seconds = time.perf_counter() - start
-  return proc
-
-
-def error_line(proc) -> str:
-  lines = [l for l in proc.stderr.splitlines() if l.strip()]
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  assert 'Traceback' not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
-  assert lines[0].startswith('error: '), lines
-  return lines[0]
-
-
-def snapshot(folder) -> dict:
-  folder = pathlib.Path(folder)
-  return {str(p.relative_to(folder)): (p.stat().st_size if p.is_file() else -1,
-                                       p.stat().st_mtime_ns) for p in sorted(folder.rglob('*'))}
-
 
 @pytest.fixture(scope='module')
 def saved(tmp_path_factory):
@@ -92,11 +53,12 @@ def summary(folder) -> dict:
   return json.loads((pathlib.Path(folder) / 'summary.json').read_text())
 
 
-def test_workdir_needs_no_config(saved, tmp_path):
+def test_workdir_needs_no_config(saved, tmp_path, monkeypatch, capsys):
   """--checkpoint=WORKDIR alone: the model, the data and the batch are config.json's."""
-  proc = run_cli(f'--checkpoint={saved["workdir"]}', '--eval=knn', '--knn_ks=5',
-                 f'--output={tmp_path}/eval')
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_in_process('resa_jax.evaluate', f'--checkpoint={saved["workdir"]}', '--eval=knn',
+                        '--knn_ks=5', f'--output={tmp_path}/eval', monkeypatch=monkeypatch,
+                        capsys=capsys)
+  assert proc.code == 0, proc.stderr[-3000:]
   assert 'note:' not in proc.stdout
   result = summary(tmp_path / 'eval')
   config = tiny_config()
@@ -105,7 +67,7 @@ def test_workdir_needs_no_config(saved, tmp_path):
   assert result['results']['knn']['num_train'] == config.fake_num_examples
 
 
-def test_converted_model_is_its_metadata(saved, tmp_path):
+def test_converted_model_is_its_metadata(saved, tmp_path, monkeypatch, capsys):
   """A converted checkpoint with a --config of another width: the checkpoint's model is
   evaluated and a note names the replaced values."""
   wide = tmp_path / 'wide.py'
@@ -114,47 +76,13 @@ def test_converted_model_is_its_metadata(saved, tmp_path):
                   'spec.loader.exec_module(module)\n\n\ndef get_config():\n'
                   '  config = module.get_config()\n  config.width_per_group = 8\n'
                   '  config.mlp_dim = 64\n  return config\n')
-  proc = run_cli(f'--checkpoint={saved["converted"]}', f'--config={wide}', '--eval=knn',
-                 '--knn_ks=5', f'--output={tmp_path}/eval')
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_in_process('resa_jax.evaluate', f'--checkpoint={saved["converted"]}',
+                        f'--config={wide}', '--eval=knn', '--knn_ks=5',
+                        f'--output={tmp_path}/eval', monkeypatch=monkeypatch, capsys=capsys)
+  assert proc.code == 0, proc.stderr[-3000:]
   assert ("note: the model is the checkpoint's (" f'{saved["converted"]}/resa_jax_metadata.json): '
           'width_per_group=4 (--config: 8), mlp_dim=32 (--config: 64)') in proc.stdout
   assert summary(tmp_path / 'eval')['model']['width_per_group'] == 4
-
-
-@pytest.mark.parametrize('case', ['model_override', 'optimizer_override', 'converted_alone',
-                                  'bare_alone', 'unknown_field'])
-def test_refusals_one_line_nothing_written(saved, tmp_path, case):
-  args, words = {
-      'model_override': ([f'--checkpoint={saved["workdir"]}', '--config.width_per_group=8'],
-                         '--config.width_per_group=8 contradicts the checkpoint, which records '
-                         f'width_per_group=4 ({saved["workdir"]}/config.json); leave it out'),
-      'optimizer_override': ([f'--checkpoint={saved["workdir"]}/checkpoints', f'--config={TINY}',
-                              '--config.optimizer=adamw', '--config.mlp_dim=64'],
-                             '--config.mlp_dim=64 --config.optimizer=adamw contradicts'),
-      'converted_alone': ([f'--checkpoint={saved["converted"]}'],
-                          'is a converted checkpoint: it records its model (arch=resnet18, '
-                          'width_per_group=4, stem=cifar, mlp_layers=3, mlp_dim=32, emb_dim=16) '
-                          'but not the data; give the data with --config'),
-      'bare_alone': ([f'--checkpoint={saved["bare"]}'], 'config.json is missing or unreadable'),
-      'unknown_field': ([f'--checkpoint={saved["workdir"]}', '--config.no_field=1'],
-                        "no field 'no_field'"),
-  }[case]
-  before = {name: snapshot(path) for name, path in saved.items()}
-  proc = run_cli(*args, '--eval=knn')
-  assert words in error_line(proc)
-  assert {name: snapshot(path) for name, path in saved.items()} == before
-  assert proc.seconds < 30, proc.seconds  # before TensorFlow reads any data
-  print(f'\n[evaluate] {case}: exit 2 in {proc.seconds:.1f} s')
-
-
-def test_help_is_the_flags_and_exits_0():
-  for module, flag in (('resa_jax.evaluate', '--checkpoint:'), ('resa_jax.main', '--workdir:')):
-    proc = run_cli('--help', module=module)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f'python -m {module} --' in proc.stdout and flag in proc.stdout, proc.stdout
-    assert 'SPEC' not in proc.stdout and '.md' not in proc.stdout
-    assert '         [' not in proc.stdout  # no docstring continuation squeezed into one line
 
 
 # ------------------------------------------------ the rule, as a library ----

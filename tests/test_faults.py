@@ -1,9 +1,9 @@
-"""Faults of a workdir (issue 14): a finished run rerun, two runs on one workdir, a
-stale lock, a resume with another config; results.json always valid JSON; a full disk
-and a read-only file system.
+"""Faults of a workdir: a finished run rerun, two runs on one workdir, a stale lock, a
+resume with another config; results.json always valid JSON; a full disk and a
+read-only file system.
 
-The real `python -m resa_jax.main` on tests/configs/tiny.py and 2 simulated devices,
-with the helpers (and the uninterrupted `reference` run) of tests/test_reliability.py.
+The real `python -m resa_jax.main` on tests/configs/tiny.py and 2 simulated devices
+(conftest's `env`), and conftest's uninterrupted `reference` run.
 """
 
 import contextlib
@@ -19,10 +19,8 @@ import time
 import numpy as np
 import pytest
 
-from test_reliability import (PausedRun, checkpoint_steps, env, error_line,  # noqa: F401
-                              reference, restore, resumed_step, snapshot, template, train,
-                              TOTAL_STEPS)
-from test_reliability import run as run_module
+from helpers import (TOTAL_STEPS, PausedRun, checkpoint_steps, error_line, restore,
+                     resumed_step, snapshot, train, unprivileged)
 
 
 def strict_json(text):
@@ -43,6 +41,7 @@ def test_write_json_writes_nonfinite_numbers_as_null(tmp_path):
                                            'curve': [[1, None]], 'ok': True, 'name': 'x'}
 
 
+@pytest.mark.slow
 def test_finished_run_rerun_prints_results_and_changes_nothing(env, reference, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(reference[0], workdir)
@@ -61,9 +60,9 @@ def test_finished_run_rerun_prints_results_and_changes_nothing(env, reference, t
           f'{len(before)} files and folders unchanged')
 
 
+@pytest.mark.slow
 def test_finished_run_in_a_read_only_workdir_prints_its_results(env, reference, tmp_path):
   """Reading a finished run needs no write: it is not refused as unwritable."""
-  from test_reliability import unprivileged
   workdir = tmp_path / 'run'
   shutil.copytree(reference[0], workdir)
   folders = [workdir] + [p for p in workdir.rglob('*') if p.is_dir()]
@@ -78,6 +77,7 @@ def test_finished_run_in_a_read_only_workdir_prints_its_results(env, reference, 
   assert f'finished at step {TOTAL_STEPS}; nothing to do' in proc.stdout
 
 
+@pytest.mark.slow
 def test_second_run_is_refused_and_a_stale_lock_taken_over(env, tmp_path):
   workdir = tmp_path / 'run'
   first = PausedRun(env, workdir, 3, tmp_path)
@@ -108,6 +108,7 @@ def test_second_run_is_refused_and_a_stale_lock_taken_over(env, tmp_path):
   print(f'\n[faults] after kill -9: {notes[0]}')
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused_unless_allowed(env, reference, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(reference[0], workdir)
@@ -137,85 +138,6 @@ def test_resume_with_another_config_is_refused_unless_allowed(env, reference, tm
   assert again.returncode == 0 and 'finished at step 14; nothing to do' in again.stdout
   proc = train(env, workdir)
   assert proc.returncode == 2 and 'was trained with base_lr=0.5' in error_line(proc)
-
-
-# ------------------------------------------------------------ no silent NaN ----
-
-def test_convert_refuses_a_nonfinite_checkpoint(env, tmp_path):
-  torch = pytest.importorskip('torch')
-  from test_reliability import _torchvision_resnet18_state_dict
-  state = _torchvision_resnet18_state_dict(torch)
-  state['layer1.0.conv1.weight'][0, 0, :2, 0] = float('nan')
-  state['layer2.0.bn1.running_var'][3] = float('inf')
-  checkpoint = tmp_path / 'diverged.pth'
-  torch.save(state, checkpoint)
-  proc = run_module(env, f'--checkpoint={checkpoint}', '--arch=resnet18',
-                    f'--out={tmp_path}/out', module='resa_jax.convert')
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  line = error_line(proc)
-  assert ('layer1.0.conv1.weight has 2 non-finite (NaN/Inf) entries of 36864; '
-          '1 more tensor(s) have some') in line, line
-  assert not (tmp_path / 'out').exists()
-  print(f'\n[faults] convert, NaN in the weights: exit 2 in {proc.seconds:.1f} s: {line}')
-
-
-@pytest.fixture(scope='module')
-def eval_workdir(tmp_path_factory):
-  """A training workdir (tiny config, one checkpoint) whose momentum encoder has NaN in
-  one entry of one kernel; the online encoder is finite."""
-  import jax
-  from resa_jax import checkpoints as checkpoints_lib, models, step as step_lib
-  from test_evaluate_cli import tiny_config
-  config = tiny_config()
-  online, momentum = models.create_networks(config)
-  tx = step_lib.create_optimizer(config, step_lib.learning_rate_schedule(config, 1, 1))
-  state = jax.device_get(jax.jit(lambda: step_lib.create_train_state(
-      jax.random.key(1), online, momentum, tx, (16, 16, 3)))())
-  paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(state.momentum_params))
-  index = next(i for i, p in enumerate(paths) if 'encoder' in jax.tree_util.keystr(p)
-               and 'kernel' in jax.tree_util.keystr(p))
-  leaves = [np.array(x) for x in leaves]
-  leaves[index].reshape(-1)[0] = np.nan
-  state = state.replace(step=np.asarray(8, np.int32), momentum_params=jax.tree.unflatten(
-      jax.tree.structure(state.momentum_params), leaves))
-  workdir = tmp_path_factory.mktemp('nan_run')
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  checkpoints = checkpoints_lib.Checkpoints(workdir / 'checkpoints', 3)
-  checkpoints.save(8, state)
-  checkpoints.close()
-  return workdir
-
-
-@pytest.mark.parametrize('args,words', [
-    (['--eval=knn'], "the encoding features of split 'train' are non-finite (NaN/Inf) in 64 "
-     'of 64 rows'),
-    (['--eval=knn', '--knn_ks=1000'], 'every k exceeds the 64 examples of the kNN memory bank'),
-    (['--eval=linear', '--linear_epochs=0'], '--linear_epochs must be positive, or -1'),
-], ids=['nonfinite_features', 'knn_k_above_bank', 'zero_linear_epochs'])
-def test_evaluate_refuses(eval_workdir, tmp_path, args, words):
-  from test_evaluate_cli import run_cli
-  before = snapshot(eval_workdir)
-  start = time.perf_counter()
-  proc = run_cli(f'--checkpoint={eval_workdir}', f'--output={tmp_path}/out', '--batch_size=16',
-                 *args, devices=2)
-  seconds = time.perf_counter() - start
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  line = error_line(proc)
-  assert words in line, line
-  assert not (tmp_path / 'out').exists() and snapshot(eval_workdir) == before
-  print(f'\n[faults] evaluate {" ".join(args)}: exit 2 in {seconds:.1f} s: {line}')
-
-
-@pytest.mark.parametrize('flag', ['--config.run_steps=-5', '--config.run_steps=0',
-                                  '--config.num_train_steps=0', '--config.steps_per_epoch=-2',
-                                  '--config.knn_max_train_examples=0'])
-def test_sentinel_fields_accept_only_minus_one_or_positive(env, tmp_path, flag):
-  proc = train(env, tmp_path / 'run', flag)
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  name = flag.split('.')[1].split('=')[0]
-  assert f'{name} must be positive, or -1 (unset)' in error_line(proc)
-  assert not (tmp_path / 'run').exists()
-  print(f'\n[faults] {flag}: exit 2 in {proc.seconds:.1f} s')
 
 
 # ------------------------------------------------------------ full disk ----
@@ -300,6 +222,7 @@ def tmpfs(folder, options: str):
     subprocess.run(['umount', '-l', str(folder)], check=False)
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint_save_one_line_keeps_the_last_checkpoint(
     env, template, tmp_path):
   """A real full disk: a 2 MB tmpfs holds the first checkpoint (1.3 MB) but not the
@@ -326,6 +249,7 @@ def test_full_disk_during_a_checkpoint_save_one_line_keeps_the_last_checkpoint(
     assert strict_json((workdir / 'results.json').read_text())['step'] == TOTAL_STEPS
 
 
+@pytest.mark.slow
 def test_read_only_file_system_workdir_is_refused_before_tensorflow(env, tmp_path):
   with tmpfs(tmp_path / 'disk', 'ro,size=64k') as disk:
     proc = train(env, disk / 'run')

@@ -1,4 +1,4 @@
-"""SIGTERM and SIGINT at any point (resa_jax/interrupts.py, issue 14 item 1).
+"""SIGTERM and SIGINT at any point (resa_jax/interrupts.py).
 
 Each case runs a small Python program in a subprocess (the watcher blocks signals in
 its whole process), waits until it says `ready`, sends a real signal and checks the
@@ -16,8 +16,9 @@ import types
 
 import pytest
 
-from test_reliability import (PausedRun, checkpoint_steps, env, error_line,  # noqa: F401
-                              resumed_step, TINY, ROOT, RUN_FLAGS)
+from helpers import ROOT, RUN_FLAGS, TINY, PausedRun, checkpoint_steps, error_line
+
+pytestmark = pytest.mark.slow  # each case is a process that receives a real signal
 
 PRELUDE = '''
 import sys, time

@@ -151,6 +151,7 @@ def _restore(checkpoint_dir: pathlib.Path, step: int) -> dict:
           for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   multi, single = tmp_path / 'multi', tmp_path / 'single'
   reference = _start([sys.executable, '-c', REFERENCE, TINY, str(single), json.dumps(OVERRIDES)],

@@ -10,6 +10,7 @@ import pathlib
 
 import nbclient  # requirements-test.txt: nbclient, nbformat, ipykernel
 import nbformat
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / 'experiments' / 'colab_tpu.ipynb'
@@ -22,6 +23,7 @@ def test_notebook_is_committed_clean():
   assert code and not any(c.outputs or c.execution_count for c in code), 'clear the outputs'
 
 
+@pytest.mark.slow
 def test_notebook_runs_headless_on_cpu(tmp_path, monkeypatch):
   workdir = tmp_path / 'run'
   monkeypatch.setenv('RESA_NOTEBOOK_SMOKE', '1')  # the kernel inherits this environment

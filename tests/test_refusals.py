@@ -1,0 +1,352 @@
+"""Every refusal of the three commands, in one place: bad flags, bad configs, bad
+checkpoints and outputs.  Each ends with one `error: ...` line, exit code 2, and
+nothing written, removed or touched.
+
+The tables run each command in this process (`helpers.run_in_process`: the command's
+own flag definitions, flag parser and `main`), so a case costs milliseconds to a few
+seconds, not a Python start-up.  One subprocess per command (`slow`) proves that a
+refusal reaches a user the same way, and that `--help` prints the command's own text.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import helpers
+from helpers import TINY, error_line, run_in_process, snapshot
+
+# ----------------------------------------------------------- training: main ----
+
+# (id, arguments ({tmp} is filled in; it holds broken.py and a_file), words of the line).
+# --config=TINY and --workdir={tmp}/run are added unless the case gives its own.
+MAIN = [
+    ('unknown_config_field', ['--config.not_a_field=1'], "no field 'not_a_field'"),
+    ('missing_config_file', ['--config={tmp}/missing.py'], 'No such file'),
+    ('config_syntax_error', ['--config={tmp}/broken.py'], 'SyntaxError'),
+    ('bad_value_type', ['--config.batch_size=sixteen'], 'batch_size'),
+    ('no_workdir', ['--workdir='], '--workdir is required'),
+    ('stray_argument', ['stray'], 'unexpected arguments: stray'),
+    ('unknown_architecture', ['--config.arch=resnet9'], 'unknown architecture'),
+    ('unknown_stem', ['--config.stem=vit'], 'unknown stem'),
+    ('unknown_optimizer', ['--config.optimizer=adam'], 'unknown optimizer'),
+    ('zero_batch_size', ['--config.batch_size=0'], 'batch_size must be positive'),
+    ('zero_lr', ['--config.base_lr=0'], 'base_lr must be positive'),
+    ('negative_lr', ['--config.base_lr=-0.1'], 'base_lr must be positive'),
+    ('infinite_lr', ['--config.base_lr=inf'], 'base_lr must be positive and finite'),
+    ('zero_epochs', ['--config.num_epochs=0'], 'num_epochs must be positive'),
+    ('zero_width', ['--config.width_per_group=0'], 'width_per_group must be positive'),
+    ('zero_temperature', ['--config.temperature=0'], 'temperature must be positive'),
+    ('negative_epsilon', ['--config.sinkhorn_epsilon=-0.05'],
+     'sinkhorn_epsilon must be positive'),
+    ('negative_weight_decay', ['--config.weight_decay=-1e-4'], 'weight_decay must be >= 0'),
+    ('ema_above_one', ['--config.ema_momentum=1.5'], 'ema_momentum must be in [0, 1]'),
+    # -1 is the documented "unset" of these fields; other non-positive values are refused.
+    ('negative_run_steps', ['--config.run_steps=-5'], 'run_steps must be positive, or -1'),
+    ('zero_run_steps', ['--config.run_steps=0'], 'run_steps must be positive, or -1'),
+    ('zero_train_steps', ['--config.num_train_steps=0'],
+     'num_train_steps must be positive, or -1'),
+    ('negative_steps_per_epoch', ['--config.steps_per_epoch=-2'],
+     'steps_per_epoch must be positive, or -1'),
+    ('zero_knn_bank', ['--config.knn_max_train_examples=0'],
+     'knn_max_train_examples must be positive, or -1'),
+    ('unknown_dataset', ['--config.dataset=mnist_typo'], 'unknown dataset'),
+    ('batch_not_divisible', ['--config.batch_size=15'], 'multiple of the number of devices'),
+    ('crop_lists_lengths', ['--config.crops_size=(16,8)'], 'equal lengths'),
+    ('probability_above_one', ['--config.grayscale_prob=1.5'],
+     'grayscale_prob must be a probability'),
+    ('min_scale_above_max', ['--config.crops_min_scale=(0.9,)', '--config.crops_max_scale=(0.5,)'],
+     'crops_min_scale <= crops_max_scale'),
+    ('bad_dtype', ['--config.dtype=float8'], 'dtype must be one of'),
+    ('tfds_data_dir_missing', ['--config.dataset=cifar10', '--config.data_dir={tmp}/no_data',
+                               '--config.tfds_download=False'], 'tfds build cifar10'),
+    ('image_folder_missing', ['--config.dataset=image_folder', '--config.data_dir={tmp}/no_data'],
+     'no train/ folder'),
+    ('empty_dataset', ['--config.fake_num_examples=0'], 'has no examples'),
+    ('batch_larger_than_dataset', ['--config.batch_size=128'],
+     'has 64 examples, fewer than one batch of 128'),
+    ('nested_override', ['--config.arch.name=resnet18'],
+     "--config.arch.name: config field 'arch' has no sub-fields"),
+    ('unknown_shipped_config', ['--config=cifar11'], 'no shipped config of that name'),
+    ('drop_path_on_a_resnet', ['--config.drop_path=0.1'], 'drop_path is for ViT encoders'),
+    ('workdir_is_a_file', ['--workdir={tmp}/a_file'], 'is not a directory'),
+]
+
+
+def _main_args(args, tmp):
+  args = [a.format(tmp=tmp) for a in args]
+  if not any(a.startswith('--config=') for a in args):
+    args = [f'--config={TINY}'] + args
+  if not any(a.startswith('--workdir=') for a in args):
+    args.append(f'--workdir={tmp}/run')
+  return [a for a in args if a != '--workdir=']
+
+
+@pytest.mark.parametrize('name,args,words', MAIN, ids=[c[0] for c in MAIN])
+def test_training_refusals(name, args, words, tmp_path, monkeypatch, capsys):
+  del name
+  (tmp_path / 'broken.py').write_text('def get_config(:\n')
+  (tmp_path / 'a_file').write_text('not a folder\n')
+  before = snapshot(tmp_path)
+  outcome = run_in_process('resa_jax.main', *_main_args(args, tmp_path), monkeypatch=monkeypatch,
+                           capsys=capsys)
+  assert outcome.code == 2, outcome
+  line = error_line(outcome)
+  assert words in line, line
+  assert snapshot(tmp_path) == before
+
+
+def test_configs_load_from_any_directory_by_path_or_name(tmp_path, monkeypatch, capsys):
+  """A config path outside the checkout, or a shipped config's name, from another
+  directory (the configs import resa_jax.configs, not a top-level `configs`)."""
+  mine = tmp_path / 'my_config.py'
+  mine.write_text('from resa_jax.configs import fashion_mnist\n\n\ndef get_config():\n'
+                  '  config = fashion_mnist.get_config()\n  config.batch_size = 0\n'
+                  '  return config\n')
+  monkeypatch.chdir(tmp_path)
+  for config, flags, words in ((helpers.ROOT / 'configs' / 'cifar10.py', ['--config.base_lr=-1'],
+                                 'base_lr must be positive'),
+                                ('cifar10', ['--config.base_lr=-1'], 'base_lr must be positive'),
+                                (mine, [], 'batch_size must be positive')):
+    outcome = run_in_process('resa_jax.main', f'--config={config}', *flags,
+                             f'--workdir={tmp_path}/run', monkeypatch=monkeypatch, capsys=capsys)
+    assert outcome.code == 2 and words in error_line(outcome), outcome
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['my_config.py']
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+  """Checkpoints of the tiny config's initial TrainState (step 8): 'workdir' (with
+  config.json), 'bare' (checkpoints only), 'converted' (a converted checkpoint with
+  its model's metadata), 'nonfinite' (a workdir whose momentum encoder has a NaN in
+  one kernel; the online encoder is finite)."""
+  from resa_jax import checkpoints as checkpoints_lib, convert  # pylint: disable=g-import-not-at-top
+  config = helpers.tiny_config()
+  state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), helpers.abstract_state(config))
+  rng = np.random.default_rng(1)
+  state = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype)
+                       if x.dtype.kind == 'f' else x, state)
+  state = state.replace(step=np.asarray(8, np.int32))
+  root = tmp_path_factory.mktemp('saved')
+
+  def save(workdir, state):
+    workdir.mkdir()
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    manager = checkpoints_lib.Checkpoints(workdir / 'checkpoints', 3)
+    manager.save(8, state)
+    manager.close()
+
+  save(root / 'workdir', state)
+  shutil.copytree(root / 'workdir' / 'checkpoints', root / 'bare' / 'checkpoints')
+  convert.save_converted(
+      root / 'converted', {'params': state.params, 'batch_stats': state.batch_stats,
+                           'momentum_params': state.momentum_params,
+                           'momentum_batch_stats': state.momentum_batch_stats},
+      {k: config[k] for k in ('arch', 'width_per_group', 'stem', 'mlp_layers', 'mlp_dim',
+                              'emb_dim')} | {'predictor': True})
+  paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(state.momentum_params))
+  index = next(i for i, p in enumerate(paths) if 'encoder' in jax.tree_util.keystr(p)
+               and 'kernel' in jax.tree_util.keystr(p))
+  leaves = [np.array(x) for x in leaves]
+  leaves[index].reshape(-1)[0] = np.nan
+  save(root / 'nonfinite', state.replace(momentum_params=jax.tree.unflatten(
+      jax.tree.structure(state.momentum_params), leaves)))
+  (root / 'a_file').write_text('not a folder\n')
+  return root
+
+
+def test_training_a_workdir_of_another_architecture_is_refused(saved, tmp_path, monkeypatch,
+                                                              capsys):
+  """Refused from config.json, and with allow_config_change from the checkpoint's shapes."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(saved / 'workdir', workdir)
+  before = snapshot(workdir)
+  for flags, words in ((['--config.width_per_group=8'],
+                        ['was trained with width_per_group=4; --config has width_per_group=8']),
+                       (['--config.width_per_group=8', '--config.allow_config_change=True'],
+                        ['does not fit the config', 'in the model'])):
+    outcome = run_in_process('resa_jax.main', f'--config={TINY}', f'--workdir={workdir}', *flags,
+                             monkeypatch=monkeypatch, capsys=capsys)
+    assert outcome.code == 2, outcome
+    line = error_line(outcome)
+    assert all(w in line for w in words), line
+    assert snapshot(workdir) == before
+
+
+# -------------------------------------------------------------- evaluation ----
+
+# (id, arguments ({saved} is the `saved` fixture's folder, {tmp} the test's), words).
+EVALUATE = [
+    ('no_checkpoint', [], '--checkpoint is required'),
+    ('missing_checkpoint', ['--checkpoint={tmp}/none'], 'does not exist'),
+    ('not_a_checkpoint', ['--checkpoint={saved}'],
+     'neither a training workdir with checkpoints nor a converted checkpoint'),
+    ('model_override', ['--checkpoint={saved}/workdir', '--config.width_per_group=8'],
+     '--config.width_per_group=8 contradicts the checkpoint, which records width_per_group=4 '
+     '({saved}/workdir/config.json); leave it out'),
+    ('model_and_optimizer_override', ['--checkpoint={saved}/workdir/checkpoints',
+                                      f'--config={TINY}', '--config.optimizer=adamw',
+                                      '--config.mlp_dim=64'],
+     '--config.mlp_dim=64 --config.optimizer=adamw contradicts'),
+    ('converted_without_config', ['--checkpoint={saved}/converted'],
+     'is a converted checkpoint: it records its model (arch=resnet18, width_per_group=4, '
+     'stem=cifar, mlp_layers=3, mlp_dim=32, emb_dim=16) but not the data; give the data with '
+     '--config'),
+    ('checkpoints_without_config', ['--checkpoint={saved}/bare'],
+     'config.json is missing or unreadable'),
+    ('shapes_of_another_architecture', ['--checkpoint={saved}/bare', f'--config={TINY}',
+                                        '--config.width_per_group=8'],
+     'another architecture than --config'),
+    ('unknown_field', ['--checkpoint={saved}/workdir', '--config.no_field=1'],
+     "the config has no field 'no_field'"),
+    ('unknown_evaluation', ['--checkpoint={saved}/workdir', '--eval=knn,svm'],
+     'unknown evaluation svm'),
+    ('stray_argument', ['--checkpoint={saved}/workdir', 'stray'], 'unexpected arguments: stray'),
+    ('zero_linear_epochs', ['--checkpoint={saved}/workdir', '--eval=linear',
+                            '--linear_epochs=0'], '--linear_epochs must be positive, or -1'),
+    ('k_above_the_bank', ['--checkpoint={saved}/workdir', '--knn_ks=1000'],
+     'every k exceeds the 64 examples of the kNN memory bank'),
+    ('nonfinite_features', ['--checkpoint={saved}/nonfinite'],
+     "the encoding features of split 'train' are non-finite (NaN/Inf) in 64 of 64 rows"),
+]
+
+
+@pytest.mark.parametrize('name,args,words', EVALUATE, ids=[c[0] for c in EVALUATE])
+def test_evaluation_refusals(name, args, words, saved, tmp_path, monkeypatch, capsys):
+  before = snapshot(saved)
+  args = [a.format(saved=saved, tmp=tmp_path) for a in args]
+  if not any(a.startswith('--eval=') for a in args):
+    args.append('--eval=knn')
+  if name != 'no_checkpoint':
+    args += [f'--output={tmp_path}/out', '--batch_size=16']
+  outcome = run_in_process('resa_jax.evaluate', *args, monkeypatch=monkeypatch, capsys=capsys)
+  assert outcome.code == 2, outcome
+  line = error_line(outcome)
+  assert words.format(saved=saved) in line, line
+  if name == 'shapes_of_another_architecture':
+    assert 'params/encoder/' in line and '(4,) in the checkpoint, (8,) in the model' in line
+  assert snapshot(saved) == before and not (tmp_path / 'out').exists()
+
+
+# -------------------------------------------------------------- conversion ----
+
+@pytest.fixture(scope='module')
+def pth_files(tmp_path_factory):
+  """'tiny.pth': a torchvision-layout ResNet-18 encoder of width 4 (ImageNet stem);
+  'full18.pth': a full checkpoint in the authors' DDP layout (ResNet-18 width 4, CIFAR
+  stem, MLP 16, embedding 8); 'nonfinite.pth': tiny.pth with a NaN and an Inf;
+  'a_file': not a checkpoint; 'busy/': a non-empty folder."""
+  torch = pytest.importorskip('torch')
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  folder = tmp_path_factory.mktemp('pth')
+  tiny = helpers.torchvision_resnet18_state_dict(torch, width=4)
+  torch.save(tiny, folder / 'tiny.pth')
+  full, _ = torch_reference.full_checkpoint(dict(arch='resnet18', wpg=4, stem='cifar'))
+  torch.save(full, folder / 'full18.pth')
+  tiny['layer1.0.conv1.weight'][0, 0, :2, 0] = float('nan')
+  tiny['layer2.0.bn1.running_var'][3] = float('inf')
+  torch.save(tiny, folder / 'nonfinite.pth')
+  (folder / 'a_file').write_text('not a checkpoint\n')
+  (folder / 'busy').mkdir()
+  (folder / 'busy' / 'keep.txt').write_text('precious')
+  return folder
+
+
+# (id, arguments ({pth} is `pth_files`, {tmp} the test's folder), words of the line).
+CONVERT = [
+    ('no_checkpoint', ['--out={tmp}/out'], '--checkpoint is required'),
+    ('no_out', ['--checkpoint={pth}/tiny.pth'], '--out is required'),
+    ('missing_file', ['--checkpoint={tmp}/none.pth', '--out={tmp}/out'], 'checkpoint not found'),
+    ('not_a_checkpoint', ['--checkpoint={pth}/a_file', '--out={tmp}/out'], 'cannot read'),
+    ('output_not_empty', ['--checkpoint={pth}/tiny.pth', '--out={pth}/busy'],
+     'output {pth}/busy exists and is not an empty directory'),
+    ('width_and_stem', ['--checkpoint={pth}/tiny.pth', '--out={tmp}/out', '--width_per_group=8',
+                        '--stem=cifar'],
+     '--width_per_group=8 --stem=cifar does not fit the checkpoint: its shapes say '
+     '--width_per_group=4 --stem=imagenet'),
+    ('width_and_mlp', ['--checkpoint={pth}/full18.pth', '--out={tmp}/out', '--width_per_group=8',
+                       '--mlp_dim=64'],
+     '--width_per_group=8 --mlp_dim=64 does not fit the checkpoint: its shapes say '
+     '--width_per_group=4 --mlp_dim=16 (change them'),
+    ('architecture', ['--checkpoint={pth}/full18.pth', '--out={tmp}/out', '--arch=resnet50',
+                      '--stem=cifar'],
+     '--arch=resnet50 does not fit the checkpoint: its shapes say --arch=resnet18 (change it'),
+    ('stem_and_embedding', ['--checkpoint={pth}/full18.pth', '--out={tmp}/out',
+                            '--stem=imagenet', '--emb_dim=8'],
+     'its shapes say --stem=cifar (change it'),
+    ('unknown_architecture', ['--checkpoint={pth}/full18.pth', '--out={tmp}/out',
+                              '--arch=resnet19'], "unknown architecture 'resnet19'"),
+    ('bad_enum', ['--checkpoint={pth}/tiny.pth', '--out={tmp}/out', '--stem=vit'],
+     'flag --stem=vit: value should be one of <imagenet|cifar>'),
+    ('zero', ['--checkpoint={pth}/tiny.pth', '--out={tmp}/out', '--mlp_dim=0'],
+     'flag --mlp_dim=0: 0 is not a positive integer'),
+    ('not_an_integer', ['--checkpoint={pth}/tiny.pth', '--out={tmp}/out',
+                        '--width_per_group=wide'], 'flag --width_per_group=wide: invalid literal'),
+    ('unknown_flag', ['--checkpoint={pth}/tiny.pth', '--out={tmp}/out', '--no_such_flag=1'],
+     "Unknown command line flag 'no_such_flag'"),
+    ('stray_argument', ['--checkpoint={pth}/tiny.pth', '--out={tmp}/out', 'stray'],
+     'unexpected arguments: stray'),
+    ('nonfinite_weights', ['--checkpoint={pth}/nonfinite.pth', '--out={tmp}/out',
+                           '--arch=resnet18'],
+     'layer1.0.conv1.weight has 2 non-finite (NaN/Inf) entries of 144; 1 more tensor(s) have '
+     'some'),
+]
+
+
+@pytest.mark.parametrize('name,args,words', CONVERT, ids=[c[0] for c in CONVERT])
+def test_conversion_refusals(name, args, words, pth_files, tmp_path, monkeypatch, capsys):
+  del name
+  before = snapshot(pth_files), snapshot(tmp_path)
+  args = [a.format(pth=pth_files, tmp=tmp_path) for a in args]
+  outcome = run_in_process('resa_jax.convert', *args, monkeypatch=monkeypatch, capsys=capsys)
+  assert outcome.code == 2, outcome
+  line = error_line(outcome)
+  assert words.format(pth=pth_files) in line, line
+  assert (snapshot(pth_files), snapshot(tmp_path)) == before
+
+
+# ------------------------------------------- the real commands, one each ----
+
+@pytest.fixture(scope='module')
+def env():
+  return helpers.cli_env(devices=2)
+
+
+@pytest.mark.slow
+def test_a_refusal_reaches_the_user_as_one_line_and_exit_2(env, saved, pth_files, tmp_path):
+  """The same refusals as the tables, through `python -m`: what `cli.run` and the
+  signal watcher add on top changes nothing of them."""
+  for module, args, words in (
+      ('resa_jax.main', [f'--config={TINY}', '--config.base_lr=-0.1',
+                         f'--workdir={tmp_path}/run'], 'base_lr must be positive'),
+      ('resa_jax.evaluate', [f'--checkpoint={saved}/workdir', '--config.width_per_group=8',
+                             f'--output={tmp_path}/out'], 'contradicts the checkpoint'),
+      ('resa_jax.convert', [f'--checkpoint={pth_files}/tiny.pth', f'--out={tmp_path}/out',
+                            '--stem=vit'], 'value should be one of')):
+    before = snapshot(saved), snapshot(pth_files)
+    proc = helpers.run(env, *args, module=module)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert words in error_line(proc)
+    assert (snapshot(saved), snapshot(pth_files)) == before
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_help_is_the_commands_own_text_and_exits_0(env):
+  flags_of = {'resa_jax.main': ('--workdir:', '--config:'),
+              'resa_jax.evaluate': ('--checkpoint:', '--eval:'),
+              'resa_jax.convert': ('--checkpoint:', '--out:', '--arch:', '--width_per_group:',
+                                   '--stem:', '--mlp_layers:', '--mlp_dim:', '--emb_dim:')}
+  for module, names in flags_of.items():
+    proc = helpers.run(env, '--help', module=module)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f'python -m {module} --' in proc.stdout, proc.stdout
+    assert all(name in proc.stdout for name in names), proc.stdout
+    assert '         [' not in proc.stdout  # no docstring continuation squeezed into one line
+    assert 'Traceback' not in proc.stderr
+  assert len(proc.stdout.splitlines()) < 45  # convert's is short
+
