@@ -1,6 +1,6 @@
 """Fingerprint of a training run: sha256 of every array of its final checkpoint and of
 results.json without its timings.  A refactoring that must not change behaviour
-(issue 12) compares the fingerprint before and after.
+compares the fingerprint before and after.
 
     python experiments/fingerprint_run.py [--workdir DIR] [--devices 2] [--keep] \
         [-- --config.stem=imagenet ...]

@@ -84,7 +84,7 @@ if [ $rc -ne 0 ] && grep -q -E 'RESOURCE_EXHAUSTED|[Oo]ut of memory|OOM' "$OUT/b
   rc=$?
 fi
 # 3. ViT-S/16 (configs/imagenet_vit_small.py: AdamW, bfloat16), batch 256 on the one
-# device, images/s and memory (issue 15); --noparts: the supervised part is ResNet-only.
+# device, images/s and memory; --noparts: the supervised part is ResNet-only.
 set -o pipefail
 timeout 150 "$PY" experiments/bench_step.py --config=configs/imagenet_vit_small.py \
     --config.batch_size=256 --steps=10 --warmup=2 --noparts --write ${BENCH_EXTRA:-} 2>&1 \

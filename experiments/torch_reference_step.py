@@ -4,7 +4,7 @@
         [--steps 10] [--warmup 2] [--width 64]
 
 What it is: the CIFAR recipe of the authors' code (winci-ai/resa_cifar, as
-SPEC.md section 1 describes it), float32 on the CPU, written out so that
+docs/method.md, 'The algorithm', describes it), float32 on the CPU, written out so that
 bench_step.py can time the same step on the same machine as the JAX one:
 
 * encoder: ResNet-18 with the CIFAR stem (3x3 stride-1 conv, BN, ReLU, no
@@ -16,10 +16,10 @@ bench_step.py can time the same step on the same machine as the JAX one:
 * momentum encoder and projector: copies, updated by EMA of the parameters
   under no_grad right before their forward pass; BatchNorm in train mode;
 * every view goes through the networks separately;
-* Sinkhorn-Knopp in the exp domain (SPEC.md section 1), epsilon 0.05, 3
+* Sinkhorn-Knopp in the exp domain (docs/method.md, 'Sinkhorn-Knopp'), epsilon 0.05, 3
   iterations, on normalize(h_0) @ normalize(hm_0).T;
 * loss: mean over (q, v), q != v of the cross-entropy between the assignment and
-  softmax(z_q @ zm_v.T / 0.4) (SPEC.md step 5);
+  softmax(z_q @ zm_v.T / 0.4) (docs/method.md, 'One training step', step 5);
 * SGD momentum 0.9, weight decay 1e-4; one step = zero_grad, forward, backward,
   optimizer step.
 

@@ -1,6 +1,6 @@
 """TrainState, learning-rate schedule, optimizer and the pure ReSA train step.
 
-One step (SPEC.md section 1), all inside one jit-compiled function:
+One step (docs/method.md, 'The algorithm'), all inside one jit-compiled function:
 
 1. online forward of every view, each view separately for ResNets (BatchNorm
    statistics per view, running statistics updated view after view, as PyTorch

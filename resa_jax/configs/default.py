@@ -1,7 +1,7 @@
 """Every field of a ReSA config, set to one coherent recipe: the authors' ImageNet
-ResNet-50 recipe (SPEC.md section 2; `configs/imagenet.py` is this recipe as it is
-trained).  Every other config imports `get_config()` from here and sets only the
-fields where it differs.
+ResNet-50 recipe (docs/method.md, 'Hyper-parameters'; `configs/imagenet.py` is this
+recipe as it is trained).  Every other config imports `get_config()` from here and sets
+only the fields where it differs.
 
 Command (the same as configs/imagenet.py):
     python -m resa_jax.main --config=configs/default.py --workdir=DIR

@@ -24,8 +24,9 @@ What their code does with these (main.py and src/utils.py `build_optimizer`, 862
   patch conv and position table (requires_grad=False) are neither updated nor decayed.
   optax.adamw has the same defaults and form.
 - lr = 5e-4 x batch / 256 = 2e-3, linear warm-up from 0 over 40 epochs, then cosine to
-  `final_lr = lr * 0.001` (2e-6 at batch 1024): final_lr_ratio 0.001.  (SPEC.md and
-  issue 15 say "final lr 1e-4"; no version of their code we could read has that.
+  `final_lr = lr * 0.001` (2e-6 at batch 1024): final_lr_ratio 0.001.  (The older recipe
+  in docs/method.md, 'Hyper-parameters', says "final lr 1e-4"; no version of their
+  code we could read has that.
   `--config.final_lr_ratio=0.05` gives 1e-4 at batch 1024.)
 - no gradient clipping (their --clip_grad existed only in earlier commits, default
   None), no last-layer freezing (no DINO head), fp16 autocast (ours: bfloat16).

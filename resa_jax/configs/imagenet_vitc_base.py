@@ -18,7 +18,8 @@ gradient clipping, drop path 0, as theirs.  Linear probe: their ViT-B evaluation
 for *_base ViTs by default.
 
 Expected accuracy (the AUTHORS' numbers for their released ViTC-B/16 checkpoint, as
-SPEC.md quotes their README until April 2025; we could not read that README version):
+docs/method.md, 'Published numbers', quotes their README until April 2025; we could
+not read that README version):
 linear 76.7% / kNN 74.9% top-1; not measured by us.
 """
 

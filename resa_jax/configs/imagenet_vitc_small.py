@@ -19,7 +19,8 @@ views of one resolution through the encoder as one batch, so the stem's BatchNor
 statistics are over both 224 px views together; ours are per view.
 
 Expected accuracy (the AUTHORS' numbers for their released ViTC-S/16 checkpoint, as
-SPEC.md quotes their README until April 2025; we could not read that README version):
+docs/method.md, 'Published numbers', quotes their README until April 2025; we could
+not read that README version):
 linear 75.1% / kNN 72.3% top-1; not measured by us.
 """
 

@@ -1,4 +1,5 @@
-"""Evaluation of learned representations (SPEC section 3): a library and a command line.
+"""Evaluation of learned representations (docs/method.md, 'Evaluation protocols'): a
+library and a command line.
 
     python -m resa_jax.evaluate --checkpoint=WORKDIR --eval=knn,linear,semi,clustering
 

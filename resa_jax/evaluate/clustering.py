@@ -3,7 +3,7 @@ the agreement of a k-means partition with the labels (ARI, NMI), with its figure
 
 Clustering analysis (`silhouette_samples`, `kmeans`, `adjusted_rand_index`,
 `normalized_mutual_info`, `clustering_metrics`, `clustering_analysis`; the paper's
-evidence, SPEC section 3)
+evidence, docs/method.md, 'Evaluation protocols')
   Silhouette of sample i against the TRUE labels:
     a_i = mean distance from i to the other members of its class,
     b_i = smallest mean distance from i to the members of another class,

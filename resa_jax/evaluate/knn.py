@@ -19,18 +19,18 @@ k-nearest neighbours (`nearest_neighbours`, `knn_weighted`, `knn_majority`)
   merge concatenates candidates in increasing train-index order (the k best so
   far before the new chunk, device 0 before device 1), so the rule holds on one
   device and on many, and both give the same neighbours.
-  Weighted vote (DINO; SPEC section 3, ImageNet): features L2-normalised, the k
-  nearest vote with weight exp(similarity / temperature).  The weights are
-  computed as exp((s - s_max) / temperature) with s_max the query's largest
-  similarity: a common factor per query, so the ranking of the classes is the
-  same, and no temperature can overflow float32.  Classes are ranked by
-  (votes descending, class index ascending); a class with no vote ranks behind
-  every class with one, which matters for top-5 when fewer than 5 classes got
-  votes.
-  Majority vote (W-MSE / INTL / the ReSA CIFAR code; SPEC section 3, CIFAR): raw
-  features, Euclidean distance, k = 5, each neighbour one vote; equal counts go to
-  the smallest class index (what `torch.unique(..., return_counts=True)` followed by
-  `argmax` does in those codes, and what scikit-learn's KNeighborsClassifier does).
+  Weighted vote (DINO; docs/method.md, 'Evaluation protocols', ImageNet): features
+  L2-normalised, the k nearest vote with weight exp(similarity / temperature).  The
+  weights are computed as exp((s - s_max) / temperature) with s_max the query's
+  largest similarity: a common factor per query, so the ranking of the classes is
+  the same, and no temperature can overflow float32.  Classes are ranked by (votes
+  descending, class index ascending); a class with no vote ranks behind every class
+  with one, which matters for top-5 when fewer than 5 classes got votes.
+  Majority vote (W-MSE / INTL / the ReSA CIFAR code; docs/method.md, 'Evaluation
+  protocols', CIFAR): raw features, Euclidean distance, k = 5, each neighbour one
+  vote; equal counts go to the smallest class index (what
+  `torch.unique(..., return_counts=True)` followed by `argmax` does in those codes,
+  and what scikit-learn's KNeighborsClassifier does).
 
 Numerics: features float32, every ranking matmul at `precision=HIGHEST` (no TF32 or
 bfloat16 passes on GPUs and TPUs), counts accumulated as integers on the host.

@@ -2,7 +2,8 @@
 the encoder (the ImageNet probe with the encoder frozen; fine-tuning for the
 semi-supervised protocol, `semi_supervised.py`).
 
-Linear probe on fixed features (`linear_probe_features`; SPEC section 3, CIFAR)
+Linear probe on fixed features (`linear_probe_features`; docs/method.md, 'Evaluation
+protocols', CIFAR)
   A linear layer W x + b (no BatchNorm) on the raw features, as in the authors'
   CIFAR code.  Adam with
   PyTorch's `weight_decay` semantics, i.e. an L2 term added to the gradient
@@ -15,8 +16,9 @@ Linear probe on fixed features (`linear_probe_features`; SPEC section 3, CIFAR)
   `nn.Linear` initialisation, U(-1/sqrt(d), 1/sqrt(d)) for weight and bias.  The
   whole run is one jit-compiled `lax.scan` over epochs of `lax.scan`s over batches.
 
-Linear head on the encoder (`train_classifier`; SPEC section 3, ImageNet and
-semi-supervised; the authors' eval_linear.py): see its docstring.
+Linear head on the encoder (`train_classifier`; docs/method.md, 'Evaluation
+protocols', ImageNet and semi-supervised; the authors' eval_linear.py): see its
+docstring.
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ def linear_probe_features(
     train_x: (N, d) features; train_y: (N,) ints in [0, num_classes).
     test_x: (M, d); test_y: (M,).
     num_classes: number of classes.
-    epochs, batch_size, lr, final_lr, weight_decay: the protocol (SPEC section 3).
+    epochs, batch_size, lr, final_lr, weight_decay: the protocol (docs/method.md,
+      'Evaluation protocols').
       If N < batch_size the batch is the whole train set.
     seed: initialisation and shuffling.
 

@@ -190,8 +190,8 @@ def load_model(config, checkpoint, mesh: Mesh, *, encoder: str = 'momentum',
       `checkpoints/`), the `checkpoints/` folder itself, or a folder written by
       `python -m resa_jax.convert` (the authors' weights).
     mesh: the variables are replicated over it.
-    encoder: 'momentum' (SPEC section 3: features are the momentum encoder's) or
-      'online'.  A converted checkpoint without a
+    encoder: 'momentum' (features are the momentum encoder's: docs/method.md,
+      'Evaluation protocols') or 'online'.  A converted checkpoint without a
       momentum network falls back to its online encoder (said in
       `source['encoder']`).
     image_channels: input channels of the encoder's first convolution.

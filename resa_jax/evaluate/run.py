@@ -2,8 +2,9 @@
 
 `run_evaluations(config, checkpoint, output, Options(...))` loads the model once,
 extracts each split's features once, runs the asked evaluations in order (kNN,
-linear probe, semi-supervised fine-tuning, clustering analysis; SPEC section 3) and
-writes `<output>/<evaluation>.json` after each and `<output>/summary.json`.
+linear probe, semi-supervised fine-tuning, clustering analysis; docs/method.md,
+'Evaluation protocols') and writes `<output>/<evaluation>.json` after each and
+`<output>/summary.json`.
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ class _Evaluation:
     return self._linear_features() if protocol == 'features' else self._linear_imagenet()
 
   def _linear_features(self) -> dict:
-    """SPEC section 3, CIFAR: Adam on fixed features of un-augmented images."""
+    """docs/method.md, 'Evaluation protocols', CIFAR: Adam on fixed features of
+    un-augmented images."""
     options = self.options
     epochs = options.linear_epochs if options.linear_epochs > 0 else 500
     batch_size = options.linear_batch_size if options.linear_batch_size > 0 else 1000
@@ -234,7 +236,8 @@ class _Evaluation:
             **result}
 
   def _linear_imagenet(self) -> dict:
-    """SPEC section 3, ImageNet: frozen encoder, augmented images, SGD, steps at 60/80."""
+    """docs/method.md, 'Evaluation protocols', ImageNet: frozen encoder, augmented
+    images, SGD, steps at 60/80."""
     from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
     options, config = self.options, self.config
     epochs = options.linear_epochs if options.linear_epochs > 0 else 100
@@ -266,7 +269,8 @@ class _Evaluation:
             'lr_milestones': [round(0.6 * epochs), round(0.8 * epochs)], **result}
 
   def semi(self) -> dict:
-    """SPEC section 3: fine-tune encoder and classifier on a labelled subset."""
+    """Fine-tunes encoder and classifier on a labelled subset (docs/method.md,
+    'Evaluation protocols')."""
     options, config = self.options, self.config
     cache_dir = ''
     if config.dataset == 'imagenet2012':  # read ImageNet once, then the cache

@@ -1,4 +1,5 @@
-"""Semi-supervised fine-tuning (SPEC section 3): the labelled subsets and their input.
+"""Semi-supervised fine-tuning (docs/method.md, 'Evaluation protocols'): the labelled
+subsets and their input.
 
 The subsets are the 1% and 10% ImageNet lists of SimCLR / SwAV / the ReSA authors
 (shipped in resa_jax/data, matched on TFDS's `file_name`), or a seeded class-balanced

@@ -127,7 +127,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
   # RESA_CPU_CONV_MATMUL=0 turns the matmul form off.  tests/test_multihost.py does: with it
   # on, its 2-process run left one BatchNorm bias 5e-3 (relative) off the 1-process run after
-  # 4 steps (XLA's convolution: within 1e-5); not understood yet (see the issue note).
+  # 4 steps (XLA's convolution: within 1e-5); the cause is not understood yet.
   if (not simple or jax.default_backend() != 'cpu'
       or os.environ.get('RESA_CPU_CONV_MATMUL', '1') == '0'):
     return plain(lhs, rhs)

@@ -105,8 +105,9 @@ def interpolate_pos_embed(pos_embed: jax.Array, h0: int, w0: int) -> jax.Array:
 
   Unchanged when h0 * w0 == n^2 and h0 == w0.  Otherwise the n x n patch part is
   resized bicubically with scale factors ((h0 + 0.1) / n, (w0 + 0.1) / n) -- their
-  "small number to avoid floating point error" (DINO issue 8) -- so the output is
-  h0 x w0 but sampled at n / (h0 + 0.1), not n / h0; the class row is kept.
+  "small number to avoid floating point error" (facebookresearch/dino GitHub issue 8)
+  -- so the output is h0 x w0 but sampled at n / (h0 + 0.1), not n / h0; the class
+  row is kept.
   """
   n = int(round(math.sqrt(pos_embed.shape[1] - 1)))
   if h0 * w0 == n * n and h0 == w0:
