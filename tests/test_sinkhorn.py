@@ -211,7 +211,7 @@ def _cosine_scores(rows, cols, seed, dim=16):
 @pytest.mark.parametrize('epsilon', [1e-10, 1e-20, 1e-30])
 @pytest.mark.parametrize('shape', [(16, 16), (12, 40), (40, 12), (64, 64)])
 def test_tiny_epsilon_on_cosine_scores_is_an_assignment(shape, epsilon):
-  """Issue 14: epsilon 1e-10 on cosine scores returned all NaN (or rows summing to
+  """A regression: epsilon 1e-10 on cosine scores once returned all NaN (or rows summing to
   inf).  Now it is an assignment, eagerly, under jit and sharded."""
   scores = jnp.asarray(_cosine_scores(*shape, seed=11))
   devices = jax.devices()
