@@ -29,6 +29,9 @@ in float64, as float32 mis-rounds Pillow's frequent exact ties), equal to PIL's 
 input (tests/test_augment.py).  It replaced SimCLR/BYOL's Gaussian of ~10% of the side,
 9 taps at 96 px, too short near sigma 2; the rounding is needed too: Pillow rounds a
 small-sigma pass back to the identity, a float box blur is ~1/255 off at sigma 0.1.
+
+The same views made on the accelerator, in JAX without TensorFlow: `augment_device.py`
+(`device_views`, also importable from here, lazily).
 """
 
 from __future__ import annotations
@@ -348,3 +351,12 @@ def plain(image: tf.Tensor, size: int) -> tf.Tensor:
   if image.shape[0] != size or image.shape[1] != size:
     image = tf.image.resize(image, (size, size), method='bilinear', antialias=True)
   return tf.clip_by_value(image / 255.0, 0.0, 1.0)
+
+
+def __getattr__(name):
+  # `from resa_jax.augment import device_views` without importing JAX here eagerly;
+  # the TensorFlow-free module is `resa_jax.augment_device`.
+  if name == 'device_views':
+    from resa_jax import augment_device  # pylint: disable=import-outside-toplevel
+    return augment_device.device_views
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
