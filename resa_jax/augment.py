@@ -43,10 +43,8 @@ import numpy as np
 import tensorflow as tf
 
 from resa_jax.views import ViewSpec, view_specs  # noqa: F401  (re-exported)
-
-# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma).
-_LUMA = (0.299, 0.587, 0.114)
-_RRC_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back
+from resa_jax.views import (BLUR_SIGMA_RANGE, CROP_ATTEMPTS, CROP_RATIO, LUMA,
+                            SOLARIZE_THRESHOLD)
 
 
 # ---------------------------------------------------------------------------
@@ -75,7 +73,7 @@ def _maybe(seed, prob: float, fn, image: tf.Tensor) -> tf.Tensor:
 
 
 def random_resized_crop_box(seed, height, width, scale: Sequence[float],
-                            ratio: Sequence[float] = (3 / 4, 4 / 3)):
+                            ratio: Sequence[float] = CROP_RATIO):
   """torchvision's RandomResizedCrop.get_params: (top, left, h, w), int32 scalars.
 
   Up to 10 boxes of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio)
@@ -87,8 +85,8 @@ def random_resized_crop_box(seed, height, width, scale: Sequence[float],
   h_f = tf.cast(height, tf.float32)
   w_f = tf.cast(width, tf.float32)
   s_area, s_ratio, s_top, s_left = split_seed(seed, 4)
-  area = h_f * w_f * _uniform(s_area, [_RRC_ATTEMPTS], scale[0], scale[1])
-  aspect = tf.exp(_uniform(s_ratio, [_RRC_ATTEMPTS], math.log(ratio[0]), math.log(ratio[1])))
+  area = h_f * w_f * _uniform(s_area, [CROP_ATTEMPTS], scale[0], scale[1])
+  aspect = tf.exp(_uniform(s_ratio, [CROP_ATTEMPTS], math.log(ratio[0]), math.log(ratio[1])))
   ws = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)  # (10,)
   hs = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)  # (10,)
   fits = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
@@ -113,7 +111,7 @@ def random_resized_crop_box(seed, height, width, scale: Sequence[float],
 
 def random_resized_crop(image: tf.Tensor, seed, size: int, scale: Sequence[float],
                         method: str = 'bilinear',
-                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+                        ratio: Sequence[float] = CROP_RATIO) -> tf.Tensor:
   """uint8 (H, W, C) -> float32 (size, size, C) in [0, 1].
 
   Resampling is antialiased (as PIL's) when shrinking; bicubic overshoot is clipped.
@@ -138,7 +136,7 @@ def grayscale(image: tf.Tensor) -> tf.Tensor:
   """(H, W, 3) -> (H, W, 1) luma; one-channel images are returned as they are."""
   if image.shape[-1] == 1:
     return image
-  return tf.tensordot(image, tf.constant(_LUMA, image.dtype), axes=[[-1], [0]])[..., None]
+  return tf.tensordot(image, tf.constant(LUMA, image.dtype), axes=[[-1], [0]])[..., None]
 
 
 def _blend(image, other, factor):
@@ -200,7 +198,7 @@ def random_grayscale(image: tf.Tensor, seed, prob: float) -> tf.Tensor:
 
 # PIL's GaussianBlur is ImagingGaussianBlur in Pillow's src/libImaging/BoxBlur.c.
 _BLUR_PASSES = 3
-_BLUR_MAX_SIGMA = 2.0  # the authors' sigma ~ U[0.1, 2]
+_BLUR_MAX_SIGMA = BLUR_SIGMA_RANGE[1]
 
 
 def _box_radius(sigma, passes: int, floor, sqrt):
@@ -272,7 +270,7 @@ def gaussian_blur(image: tf.Tensor, sigma, max_sigma: float = _BLUR_MAX_SIGMA,
 
 
 def random_gaussian_blur(image, seed, prob: float,
-                         sigma_range=(0.1, _BLUR_MAX_SIGMA)) -> tf.Tensor:
+                         sigma_range=BLUR_SIGMA_RANGE) -> tf.Tensor:
   """`gaussian_blur` with sigma ~ U[sigma_range], with probability `prob`."""
   s_apply, s_sigma = split_seed(seed, 2)
   # (the minimum guards against float32 rounding past the bound gaussian_blur checks)
@@ -283,7 +281,7 @@ def random_gaussian_blur(image, seed, prob: float,
 
 def solarize(image: tf.Tensor) -> tf.Tensor:
   """PIL's ImageOps.solarize (threshold 128 of 255): invert the bright pixels."""
-  return tf.where(image >= 128.0 / 255.0, 1.0 - image, image)
+  return tf.where(image >= SOLARIZE_THRESHOLD, 1.0 - image, image)
 
 
 # ---------------------------------------------------------------------------

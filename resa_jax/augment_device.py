@@ -80,14 +80,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from resa_jax.views import ViewSpec, view_specs
+from resa_jax.views import (BLUR_SIGMA_RANGE, CROP_ATTEMPTS, CROP_RATIO, LUMA,
+                            SOLARIZE_THRESHOLD, ViewSpec, view_specs)
 
-_LUMA = (0.299, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2)
-_RATIO = (3 / 4, 4 / 3)
-_RRC_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back
-_SIGMA_RANGE = (0.1, 2.0)  # the authors' blur sigma ~ U[0.1, 2]
 _BLUR_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
-_SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize on uint8
 _HIGHEST = jax.lax.Precision.HIGHEST  # no bf16/tf32 passes in the resampling matmuls
 
 
@@ -96,14 +92,14 @@ _HIGHEST = jax.lax.Precision.HIGHEST  # no bf16/tf32 passes in the resampling ma
 
 
 def crop_box(key, height: int, width: int, scale: Sequence[float],
-             ratio: Sequence[float] = _RATIO) -> jax.Array:
+             ratio: Sequence[float] = CROP_RATIO) -> jax.Array:
   """torchvision's RandomResizedCrop.get_params: int32 (4,) = (top, left, h, w)."""
   # One draw of 22 uniforms (each jax.random call inlines a threefry hash: fewer calls,
   # a smaller program to compile).
-  u = jax.random.uniform(key, (2 * _RRC_ATTEMPTS + 2,))
-  area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:_RRC_ATTEMPTS])
+  u = jax.random.uniform(key, (2 * CROP_ATTEMPTS + 2,))
+  area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:CROP_ATTEMPTS])
   log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-  aspect = jnp.exp(log_lo + (log_hi - log_lo) * u[_RRC_ATTEMPTS:2 * _RRC_ATTEMPTS])
+  aspect = jnp.exp(log_lo + (log_hi - log_lo) * u[CROP_ATTEMPTS:2 * CROP_ATTEMPTS])
   ws = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)  # (10,)
   hs = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)  # (10,)
   fits = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
@@ -148,7 +144,7 @@ def draw_view_params(key, spec: ViewSpec, height: int, width: int) -> dict:
       'factors': low + (high - low) * u[6:10],
       'grayscale': u[10] < spec.grayscale_prob,
       'blur': u[11] < spec.gaussian_prob,
-      'sigma': _SIGMA_RANGE[0] + (_SIGMA_RANGE[1] - _SIGMA_RANGE[0]) * u[12],
+      'sigma': BLUR_SIGMA_RANGE[0] + (BLUR_SIGMA_RANGE[1] - BLUR_SIGMA_RANGE[0]) * u[12],
       'solarize': u[13] < spec.solarization_prob,
   }
 
@@ -216,7 +212,7 @@ def grayscale(image):
     return image
   # Elementwise, not a dot: a dot would run at the accelerator's default (bf16 / tf32)
   # matmul precision.
-  return sum(weight * image[..., c:c + 1] for c, weight in enumerate(_LUMA))
+  return sum(weight * image[..., c:c + 1] for c, weight in enumerate(LUMA))
 
 
 def _blend(image, other, factor):
@@ -285,7 +281,7 @@ def color_jitter(image, order, factors, strengths: Sequence[float]):
   return image
 
 
-def gaussian_blur(image, sigma, max_sigma: float = _SIGMA_RANGE[1]):
+def gaussian_blur(image, sigma, max_sigma: float = BLUR_SIGMA_RANGE[1]):
   """Separable Gaussian of std `sigma` (a traced scalar <= max_sigma) over H and W, as
   scipy.ndimage.gaussian_filter(mode='nearest', truncate=4): radius floor(4 sigma + 0.5)."""
   taps = int(_BLUR_TRUNCATE * max_sigma + 0.5)
@@ -303,7 +299,7 @@ def gaussian_blur(image, sigma, max_sigma: float = _SIGMA_RANGE[1]):
   return image
 
 
-def solarize(image, threshold: float = _SOLARIZE_THRESHOLD):
+def solarize(image, threshold: float = SOLARIZE_THRESHOLD):
   return jnp.where(image >= threshold, 1.0 - image, image)
 
 

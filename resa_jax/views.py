@@ -1,4 +1,5 @@
-"""What each view is, from the config: `ViewSpec` and `view_specs` (no TensorFlow, no JAX).
+"""What each view is: the constants of the authors' transforms, and `ViewSpec` /
+`view_specs` from the config (no TensorFlow, no JAX).
 
 Shared by the host views (`augment.py`, TensorFlow) and the device views
 (`augment_device.py`, JAX), so either can be imported without the other's framework.
@@ -7,6 +8,13 @@ Shared by the host views (`augment.py`, TensorFlow) and the device views
 from __future__ import annotations
 
 import dataclasses
+
+# What the authors' transforms fix (torchvision on PIL images), for both pipelines.
+LUMA = (0.299, 0.587, 0.114)  # rgb_to_grayscale's weights (ITU-R 601-2 luma)
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
+CROP_ATTEMPTS = 10  # RandomResizedCrop tries 10 boxes, then falls back to a central one
+BLUR_SIGMA_RANGE = (0.1, 2.0)  # the authors' blur sigma ~ U[0.1, 2]
+SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize: levels >= 128 inverted
 
 
 @dataclasses.dataclass(frozen=True)
