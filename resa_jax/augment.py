@@ -29,71 +29,22 @@ in float64, as float32 mis-rounds Pillow's frequent exact ties), equal to PIL's 
 input (tests/test_augment.py).  It replaced SimCLR/BYOL's Gaussian of ~10% of the side,
 9 taps at 96 px, too short near sigma 2; the rounding is needed too: Pillow rounds a
 small-sigma pass back to the identity, a float box blur is ~1/255 off at sigma 0.1.
+
+The same views made on the accelerator, in JAX without TensorFlow: `augment_device.py`
+(`device_views`, also importable from here, lazily).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
 
-# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma).
-_LUMA = (0.299, 0.587, 0.114)
-_RRC_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back
-
-
-@dataclasses.dataclass(frozen=True)
-class ViewSpec:
-  """How to make one view.  `weak` views use only the crop and the flip."""
-  size: int
-  min_scale: float
-  max_scale: float
-  weak: bool = False
-  flip_prob: float = 0.5
-  color_jitter_prob: float = 0.8
-  brightness: float = 0.4
-  contrast: float = 0.4
-  saturation: float = 0.2
-  hue: float = 0.1
-  grayscale_prob: float = 0.2
-  gaussian_prob: float = 0.5
-  solarization_prob: float = 0.2
-
-
-def view_specs(config) -> list[ViewSpec]:
-  """The V = 1 + sum(config.crops_nmb) views of a config: the weak view, then the strong.
-
-  As the authors' flags (`src/transform.py` of winci-ai/resa): `crops_nmb[g]` counts
-  the *strong* views of crop group g, of side `crops_size[g]`, scale range
-  [crops_min_scale[g], crops_max_scale[g]] and blur / solarisation probabilities
-  `gaussian_prob[g]` / `solarization_prob[g]`; the weak view (view 0, crop and flip
-  only) comes on top, at group 0's size and scale range.  `--crops_nmb 1 6
-  --crops_size 224 96` is weak 224 + strong 224 + six strong 96 px views.
-  """
-  weak = ViewSpec(size=int(config.crops_size[0]), min_scale=float(config.crops_min_scale[0]),
-                  max_scale=float(config.crops_max_scale[0]), weak=True,
-                  flip_prob=float(config.flip_prob))
-  specs = [weak]
-  for g, count in enumerate(config.crops_nmb):
-    for _ in range(count):
-      specs.append(ViewSpec(
-          size=int(config.crops_size[g]),
-          min_scale=float(config.crops_min_scale[g]),
-          max_scale=float(config.crops_max_scale[g]),
-          weak=False,
-          flip_prob=float(config.flip_prob),
-          color_jitter_prob=float(config.color_jitter_prob),
-          brightness=float(config.brightness),
-          contrast=float(config.contrast),
-          saturation=float(config.saturation),
-          hue=float(config.hue),
-          grayscale_prob=float(config.grayscale_prob),
-          gaussian_prob=float(config.gaussian_prob[g]),
-          solarization_prob=float(config.solarization_prob[g])))
-  return specs
+from resa_jax.views import ViewSpec, view_specs  # noqa: F401  (re-exported)
+from resa_jax.views import (BLUR_SIGMA_RANGE, CROP_ATTEMPTS, CROP_RATIO, LUMA,
+                            SOLARIZE_THRESHOLD)
 
 
 # ---------------------------------------------------------------------------
@@ -122,7 +73,7 @@ def _maybe(seed, prob: float, fn, image: tf.Tensor) -> tf.Tensor:
 
 
 def random_resized_crop_box(seed, height, width, scale: Sequence[float],
-                            ratio: Sequence[float] = (3 / 4, 4 / 3)):
+                            ratio: Sequence[float] = CROP_RATIO):
   """torchvision's RandomResizedCrop.get_params: (top, left, h, w), int32 scalars.
 
   Up to 10 boxes of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio)
@@ -134,8 +85,8 @@ def random_resized_crop_box(seed, height, width, scale: Sequence[float],
   h_f = tf.cast(height, tf.float32)
   w_f = tf.cast(width, tf.float32)
   s_area, s_ratio, s_top, s_left = split_seed(seed, 4)
-  area = h_f * w_f * _uniform(s_area, [_RRC_ATTEMPTS], scale[0], scale[1])
-  aspect = tf.exp(_uniform(s_ratio, [_RRC_ATTEMPTS], math.log(ratio[0]), math.log(ratio[1])))
+  area = h_f * w_f * _uniform(s_area, [CROP_ATTEMPTS], scale[0], scale[1])
+  aspect = tf.exp(_uniform(s_ratio, [CROP_ATTEMPTS], math.log(ratio[0]), math.log(ratio[1])))
   ws = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)  # (10,)
   hs = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)  # (10,)
   fits = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
@@ -160,7 +111,7 @@ def random_resized_crop_box(seed, height, width, scale: Sequence[float],
 
 def random_resized_crop(image: tf.Tensor, seed, size: int, scale: Sequence[float],
                         method: str = 'bilinear',
-                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+                        ratio: Sequence[float] = CROP_RATIO) -> tf.Tensor:
   """uint8 (H, W, C) -> float32 (size, size, C) in [0, 1].
 
   Resampling is antialiased (as PIL's) when shrinking; bicubic overshoot is clipped.
@@ -185,7 +136,7 @@ def grayscale(image: tf.Tensor) -> tf.Tensor:
   """(H, W, 3) -> (H, W, 1) luma; one-channel images are returned as they are."""
   if image.shape[-1] == 1:
     return image
-  return tf.tensordot(image, tf.constant(_LUMA, image.dtype), axes=[[-1], [0]])[..., None]
+  return tf.tensordot(image, tf.constant(LUMA, image.dtype), axes=[[-1], [0]])[..., None]
 
 
 def _blend(image, other, factor):
@@ -247,7 +198,7 @@ def random_grayscale(image: tf.Tensor, seed, prob: float) -> tf.Tensor:
 
 # PIL's GaussianBlur is ImagingGaussianBlur in Pillow's src/libImaging/BoxBlur.c.
 _BLUR_PASSES = 3
-_BLUR_MAX_SIGMA = 2.0  # the authors' sigma ~ U[0.1, 2]
+_BLUR_MAX_SIGMA = BLUR_SIGMA_RANGE[1]
 
 
 def _box_radius(sigma, passes: int, floor, sqrt):
@@ -319,7 +270,7 @@ def gaussian_blur(image: tf.Tensor, sigma, max_sigma: float = _BLUR_MAX_SIGMA,
 
 
 def random_gaussian_blur(image, seed, prob: float,
-                         sigma_range=(0.1, _BLUR_MAX_SIGMA)) -> tf.Tensor:
+                         sigma_range=BLUR_SIGMA_RANGE) -> tf.Tensor:
   """`gaussian_blur` with sigma ~ U[sigma_range], with probability `prob`."""
   s_apply, s_sigma = split_seed(seed, 2)
   # (the minimum guards against float32 rounding past the bound gaussian_blur checks)
@@ -330,7 +281,7 @@ def random_gaussian_blur(image, seed, prob: float,
 
 def solarize(image: tf.Tensor) -> tf.Tensor:
   """PIL's ImageOps.solarize (threshold 128 of 255): invert the bright pixels."""
-  return tf.where(image >= 128.0 / 255.0, 1.0 - image, image)
+  return tf.where(image >= SOLARIZE_THRESHOLD, 1.0 - image, image)
 
 
 # ---------------------------------------------------------------------------
@@ -398,3 +349,12 @@ def plain(image: tf.Tensor, size: int) -> tf.Tensor:
   if image.shape[0] != size or image.shape[1] != size:
     image = tf.image.resize(image, (size, size), method='bilinear', antialias=True)
   return tf.clip_by_value(image / 255.0, 0.0, 1.0)
+
+
+def __getattr__(name):
+  # `from resa_jax.augment import device_views` without importing JAX here eagerly;
+  # the TensorFlow-free module is `resa_jax.augment_device`.
+  if name == 'device_views':
+    from resa_jax import augment_device  # pylint: disable=import-outside-toplevel
+    return augment_device.device_views
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
