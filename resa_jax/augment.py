@@ -1,6 +1,6 @@
 """ReSA's image augmentations as TensorFlow ops on one image, with stateless randomness.
 
-The views follow the authors' torchvision pipelines (SPEC.md section 1):
+The views follow the authors' torchvision pipelines (docs/method.md, section 1.2 "Views"):
 
 * the *weak* view (view 0): RandomResizedCrop (bilinear, as torchvision's default in
   the authors' weak transform) + horizontal flip, nothing else;

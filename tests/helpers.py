@@ -35,6 +35,50 @@ def tiny_config():
   return module.get_config()
 
 
+# ------------------------------------------------------------------ images ----
+
+def natural_image(rng, size, channels):
+  """uint8: smooth gradients and waves per channel, plus pixel noise."""
+  yy, xx = np.mgrid[0:size, 0:size] / size
+  planes = []
+  for _ in range(channels):
+    a, b, phase = rng.uniform(2, 8, 2).tolist() + [rng.uniform(0, 6)]
+    planes.append(60 * (xx - yy) + 70 * np.sin(a * xx + phase) * np.cos(b * yy - phase))
+  image = 128 + np.stack(planes, -1) + rng.normal(0, 20, (size, size, channels))
+  return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def small_config(**overrides):
+  """Fake 32x32 data, a weak + a strong 32 px view and a 16 px view, batch 16."""
+  from resa_jax.configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.dataset = 'fake'
+  config.eval_split = 'test'
+  config.fake_image_size = 32
+  config.fake_num_examples = 48
+  config.fake_num_classes = 10
+  config.crops_nmb = (1, 1)
+  config.crops_size = (32, 16)
+  config.crops_min_scale = (0.2, 0.05)
+  config.crops_max_scale = (1.0, 0.2)
+  config.gaussian_prob = (0.5, 0.5)
+  config.solarization_prob = (0.2, 0.0)
+  config.batch_size = 16
+  config.dtype = 'float32'
+  config.shuffle_buffer = 64
+  config.prefetch = 1
+  config.eval_resize = 36
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def seed(i):
+  """A TensorFlow stateless-RNG seed (int64 tensor of shape (2,))."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.constant([i, 12345], tf.int64)
+
+
 # ------------------------------------------------------- commands in-process ----
 
 @dataclasses.dataclass

@@ -6,21 +6,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageFilter
 
+from helpers import natural_image
 from resa_jax import augment
 
 # The authors' range is U[0.1, 2]; round values are where float32 would mis-round ties.
 SIGMAS = (0.1, 0.5, 1.0, 1.5, 2.0, 0.3137, 0.777, 1.234, 1.9001)
-
-
-def natural_image(rng, size, channels):
-  """uint8: smooth gradients and waves per channel, plus pixel noise."""
-  yy, xx = np.mgrid[0:size, 0:size] / size
-  planes = []
-  for _ in range(channels):
-    a, b, phase = rng.uniform(2, 8, 2).tolist() + [rng.uniform(0, 6)]
-    planes.append(60 * (xx - yy) + 70 * np.sin(a * xx + phase) * np.cos(b * yy - phase))
-  image = 128 + np.stack(planes, -1) + rng.normal(0, 20, (size, size, channels))
-  return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
 def images(size):
@@ -35,18 +25,6 @@ def pil_blur(image, sigma):
   pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
   out = np.asarray(pil.filter(ImageFilter.GaussianBlur(radius=sigma)), np.float64)
   return out.reshape(image.shape) / 255.0
-
-
-def old_gaussian_blur(image, sigma, size):
-  """The blur this replaced: a Gaussian of ~10% of the view side (odd, >= 3), reflect pad."""
-  k = max(3, size // 10)
-  radius = (k if k % 2 else k + 1) // 2
-  x = np.arange(-radius, radius + 1)
-  kernel = np.exp(-0.5 * (x / sigma) ** 2)
-  kernel /= kernel.sum()
-  out = np.pad(image, [(radius, radius), (radius, radius), (0, 0)], mode='reflect')
-  out = sum(w * out[i:i + image.shape[0]] for i, w in enumerate(kernel))
-  return sum(w * out[:, i:i + image.shape[1]] for i, w in enumerate(kernel))
 
 
 @pytest.mark.parametrize('size', (96, 224))
@@ -84,11 +62,3 @@ def test_gaussian_blur_rejects_sigma_above_its_static_bound():
   with pytest.raises(tf.errors.InvalidArgumentError):
     augment.gaussian_blur(image, tf.constant(2.5))
   augment.gaussian_blur(image, tf.constant(2.5), max_sigma=3.0)  # a larger static bound
-
-
-def test_the_replaced_blur_fails_this_comparison():
-  """The old 9-tap Gaussian at 96 px is more than 1/255 from PIL at sigma 2: the
-  comparison above can fail."""
-  image = images(96)['random_rgb']
-  old = old_gaussian_blur(image / 255.0, 2.0, 96)
-  assert np.abs(old - pil_blur(image, 2.0)).mean() > 1 / 255

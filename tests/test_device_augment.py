@@ -15,8 +15,7 @@ import scipy.ndimage
 import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from test_augment import natural_image
-from test_input_pipeline import seed, small_config
+from helpers import natural_image, seed, small_config
 
 from resa_jax import augment
 from resa_jax import augment_device as ad

@@ -11,33 +11,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from resa_jax.configs import default
+from helpers import seed, small_config
 from resa_jax import augment, datasets, input_pipeline, sharding
 
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-def small_config(**overrides):
-  """Fake 32x32 data, a weak + a strong 32 px view and a 16 px view, batch 16."""
-  config = default.get_config()
-  config.dataset = 'fake'
-  config.eval_split = 'test'
-  config.fake_image_size = 32
-  config.fake_num_examples = 48
-  config.fake_num_classes = 10
-  config.crops_nmb = (1, 1)
-  config.crops_size = (32, 16)
-  config.crops_min_scale = (0.2, 0.05)
-  config.crops_max_scale = (1.0, 0.2)
-  config.gaussian_prob = (0.5, 0.5)
-  config.solarization_prob = (0.2, 0.0)
-  config.batch_size = 16
-  config.dtype = 'float32'
-  config.shuffle_buffer = 64
-  config.prefetch = 1
-  config.eval_resize = 36
-  for key, value in overrides.items():
-    config[key] = value
-  return config
 
 
 @pytest.fixture(scope='module')
@@ -62,10 +39,6 @@ def assert_same_batches(a, b):
   for x, y in zip(a, b):
     for vx, vy in zip(x['views'], y['views']):
       np.testing.assert_array_equal(np.asarray(vx), np.asarray(vy))
-
-
-def seed(i):
-  return tf.constant([i, 12345], tf.int64)
 
 
 # ---------------------------------------------------------------------------
