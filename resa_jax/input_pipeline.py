@@ -61,7 +61,10 @@ from resa_jax import sharding
 
 # Decoded splits up to this size (per process) are kept in memory.
 _MAX_CACHE_BYTES = 1 << 30
-_DTYPES = {'float32': tf.float32, 'bfloat16': tf.bfloat16, 'float16': tf.float16}
+# float64: for checking numerics (runs compared across meshes or processes), under JAX
+# x64 (JAX_ENABLE_X64=1); never for speed.
+_DTYPES = {'float32': tf.float32, 'bfloat16': tf.bfloat16, 'float16': tf.float16,
+           'float64': tf.float64}
 
 
 # ---------------------------------------------------------------------------
@@ -101,6 +104,9 @@ def validate_config(config) -> None:
                      f'({groups["crops_size"][0]}): evaluation centre-crops the resized image')
   if config.dtype not in _DTYPES:
     raise ValueError(f'dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}')
+  if config.dtype == 'float64' and not jax.config.jax_enable_x64:
+    raise ValueError('dtype float64 needs JAX x64: set JAX_ENABLE_X64=1 (float64 is for '
+                     'checking numerics, not for training)')
   check_batch_size(config.batch_size, jax.device_count())
 
 

@@ -62,6 +62,7 @@ MAIN = [
     ('min_scale_above_max', ['--config.crops_min_scale=(0.9,)', '--config.crops_max_scale=(0.5,)'],
      'crops_min_scale <= crops_max_scale'),
     ('bad_dtype', ['--config.dtype=float8'], 'dtype must be one of'),
+    ('float64_without_x64', ['--config.dtype=float64'], 'dtype float64 needs JAX x64'),
     ('tfds_data_dir_missing', ['--config.dataset=cifar10', '--config.data_dir={tmp}/no_data',
                                '--config.tfds_download=False'], 'tfds build cifar10'),
     ('image_folder_missing', ['--config.dataset=image_folder', '--config.data_dir={tmp}/no_data'],

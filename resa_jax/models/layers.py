@@ -125,9 +125,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   simple = (lhs.ndim == 4 and feature_group_count == 1 and not kwargs
             and all(d == 1 for d in (lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
-  # RESA_CPU_CONV_MATMUL=0 turns the matmul form off.  tests/test_multihost.py does: with it
-  # on, its 2-process run left one BatchNorm bias 5e-3 (relative) off the 1-process run after
-  # 4 steps (XLA's convolution: within 1e-5); the cause is not understood yet.
+  # RESA_CPU_CONV_MATMUL=0 turns the matmul form off.  Its gradients differ from XLA's by
+  # summation order only: 2 processes against 1 (tests/test_multihost.py, which runs with
+  # it on) agree to 5e-14 per leaf in float64; float32 shows that order at 1e-5..5e-3 in
+  # a BatchNorm bias after 4 steps.
   if (not simple or jax.default_backend() != 'cpu'
       or os.environ.get('RESA_CPU_CONV_MATMUL', '1') == '0'):
     return plain(lhs, rhs)
