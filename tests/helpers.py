@@ -88,6 +88,14 @@ class Outcome:
   stderr: str
 
 
+def _absl_flags() -> frozenset[str]:
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top,unused-import
+  return frozenset(flags.FLAGS)
+
+
+_ABSL_FLAGS = _absl_flags()
+
+
 def run_in_process(command: str, *args, monkeypatch, capsys) -> Outcome:
   """`python -m COMMAND ARGS` up to its exit, in this process: the command's own flag
   definitions, flag parser and `main`, on absl's global flags (its flags are removed
@@ -102,7 +110,11 @@ def run_in_process(command: str, *args, monkeypatch, capsys) -> Outcome:
   monkeypatch.setattr(cli, 'quiet_logging', lambda: None)
   monkeypatch.setattr(cli, 'initialize_distributed', lambda: None)
   monkeypatch.setattr(sys, 'argv', argv)
-  before = set(flags.FLAGS)
+  # Flags other modules defined at import (experiments' scripts) step aside meanwhile;
+  # absl's own (logging) stay.
+  others = {name: flags.FLAGS[name] for name in list(flags.FLAGS) if name not in _ABSL_FLAGS}
+  for name in others:
+    delattr(flags.FLAGS, name)
   capsys.readouterr()
   try:
     module.define_flags()
@@ -113,8 +125,11 @@ def run_in_process(command: str, *args, monkeypatch, capsys) -> Outcome:
     code = e.code
   finally:
     flags.FLAGS.unparse_flags()
-    for name in set(flags.FLAGS) - before:
-      delattr(flags.FLAGS, name)
+    for name in list(flags.FLAGS):
+      if name not in _ABSL_FLAGS:
+        delattr(flags.FLAGS, name)
+    for name, flag in others.items():
+      flags.FLAGS[name] = flag
   out = capsys.readouterr()
   return Outcome(code, out.out, out.err)
 

@@ -105,6 +105,7 @@ def test_whole_archive_statistics():
   np.testing.assert_allclose(mean, (0.4868, 0.4822, 0.4414), atol=6e-4)
 
 
+@pytest.mark.slow
 def test_training_reports_the_authors_5nn_metric(slice_dir, tmp_path):
   """results.json names the 5-NN Euclidean majority vote apart from the weighted kNN;
   its raw-pixel baseline equals scikit-learn's 5-NN on the same normalised pixels."""

@@ -172,6 +172,7 @@ def _tree_errors(got, want, prefix):
   return errors
 
 
+@pytest.mark.slow
 def test_train_steps_match_reference_in_float64(reference_dir):
   """N steps of step.train_step from the full checkpoint, as the reference's run:
   online views one after the other, EMA with the file's fixed m, momentum forward,

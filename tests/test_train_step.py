@@ -92,6 +92,7 @@ def _assert_same_steps(one, eight, names=('params', 'momentum_params', 'batch_st
                                  err_msg=f'{name} {jax.tree_util.keystr(path)}')
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(len(jax.devices()) < 8, reason='needs 8 (simulated) devices')
 def test_one_device_equals_eight_devices():
   one, eight = _one_and_eight_devices(tiny_config())
