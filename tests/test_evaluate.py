@@ -158,32 +158,11 @@ def test_silhouette_matches_sklearn(metric):
   assert 0.05 < got.mean() < 0.9
 
 
-def test_ari_nmi_match_sklearn():
-  rng = np.random.default_rng(5)
-  truth = rng.integers(0, 8, size=400)
-  noisy = np.where(rng.random(400) < 0.3, rng.integers(0, 11, size=400), truth)
-  cases = [
-      (truth, noisy),
-      (truth, rng.integers(0, 5, size=400)),
-      (truth, (truth + 3) % 8 * 7),  # a relabelling: both scores 1
-      (truth, np.zeros(400, int)),
-      (np.zeros(10, int), np.zeros(10, int)),
-      (np.arange(10), np.arange(10)),
-  ]
-  for a, b in cases:
-    assert evaluate.adjusted_rand_index(a, b) == pytest.approx(
-        sk_metrics.adjusted_rand_score(a, b), abs=1e-12)
-    assert evaluate.normalized_mutual_info(a, b) == pytest.approx(
-        sk_metrics.normalized_mutual_info_score(a, b), abs=1e-12)
-  assert evaluate.adjusted_rand_index(truth, (truth + 3) % 8 * 7) == 1.0
-  assert 0.3 < evaluate.adjusted_rand_index(truth, noisy) < 0.9
-
-
 def test_kmeans_against_sklearn():
   rng = np.random.default_rng(6)
   features, labels = _clustered_data(rng, 600, 8, 6, spread=0.3)
   _, assignment, inertia = evaluate.kmeans(features, 6, seed=0, chunk_size=128)
-  assert evaluate.adjusted_rand_index(labels, assignment) == 1.0
+  assert sk_metrics.adjusted_rand_score(labels, assignment) == 1.0
   reference = KMeans(6, n_init=3, random_state=0).fit(features.astype(np.float64))
   assert inertia == pytest.approx(reference.inertia_, rel=1e-4)
   # Unstructured data: a local optimum, but not much worse than sklearn's.

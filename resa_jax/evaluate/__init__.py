@@ -30,10 +30,8 @@ distances uses `precision=HIGHEST`, so GPUs and TPUs do not silently use
 TF32/bfloat16 passes.  Result files are written atomically (`reporting.write_json`).
 """
 
-from resa_jax.evaluate.clustering import adjusted_rand_index
 from resa_jax.evaluate.clustering import clustering_analysis
 from resa_jax.evaluate.clustering import clustering_metrics
-from resa_jax.evaluate.clustering import normalized_mutual_info
 from resa_jax.evaluate.clustering import silhouette_samples
 from resa_jax.evaluate.common import EvaluationError
 from resa_jax.evaluate.features import extract_features
@@ -49,8 +47,8 @@ from resa_jax.evaluate.model import Model
 from resa_jax.evaluate.run import Options
 from resa_jax.evaluate.run import run_evaluations
 
-__all__ = ['adjusted_rand_index', 'clustering_analysis', 'clustering_metrics', 'EvaluationError',
+__all__ = ['clustering_analysis', 'clustering_metrics', 'EvaluationError',
            'extract_features', 'kmeans', 'knn_majority', 'knn_weighted', 'linear_probe_features',
            'load_model', 'make_feature_fn', 'Model', 'nearest_neighbours',
-           'normalized_mutual_info', 'Options', 'run_evaluations', 'silhouette_samples',
+           'Options', 'run_evaluations', 'silhouette_samples',
            'train_classifier']
