@@ -342,7 +342,7 @@ def resize_shorter_and_center_crop(image: tf.Tensor, resize: int, size: int,
   return tf.clip_by_value(crop / 255.0, 0.0, 1.0)
 
 
-def plain(image: tf.Tensor, size: int) -> tf.Tensor:
+def unaugmented(image: tf.Tensor, size: int) -> tf.Tensor:
   """uint8 (H, W, C) -> float32 (size, size, C) in [0, 1]: the image itself,
   resized (bilinear, antialiased) only when its side differs from `size`."""
   image = tf.cast(image, tf.float32)

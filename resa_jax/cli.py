@@ -82,7 +82,7 @@ def run(main, flags_parser=None) -> None:
   the system refused (`reporting.refused_write`): exit 4 for a full disk or quota,
   2 for a read-only file system or a permission."""
   from absl import app  # pylint: disable=g-import-not-at-top
-  interrupts.running()
+  interrupts.mark_main_started()
   try:
     app.run(main, flags_parser=flags_parser or parse_flags)
   except interrupts.Stopped as e:

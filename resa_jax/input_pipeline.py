@@ -336,7 +336,7 @@ def _eval_dataset(config, source: datasets.Source, split: str, *, batch_size: in
       image = augment.resize_shorter_and_center_crop(image, int(config.eval_resize), size,
                                                      method=resize_method)
     else:  # 28x28, 32x32, 96x96 data: the image itself
-      image = augment.plain(image, size)
+      image = augment.unaugmented(image, size)
     example = {'image': tf.cast(augment.normalize(image, *source.eval_mean_std), dtype),
                'label': record['label'], 'mask': tf.constant(True)}
     example.update({k: record[k] for k in source.extra_labels})

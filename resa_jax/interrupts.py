@@ -11,7 +11,7 @@ both signals in every thread and receives them in one watcher thread with
   `requested()` after the step in flight, saves a checkpoint and exits 128 + signum;
 * anywhere else (data loading, evaluation, the kNN inside the loop): raises `Stopped`
   in the main thread at its next Python bytecode (`_thread.interrupt_main`); before
-  the command's main function runs (`running()`, while importing): exits at once;
+  the command's main function runs (`mark_main_started()`, while importing): exits at once;
 * if the main thread has not acknowledged (`acknowledge()`, called when it starts
   saving or exiting) within GRACE_SECONDS, or on a second signal: prints one line and
   ends the process with `os._exit(128 + signum)`.  Checkpoints are written to a
@@ -60,7 +60,7 @@ def signal_name(signum: int) -> str:
   return signal.Signals(signum).name
 
 
-def running() -> None:
+def mark_main_started() -> None:
   """The command's main function has started (it turns `Stopped` into one line); before,
   during imports, a signal ends the process at once (nothing to save yet)."""
   _state['running'] = True

@@ -18,7 +18,6 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import pathlib
@@ -33,11 +32,12 @@ import numpy as np
 from resa_jax import checkpoints as checkpoints_lib
 from resa_jax import interrupts
 from resa_jax import reporting
-from resa_jax import run_dir
 from resa_jax import sharding
 from resa_jax import step as step_lib
 from resa_jax import train_metrics
 from resa_jax import validation
+from resa_jax import workdir as workdir_lib
+from resa_jax.evaluate import training_knn
 
 
 # results.json / history.json names of each kNN metric's curve.
@@ -46,39 +46,6 @@ _KNN_CURVES = {'knn_top1': 'knn', 'knn5_euclidean_top1': 'knn5_euclidean'}
 
 TrainingDivergedError = train_metrics.TrainingDivergedError
 MetricsLog = train_metrics.MetricsLog
-
-
-# ---------------------------------------------------------------- kNN ----
-
-def knn_accuracies(config, mesh, feature_fn, num_classes: int) -> dict[str, float]:
-  """{'knn_top1': weighted kNN (DINO) top-1 in %, k = config.knn_k, T =
-  config.knn_temperature} and, on the CIFAR datasets, {'knn5_euclidean_top1': the
-  authors' CIFAR metric, a 5-NN majority vote on Euclidean distances of raw features}.
-
-  The memory bank is config.eval_train_split (its first knn_max_train_examples
-  examples when that is > 0), the queries config.eval_split, both without
-  augmentation.  `feature_fn` maps a global image batch to (B, D) features.
-  """
-  from resa_jax import datasets, input_pipeline  # pylint: disable=g-import-not-at-top  (TF)
-  from resa_jax.evaluate import features, knn  # pylint: disable=g-import-not-at-top
-  bank_batches = input_pipeline.create_eval_iterator(config, mesh, config.eval_train_split,
-                                                    resize_method='bicubic')
-  limit = config.knn_max_train_examples
-  if limit > 0:  # stop reading the split once the bank is full
-    bank_batches = itertools.islice(bank_batches, -(-limit // config.batch_size))
-  bank, bank_labels = features.extract_features(feature_fn, bank_batches)
-  if limit > 0:
-    bank, bank_labels = bank[:limit], bank_labels[:limit]
-  queries, query_labels = features.extract_features(
-      feature_fn, input_pipeline.create_eval_iterator(config, mesh, config.eval_split,
-                                                      resize_method='bicubic'))
-  result = knn.knn_weighted(bank, bank_labels, queries, query_labels, num_classes,
-                            ks=(config.knn_k,), temperature=config.knn_temperature)
-  accuracies = {'knn_top1': float(result[f'top1_k{config.knn_k}'])}
-  if config.dataset in datasets.CIFAR_DATASETS:
-    accuracies['knn5_euclidean_top1'] = knn.knn_majority(bank, bank_labels, queries,
-                                                         query_labels, num_classes, k=5)
-  return accuracies
 
 
 # ---------------------------------------------------------------- setup ----
@@ -133,8 +100,8 @@ def num_total_steps(config, steps_per_epoch: int) -> int:
   return int(math.ceil(config.num_epochs * steps_per_epoch))
 
 
-def _set_up(config, workdir: pathlib.Path, lock) -> _Run:
-  """Builds the networks and the optimizer, takes the workdir's lock (`lock()`, the
+def _set_up(config, workdir: pathlib.Path, take_lock) -> _Run:
+  """Builds the networks and the optimizer, takes the workdir's lock (`take_lock()`, the
   first write), restores the newest checkpoint."""
   from resa_jax import datasets, input_pipeline, models  # pylint: disable=g-import-not-at-top
   info = datasets.dataset_info(config)  # DatasetNotFoundError before any write
@@ -155,7 +122,7 @@ def _set_up(config, workdir: pathlib.Path, lock) -> _Run:
                                                             image_shape),
                     out_shardings=sharding.replicated_sharding(mesh))
   initial_state = init_fn(jax.random.key(config.seed))
-  lock = lock()  # creates the workdir
+  lock = take_lock()  # creates the workdir
   try:
     checkpoints = checkpoints_lib.Checkpoints(workdir / 'checkpoints', config.keep_checkpoints)
     state, restored_step = checkpoints.restore_latest(initial_state)
@@ -172,21 +139,11 @@ def _set_up(config, workdir: pathlib.Path, lock) -> _Run:
               start_step=start_step, state=state, lock=lock)
 
 
-def eval_config(config):
-  """`config` with dtype float32: the authors evaluate in float32 (no autocast) whatever
-  the training precision.  The same object when it already is float32."""
-  if config.dtype == 'float32':
-    return config
-  config = config.copy_and_resolve_references()
-  config.dtype = 'float32'
-  return config
-
-
 def _momentum_encoder_features(run: _Run):
   """state -> (images -> momentum-encoder features (B, D)), eval mode, float32."""
   from resa_jax import models  # pylint: disable=g-import-not-at-top
   from resa_jax.evaluate import features  # pylint: disable=g-import-not-at-top
-  _, float32_net = models.create_networks(eval_config(run.config))
+  _, float32_net = models.create_networks(training_knn.eval_config(run.config))
   feature_fn = features.make_feature_fn(float32_net, run.mesh)
 
   def of_state(state):
@@ -195,19 +152,34 @@ def _momentum_encoder_features(run: _Run):
   return of_state
 
 
+# The raw-pixel baseline holds every bank image as a feature vector (S * S * C floats):
+# 6 MB per 224 px image, 12 KB at 64 px.  It runs where that is cheap.
+RAW_PIXELS_MAX_SIDE = 64
+
+
 def _measure_baselines(run: _Run, features_of) -> None:
-  """kNN of raw pixels and of the randomly initialised encoder, once per workdir."""
+  """kNN of the randomly initialised encoder and, for images of at most
+  RAW_PIXELS_MAX_SIDE pixels a side, of raw pixels; once per workdir, on the same
+  bounded bank (knn_max_train_examples) as the periodic kNN."""
   config, history = run.config, run.history
-  raw = knn_accuracies(
-      eval_config(config), run.mesh, lambda x: jnp.reshape(x, (x.shape[0], -1)).astype(jnp.float32),
-      run.info.num_classes)
-  random = knn_accuracies(eval_config(config), run.mesh, features_of(run.initial_state),
+  random = training_knn.knn_accuracies(training_knn.eval_config(config), run.mesh, features_of(run.initial_state),
                           run.info.num_classes)
-  for name in raw:
-    history[f'{name}_raw_pixels'], history[f'{name}_random_init'] = raw[name], random[name]
+  side = int(config.crops_size[0])
+  raw = None
+  if side <= RAW_PIXELS_MAX_SIDE:
+    raw = training_knn.knn_accuracies(
+        training_knn.eval_config(config), run.mesh,
+        lambda x: jnp.reshape(x, (x.shape[0], -1)).astype(jnp.float32), run.info.num_classes)
+  for name in random:
+    history[f'{name}_random_init'] = random[name]
+    if raw is not None:
+      history[f'{name}_raw_pixels'] = raw[name]
   print('kNN top-1 before training: ' + '; '.join(
-      f'{name}: raw pixels {raw[name]:.2f}%, random encoder {random[name]:.2f}%'
-      for name in raw), flush=True)
+      f'{name}: ' + (f'raw pixels {raw[name]:.2f}%, ' if raw is not None else '')
+      + f'random encoder {random[name]:.2f}%' for name in random)
+      + ('' if raw is not None else
+         f' (raw pixels skipped: {side} px views, above {RAW_PIXELS_MAX_SIDE} px a side)'),
+      flush=True)
 
 
 # ----------------------------------------------------------------- loop ----
@@ -218,7 +190,7 @@ def _periodic_knn(run: _Run, writer, features_of, step: int) -> None:
   epoch = step / run.steps_per_epoch
   try:
     with interrupts.not_polling():
-      accuracies = knn_accuracies(eval_config(run.config), run.mesh, features_of(run.state),
+      accuracies = training_knn.knn_accuracies(training_knn.eval_config(run.config), run.mesh, features_of(run.state),
                                   run.info.num_classes)
   except interrupts.Stopped:
     return
@@ -308,12 +280,12 @@ def train_and_evaluate(config, workdir) -> dict:
   TrainingDivergedError.  A finished run rerun with its config prints its
   results.json and returns it, changing nothing (a read-only workdir included).
   """
-  workdir = run_dir.check_workdir(workdir)
+  workdir = workdir_lib.check_workdir(workdir)
   chief = jax.process_index() == 0  # multi-host: only process 0 takes the lock
   if chief:
-    run_dir.refuse_if_locked(workdir)  # before TensorFlow: a refusal takes no time
-  changes = run_dir.config_changes(workdir, config)
-  done = None if changes else run_dir.finished_results(workdir)
+    workdir_lib.refuse_if_locked(workdir)  # before TensorFlow: a refusal takes no time
+  changes = workdir_lib.config_changes(workdir, config)
+  done = None if changes else workdir_lib.finished_results(workdir)
   if done is None:
     reporting.require_writable(workdir, '--workdir')  # before TensorFlow, too
   validation.validate_config(config)  # a bad config fails before any write
@@ -321,7 +293,7 @@ def train_and_evaluate(config, workdir) -> dict:
     print(f'{workdir} finished at step {done["step"]}; nothing to do. results: '
           + json.dumps(done), flush=True)
     return done
-  run = _set_up(config, workdir, lambda: run_dir.Lock.acquire(workdir) if chief else None)
+  run = _set_up(config, workdir, lambda: workdir_lib.Lock.acquire(workdir) if chief else None)
   try:
     return _train_and_report(run, changes)
   finally:
@@ -333,7 +305,7 @@ def _train_and_report(run: _Run, changes: dict) -> dict:
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   config = run.config
   if run.is_chief:
-    run_dir.record_config(run.workdir, config, run.start_step, changes)
+    workdir_lib.record_config(run.workdir, config, run.start_step, changes)
   writer = metric_writers.create_default_writer(str(run.workdir), just_logging=not run.is_chief)
   print(f'ReSA: {config.arch} on {config.dataset}, global batch {config.batch_size} over '
         f'{run.mesh.size} device(s) ({jax.devices()[0].platform}), {run.steps_per_epoch} '

@@ -45,7 +45,7 @@ def stop(proc, *signums):
 
 def test_a_main_thread_blocked_outside_python_is_ended_after_the_grace_time():
   proc = start('''
-      interrupts.watch(grace_seconds=1); interrupts.running()
+      interrupts.watch(grace_seconds=1); interrupts.mark_main_started()
       with interrupts.polling():
         print('ready', flush=True)
         time.sleep(600)  # blocked in C: no Python handler could run
@@ -59,7 +59,7 @@ def test_a_main_thread_blocked_outside_python_is_ended_after_the_grace_time():
 
 def test_python_code_outside_the_steps_gets_stopped_at_once():
   proc = start('''
-      interrupts.watch(grace_seconds=30); interrupts.running()
+      interrupts.watch(grace_seconds=30); interrupts.mark_main_started()
       try:
         print('ready', flush=True)
         while True:
@@ -76,7 +76,7 @@ def test_python_code_outside_the_steps_gets_stopped_at_once():
 
 def test_the_steps_finish_and_are_saved_then_not_polling_stretches_are_stopped():
   proc = start('''
-      interrupts.watch(grace_seconds=30); interrupts.running()
+      interrupts.watch(grace_seconds=30); interrupts.mark_main_started()
       steps = 0
       with interrupts.polling():
         print('ready', flush=True)
@@ -104,7 +104,7 @@ def test_the_steps_finish_and_are_saved_then_not_polling_stretches_are_stopped()
 
 def test_a_second_signal_while_saving_ends_at_once():
   proc = start('''
-      interrupts.watch(grace_seconds=30); interrupts.running()
+      interrupts.watch(grace_seconds=30); interrupts.mark_main_started()
       with interrupts.polling():
         print('ready', flush=True)
         while interrupts.requested() is None:

@@ -48,3 +48,25 @@ def test_train_stop_resume_to_the_end(tmp_path, capsys):
   assert list(workdir.glob('events.out.tfevents.*')), 'no TensorBoard event file'
   steps = checkpoint_steps(workdir)
   assert steps[-1] == 8 and len(steps) <= 3
+
+
+def test_raw_pixel_baseline_only_for_small_images(monkeypatch, capsys):
+  """The random-encoder baseline always; raw pixels only up to RAW_PIXELS_MAX_SIDE a side
+  (a 224 px bank of raw pixels is 6 MB an image)."""
+  import types  # pylint: disable=g-import-not-at-top
+  measured = []
+  monkeypatch.setattr(train.training_knn, 'knn_accuracies',
+                      lambda config, mesh, fn, num_classes: measured.append(fn) or
+                      {'knn_top1': 10.0 * len(measured)})
+  for side, with_raw in ((train.RAW_PIXELS_MAX_SIDE, True), (train.RAW_PIXELS_MAX_SIDE + 1, False)):
+    measured.clear()
+    config = tiny_config()
+    config.crops_size = (side,)
+    run = types.SimpleNamespace(config=config, history={}, mesh=None, initial_state=None,
+                                info=types.SimpleNamespace(num_classes=4))
+    train._measure_baselines(run, lambda state: 'the random encoder')  # pylint: disable=protected-access
+    assert measured[0] == 'the random encoder' and len(measured) == 1 + with_raw
+    assert run.history['knn_top1_random_init'] == 10.0
+    assert ('knn_top1_raw_pixels' in run.history) == with_raw
+    out = capsys.readouterr().out
+    assert ('raw pixels skipped' in out) != with_raw, out

@@ -109,7 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
   # same command resumes.  -1: run to the end.  For long runs done in parts.
   config.run_steps = -1
   # Resuming a workdir with a config that differs from its config.json in a field
-  # that changes the training (see resa_jax/run_dir.py TRAINING_NEUTRAL_FIELDS for the
+  # that changes the training (see resa_jax/workdir.py TRAINING_NEUTRAL_FIELDS for the
   # fields that may differ) is refused unless True; then the change is recorded in
   # config_history.json and config.json keeps the original.
   config.allow_config_change = False

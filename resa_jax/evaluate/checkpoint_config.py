@@ -2,7 +2,7 @@
 line adds.
 
 A training workdir records the whole config it was trained with (`config.json` with the
-changes of `config_history.json`, `run_dir.trained_config`); a converted checkpoint the
+changes of `config_history.json`, `workdir_lib.trained_config`); a converted checkpoint the
 model fields its weights fix (`resa_jax_metadata.json`).  `config_for_checkpoint`
 applies one rule:
 
@@ -28,7 +28,7 @@ from typing import Any, Iterable
 import ml_collections
 
 from resa_jax import checkpoints
-from resa_jax import run_dir
+from resa_jax import workdir as workdir_lib
 from resa_jax.evaluate import common
 from resa_jax.evaluate import model
 
@@ -60,7 +60,7 @@ def recorded_config(checkpoint) -> tuple[str, dict | None, str]:
         f'{path} is neither a training workdir with checkpoints nor a converted '
         f'checkpoint (no checkpoints/ and no {convert.METADATA_FILE})')
   workdir = checkpoint_dir.parent
-  return 'workdir', run_dir.trained_config(workdir), str(workdir / 'config.json')
+  return 'workdir', workdir_lib.trained_config(workdir), str(workdir / 'config.json')
 
 
 def _listing(config, names) -> str:

@@ -20,9 +20,9 @@ import numpy as np
 
 from resa_jax import checkpoints
 from resa_jax import reporting
-from resa_jax import run_dir
 from resa_jax import sharding
 from resa_jax import step
+from resa_jax import workdir as workdir_lib
 from resa_jax.evaluate import common
 from resa_jax.evaluate import features
 
@@ -70,7 +70,7 @@ def _model_summary(config) -> str:
 
 def _trained_field(workdir: pathlib.Path, name: str):
   """A field of the config the workdir was trained with, None if it has none."""
-  trained = run_dir.trained_config(workdir)
+  trained = workdir_lib.trained_config(workdir)
   return trained.get(name) if isinstance(trained, dict) else None
 
 
