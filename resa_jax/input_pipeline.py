@@ -162,13 +162,21 @@ def _load_into_memory(source: datasets.Source, split: str, process_index: int,
   n_local = math.ceil(datasets.num_examples(source, split) / process_count)
   if n_local * int(np.prod(shape)) > _MAX_CACHE_BYTES:
     return None
+  images, labels = split_arrays(source, split, process_index, process_count)
+  return {'image': tf.constant(images), 'label': tf.constant(labels)}
+
+
+def split_arrays(source: datasets.Source, split: str, process_index: int = 0,
+                 process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """A process's share of `split` decoded, in file order: uint8 (n, H, W, C) and int32
+  (n,).  The defaults read the whole split."""
   ds = source.read(split, process_index, process_count, None, False)
   ds = ds.map(lambda r: {'image': source.decode(r['image']), 'label': r['label']},
               num_parallel_calls=tf.data.AUTOTUNE)
   parts = list(ds.batch(4096).as_numpy_iterator())
   if not parts:
     raise ValueError(f'{source.name} split {split!r} is empty')
-  return {k: tf.constant(np.concatenate([p[k] for p in parts])) for k in parts[0]}
+  return tuple(np.concatenate([p[k] for p in parts]) for k in ('image', 'label'))
 
 
 def _epoch_records(source: datasets.Source, split: str, *, epoch: int, order_seed: int,
