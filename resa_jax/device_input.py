@@ -27,10 +27,10 @@ gives the two paths different streams, of the same distribution but for the blur
 * So batch k is a function of (config.seed, k, the split's file order) only:
   `start_step=k` continues an interrupted run exactly, and neither the number of devices
   nor of processes changes the stream (up to the float rounding of the resampling sums,
-  about 1e-6), where the host path's order depends on the process count.
+  a few 1e-6), where the host path's order depends on the process count.
 
-The keys are salted, so they never coincide with the train step's drop-path keys
-(fold_in(key(seed), step)).
+Both keys fold a fixed 31-bit salt into key(config.seed) first, which keeps them apart from
+the train step's drop-path keys, fold_in(key(seed), step), at any realistic step.
 
 Memory
 ------
@@ -39,7 +39,8 @@ Fashion-MNIST 47 MB, STL-10 train+unlabelled 2.9 GB), and every process decodes 
 split on its host first (`input_pipeline.split_arrays`), though it computes only its own
 devices' rows of each batch.  Sharding the split over the devices (each gathering its
 batch rows from the others) is the next step, for splits larger than one device's memory.
-A step's B uint8 images and V float views exist only inside its program.
+A step's gathered uint8 images exist only inside its program; its V views are its
+outputs, as large as the host path's transferred views.
 
 No TensorFlow here: `input_pipeline` reads the source (through tf.data) and hands this
 module numpy arrays.
