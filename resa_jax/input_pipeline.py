@@ -40,7 +40,8 @@ resuming on a different process count gives a different, equally valid, stream.
 stream.
 
 Where the examples come from (TFDS, local files, image folders, fake data) is
-`datasets.py`; this module turns a `datasets.Source` into streams.
+`datasets.py`; this module turns a `datasets.Source` into streams (or, with
+`config.augment_on='device'`, into the arrays that `device_input.py` augments on the devices).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ import tensorflow as tf
 
 from resa_jax import augment
 from resa_jax import datasets
+from resa_jax import device_input
 from resa_jax import sharding
 
 
@@ -65,6 +67,9 @@ _MAX_CACHE_BYTES = 1 << 30
 # x64 (JAX_ENABLE_X64=1); never for speed.
 _DTYPES = {'float32': tf.float32, 'bfloat16': tf.bfloat16, 'float16': tf.float16,
            'float64': tf.float64}
+# Datasets of one image size that always decode, which augment_on='device' holds whole
+# on the devices; the others (ImageNet, image folders) are streamed from files.
+_DEVICE_DATASETS = ('fashion_mnist', 'cifar10', 'cifar10_jpeg', 'cifar100', 'stl10', 'fake')
 
 
 # ---------------------------------------------------------------------------
@@ -107,6 +112,13 @@ def validate_config(config) -> None:
   if config.dtype == 'float64' and not jax.config.jax_enable_x64:
     raise ValueError('dtype float64 needs JAX x64: set JAX_ENABLE_X64=1 (float64 is for '
                      'checking numerics, not for training)')
+  augment_on = config.get('augment_on', 'host')
+  if augment_on not in ('host', 'device'):
+    raise ValueError(f"augment_on must be 'host' or 'device', got {augment_on!r}")
+  if augment_on == 'device' and config.dataset not in _DEVICE_DATASETS:
+    raise ValueError(f"augment_on='device' needs a dataset held in memory "
+                     f"({', '.join(_DEVICE_DATASETS)}); {config.dataset} is streamed from "
+                     "files; use 'host'")
   check_batch_size(config.batch_size, jax.device_count())
 
 
@@ -162,13 +174,21 @@ def _load_into_memory(source: datasets.Source, split: str, process_index: int,
   n_local = math.ceil(datasets.num_examples(source, split) / process_count)
   if n_local * int(np.prod(shape)) > _MAX_CACHE_BYTES:
     return None
+  images, labels = split_arrays(source, split, process_index, process_count)
+  return {'image': tf.constant(images), 'label': tf.constant(labels)}
+
+
+def split_arrays(source: datasets.Source, split: str, process_index: int = 0,
+                 process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """A process's share of `split` decoded, in file order: uint8 (n, H, W, C) and int32
+  (n,).  The defaults read the whole split (what `augment_on='device'` holds)."""
   ds = source.read(split, process_index, process_count, None, False)
   ds = ds.map(lambda r: {'image': source.decode(r['image']), 'label': r['label']},
               num_parallel_calls=tf.data.AUTOTUNE)
   parts = list(ds.batch(4096).as_numpy_iterator())
   if not parts:
     raise ValueError(f'{source.name} split {split!r} is empty')
-  return {k: tf.constant(np.concatenate([p[k] for p in parts])) for k in parts[0]}
+  return tuple(np.concatenate([p[k] for p in parts]) for k in ('image', 'label'))
 
 
 def _epoch_records(source: datasets.Source, split: str, *, epoch: int, order_seed: int,
@@ -285,10 +305,15 @@ def create_train_iterator(config, mesh, *, start_step: int = 0) -> Iterator[dict
   Yields {'views': (x_0, ..., x_{V-1})}, x_k a global array of shape
   (batch_size, crops_size[g_k], crops_size[g_k], C) in config.dtype, sharded along the
   batch over the mesh's data axis.  `config` is taken as valid (`validate_config`);
-  only the batch is checked against this mesh.
+  only the batch is checked against this mesh.  config.augment_on == 'device': the
+  same structure from `device_input` (the whole split held on the devices).
   """
   check_batch_size(config.batch_size, mesh.size)
   source = datasets.open_source(config)
+  if config.get('augment_on', 'host') == 'device':
+    images, _ = split_arrays(source, config.train_split)  # every process: the whole split
+    return device_input.create_device_train_iterator(
+        config, mesh, images, source.mean, source.std, start_step=start_step)
   host = _host_batches(
       config, source, config.train_split, batch_size=config.batch_size,
       start_step=start_step, make_example=_train_example_fn(config, source), salt='train',

@@ -16,11 +16,12 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'resa_jax'
 LAYERS = (
     'resa_jax',  # __init__: the version only
     'resa_jax.sinkhorn', 'resa_jax.reporting', 'resa_jax.interrupts', 'resa_jax.losses', 'resa_jax.sharding',
+    'resa_jax.views', 'resa_jax.augment_device',
     'resa_jax.models.layers', 'resa_jax.models.resnet', 'resa_jax.models.vit',
     'resa_jax.models.heads',
-    'resa_jax.models', 'resa_jax.views', 'resa_jax.augment_device', 'resa_jax.augment',
-    'resa_jax.local_data', 'resa_jax.datasets',
-    'resa_jax.input_pipeline', 'resa_jax.step', 'resa_jax.checkpoints', 'resa_jax.workdir',
+    'resa_jax.models', 'resa_jax.augment', 'resa_jax.local_data', 'resa_jax.datasets',
+    'resa_jax.device_input', 'resa_jax.input_pipeline', 'resa_jax.step', 'resa_jax.checkpoints',
+    'resa_jax.workdir',
     'resa_jax.validation', 'resa_jax.convert.state_dict', 'resa_jax.convert.architecture',
     'resa_jax.convert.files', 'resa_jax.convert', 'resa_jax.cli',
     'resa_jax.evaluate.common', 'resa_jax.evaluate.features', 'resa_jax.evaluate.knn',

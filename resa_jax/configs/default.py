@@ -58,6 +58,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_resize = 256  # ImageNet-sized eval: resize then centre-crop crops_size[0]
   config.shuffle_buffer = 16_384
   config.prefetch = 2
+  # Where the training views are made: 'host' (tf.data on the CPU cores; every dataset)
+  # or 'device' (the decoded train split held on every accelerator, the views made there
+  # by resa_jax/device_input.py; only the datasets of one image size: fashion_mnist,
+  # cifar10, cifar10_jpeg, cifar100, stl10, fake).  The two draw different views of one
+  # seed (JAX's RNG, TensorFlow's) and blur slightly differently (augment_device.py).
+  config.augment_on = 'host'
   # dataset='fake': random uint8 images (3 channels), no TFDS; for benchmarks/tests.
   config.fake_image_size = 224
   config.fake_num_classes = 1000
