@@ -24,6 +24,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = 'data'
 
 
+def check_batch_size(batch_size: int, num_devices: int) -> None:
+  """A global batch that splits evenly over the devices and the processes."""
+  if batch_size < 1 or batch_size % num_devices:
+    raise ValueError(f'batch size {batch_size} must be a positive multiple of the '
+                     f'number of devices ({num_devices})')
+  if batch_size % jax.process_count():
+    raise ValueError(f'batch size {batch_size} must be divisible by the number of '
+                     f'processes ({jax.process_count()})')
+
+
 def create_mesh(devices=None, axis_name: str = DATA_AXIS) -> Mesh:
   """A 1-D mesh over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else devices

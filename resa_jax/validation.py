@@ -1,5 +1,7 @@
-"""`validate_config`: every check of a config that can run before TensorFlow, data
-loading or a device is touched, so a bad config fails in seconds with one line."""
+"""`validate_config`: every check of a config that can run before data loading or a
+device is touched, so a bad config fails in seconds with one line.  The one place a
+config is checked; the data's own refusals (missing files, too few examples) come when
+it is opened."""
 
 from __future__ import annotations
 
@@ -9,9 +11,8 @@ import math
 def validate_config(config) -> None:
   """Raises ValueError with a one-line cause for a config that cannot train or evaluate.
 
-  Model and optimisation fields first (cheap), then the input pipeline's checks
-  (`input_pipeline.validate_config`: dataset, crop groups, probabilities, dtype,
-  batch over the devices), which import TensorFlow.
+  Model and optimisation fields first, then the input's (dataset, crop groups,
+  probabilities, dtype, where views are made, the batch over the devices).
   """
   from resa_jax import models  # pylint: disable=g-import-not-at-top
   if config.arch not in models.ARCHITECTURES:
@@ -45,5 +46,62 @@ def validate_config(config) -> None:
                      f'the ViTC conv stem has patches of 16')
   if not 0 <= config.ema_momentum <= 1:
     raise ValueError(f'ema_momentum must be in [0, 1], got {config.ema_momentum!r}')
-  from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  input_pipeline.validate_config(config)
+  _validate_input(config)
+
+
+# Compute dtypes.  float64: for checking numerics (runs compared across meshes or
+# processes), under JAX x64 (JAX_ENABLE_X64=1); never for speed.
+DTYPES = ('float32', 'bfloat16', 'float16', 'float64')
+# Datasets of one image size that always decode, which augment_on='device' holds whole
+# on the devices; the others (ImageNet, image folders) are streamed from files.
+DATASETS_HELD_ON_DEVICE = ('fashion_mnist', 'cifar10', 'cifar10_jpeg', 'cifar100', 'stl10',
+                           'fake')
+
+
+def _validate_input(config) -> None:
+  """The fields of the input: dataset, crop groups, probabilities, dtype, placement."""
+  from resa_jax import datasets  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  import jax  # pylint: disable=g-import-not-at-top
+  from resa_jax import sharding  # pylint: disable=g-import-not-at-top
+  if config.dataset not in datasets.DATASETS:
+    raise ValueError(f'unknown dataset {config.dataset!r}; known: {", ".join(datasets.DATASETS)}')
+  groups = {name: tuple(config[name]) for name in (
+      'crops_nmb', 'crops_size', 'crops_min_scale', 'crops_max_scale',
+      'gaussian_prob', 'solarization_prob')}
+  lengths = {name: len(value) for name, value in groups.items()}
+  if len(set(lengths.values())) != 1:
+    raise ValueError(f'crop-group lists must have equal lengths, got {lengths}')
+  if not groups['crops_nmb'] or min(groups['crops_nmb']) < 0 or groups['crops_nmb'][0] < 1:
+    raise ValueError('crops_nmb counts the strong views of each crop group (the weak view '
+                     'comes on top, as the authors\' --crops_nmb); the first group needs at '
+                     f'least one strong view, got {groups["crops_nmb"]}')
+  if min(groups['crops_size']) < 1:
+    raise ValueError(f'crops_size must be positive, got {groups["crops_size"]}')
+  for lo, hi in zip(groups['crops_min_scale'], groups['crops_max_scale']):
+    if not 0 < lo <= hi <= 1:
+      raise ValueError('need 0 < crops_min_scale <= crops_max_scale <= 1, got '
+                       f'{groups["crops_min_scale"]} and {groups["crops_max_scale"]}')
+  probs = {'color_jitter_prob': config.color_jitter_prob,
+           'grayscale_prob': config.grayscale_prob, 'flip_prob': config.flip_prob}
+  probs.update({f'gaussian_prob[{i}]': p for i, p in enumerate(groups['gaussian_prob'])})
+  probs.update({f'solarization_prob[{i}]': p
+                for i, p in enumerate(groups['solarization_prob'])})
+  for name, p in probs.items():
+    if not 0 <= p <= 1:
+      raise ValueError(f'{name} must be a probability, got {p}')
+  if config.eval_resize < groups['crops_size'][0]:
+    raise ValueError(f'eval_resize ({config.eval_resize}) must be >= crops_size[0] '
+                     f'({groups["crops_size"][0]}): evaluation centre-crops the resized image')
+  if config.dtype not in DTYPES:
+    raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}')
+  if config.dtype == 'float64' and not jax.config.jax_enable_x64:
+    raise ValueError('dtype float64 needs JAX x64: set JAX_ENABLE_X64=1 (float64 is for '
+                     'checking numerics, not for training)')
+  augment_on = config.get('augment_on', 'host')
+  if augment_on not in ('host', 'device'):
+    raise ValueError(f"augment_on must be 'host' or 'device', got {augment_on!r}")
+  if augment_on == 'device' and config.dataset not in DATASETS_HELD_ON_DEVICE:
+    raise ValueError(f"augment_on='device' needs a dataset held in memory "
+                     f"({', '.join(DATASETS_HELD_ON_DEVICE)}); {config.dataset} is streamed from "
+                     "files; use 'host'")
+  sharding.check_batch_size(config.batch_size, jax.device_count())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from resa_jax import datasets, device_input, input_pipeline, sharding, train
+from resa_jax import datasets, device_input, input_pipeline, sharding, train, validation
 
 
 def device_config(**overrides):
@@ -130,13 +130,13 @@ def test_validate_config_refuses(overrides, match):
   for key, value in overrides.items():
     config[key] = value
   with pytest.raises(ValueError, match=match) as error:
-    input_pipeline.validate_config(config)
+    validation.validate_config(config)
   assert '\n' not in str(error.value)
 
 
 def test_validate_config_accepts_device_on_data_held_in_memory():
-  input_pipeline.validate_config(device_config())
-  input_pipeline.validate_config(device_config(dataset='cifar10_jpeg'))  # names only
+  validation.validate_config(device_config())
+  validation.validate_config(device_config(dataset='cifar10_jpeg'))  # names only
 
 
 @pytest.mark.slow  # about 30 s on 2 cores, most of it compiling the train step

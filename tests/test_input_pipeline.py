@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 
 from resa_jax.configs import default
 from helpers import seed, small_config
-from resa_jax import augment, datasets, input_pipeline, sharding
+from resa_jax import augment, datasets, input_pipeline, sharding, validation
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -58,14 +58,14 @@ def assert_same_batches(a, b):
 ])
 def test_validate_config_rejects(overrides, match):
   with pytest.raises(ValueError, match=match) as error:
-    input_pipeline.validate_config(small_config(**overrides))
+    validation.validate_config(small_config(**overrides))
   assert '\n' not in str(error.value)
   assert not isinstance(error.value, datasets.DatasetNotFoundError)
 
 
 def test_validate_config_accepts_defaults():
-  input_pipeline.validate_config(small_config())
-  input_pipeline.validate_config(default.get_config())
+  validation.validate_config(small_config())
+  validation.validate_config(default.get_config())
 
 
 def test_view_specs_multicrop():

@@ -106,8 +106,8 @@ def create_subset_train_iterator(config, mesh: Mesh, fraction: float, *, batch_s
   sharded over the mesh.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from resa_jax import augment, input_pipeline  # pylint: disable=g-import-not-at-top
-  input_pipeline.check_batch_size(batch_size, mesh.size)
+  from resa_jax import augment  # pylint: disable=g-import-not-at-top
+  sharding.check_batch_size(batch_size, mesh.size)
   records, size, source = _subset_records(config, fraction, seed)
   process_count, process_index = jax.process_count(), jax.process_index()
   if size < batch_size:
