@@ -1,10 +1,11 @@
 """ReSA's views as pure JAX functions on a uint8 batch, made on the accelerator.
 
-The same views as the host pipeline (`augment.py`, TensorFlow; SPEC.md section 1): view 0
-is *weak* (RandomResizedCrop, bilinear, + horizontal flip); every *strong* view is
-RandomResizedCrop (bicubic), colour jitter with probability `color_jitter_prob`,
-grayscale, Gaussian blur, solarisation (each with its probability), horizontal flip, in
-that order.  Images are float32 in [0, 1] between ops, clipped after each colour op.
+The same views as the host pipeline (`augment.py`, TensorFlow; docs/method.md, section
+1.2 "Views"): view 0 is *weak* (RandomResizedCrop, bilinear, + horizontal flip); every
+*strong* view is RandomResizedCrop (bicubic), colour jitter with probability
+`color_jitter_prob`, grayscale, Gaussian blur, solarisation (each with its probability),
+horizontal flip, in that order.  Images are float32 in [0, 1] between ops, clipped after
+each colour op.
 
 Randomness: every random choice of view v of example i comes from the key
 `fold_in(fold_in(key, i), v)`, i the example's index in the *global* batch, so a batch

@@ -153,7 +153,8 @@ def _momentum_encoder_features(run: _Run):
 
 
 # The raw-pixel baseline holds every bank image as a feature vector (S * S * C floats):
-# 6 MB per 224 px image, 12 KB at 64 px.  It runs where that is cheap.
+# 600 KB per 224 px image (100,000 of them: 60 GB), 48 KB at 64 px.  It runs where that
+# is cheap.
 RAW_PIXELS_MAX_SIDE = 64
 
 
@@ -162,13 +163,14 @@ def _measure_baselines(run: _Run, features_of) -> None:
   RAW_PIXELS_MAX_SIDE pixels a side, of raw pixels; once per workdir, on the same
   bounded bank (knn_max_train_examples) as the periodic kNN."""
   config, history = run.config, run.history
-  random = training_knn.knn_accuracies(training_knn.eval_config(config), run.mesh, features_of(run.initial_state),
-                          run.info.num_classes)
+  eval_config = training_knn.eval_config(config)
+  random = training_knn.knn_accuracies(eval_config, run.mesh, features_of(run.initial_state),
+                                       run.info.num_classes)
   side = int(config.crops_size[0])
   raw = None
   if side <= RAW_PIXELS_MAX_SIDE:
     raw = training_knn.knn_accuracies(
-        training_knn.eval_config(config), run.mesh,
+        eval_config, run.mesh,
         lambda x: jnp.reshape(x, (x.shape[0], -1)).astype(jnp.float32), run.info.num_classes)
   for name in random:
     history[f'{name}_random_init'] = random[name]
@@ -190,8 +192,8 @@ def _periodic_knn(run: _Run, writer, features_of, step: int) -> None:
   epoch = step / run.steps_per_epoch
   try:
     with interrupts.not_polling():
-      accuracies = training_knn.knn_accuracies(training_knn.eval_config(run.config), run.mesh, features_of(run.state),
-                                  run.info.num_classes)
+      accuracies = training_knn.knn_accuracies(training_knn.eval_config(run.config), run.mesh,
+                                               features_of(run.state), run.info.num_classes)
   except interrupts.Stopped:
     return
   for name, accuracy in accuracies.items():

@@ -9,6 +9,7 @@ notebook, benchmark, or train for more than about 20 s; `data` for tests that re
 
 import os
 import pathlib
+import shutil
 import tempfile
 
 _flags = os.environ.get('XLA_FLAGS', '')
@@ -65,3 +66,48 @@ def reference(env, tmp_path_factory):
   proc = helpers.train(env, workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoints(tmp_path_factory) -> pathlib.Path:
+  """A folder of checkpoints of the tiny config's initial TrainState (key 1) at step 8:
+  'workdir' (with config.json), 'bare' (checkpoints only), 'converted' (a converted
+  checkpoint with its model's metadata), 'nonfinite' (a workdir whose momentum encoder
+  has a NaN in one kernel; the online encoder is finite), and 'a_file'.  Shared: tests
+  write their outputs elsewhere."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from resa_jax import checkpoints as checkpoints_lib, convert, models  # pylint: disable=g-import-not-at-top
+  from resa_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  config = helpers.tiny_config()
+  online, momentum = models.create_networks(config)
+  tx = step_lib.create_optimizer(config, step_lib.learning_rate_schedule(config, 1, 1))
+  state = jax.device_get(jax.jit(lambda: step_lib.create_train_state(
+      jax.random.key(1), online, momentum, tx, (16, 16, 3)))())
+  state = state.replace(step=np.asarray(8, np.int32))
+  root = tmp_path_factory.mktemp('tiny_checkpoints')
+
+  def save(workdir, state):
+    workdir.mkdir()
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    manager = checkpoints_lib.Checkpoints(workdir / 'checkpoints', 3)
+    manager.save(8, state)
+    manager.close()
+
+  save(root / 'workdir', state)
+  shutil.copytree(root / 'workdir' / 'checkpoints', root / 'bare' / 'checkpoints')
+  convert.save_converted(
+      root / 'converted', {'params': state.params, 'batch_stats': state.batch_stats,
+                           'momentum_params': state.momentum_params,
+                           'momentum_batch_stats': state.momentum_batch_stats},
+      {k: config[k] for k in ('arch', 'width_per_group', 'stem', 'mlp_layers', 'mlp_dim',
+                              'emb_dim')} | {'predictor': True})
+  paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(state.momentum_params))
+  index = next(i for i, p in enumerate(paths) if 'encoder' in jax.tree_util.keystr(p)
+               and 'kernel' in jax.tree_util.keystr(p))
+  leaves = [np.array(x) for x in leaves]
+  leaves[index].reshape(-1)[0] = np.nan
+  save(root / 'nonfinite', state.replace(momentum_params=jax.tree.unflatten(
+      jax.tree.structure(state.momentum_params), leaves)))
+  (root / 'a_file').write_text('not a folder\n')
+  return root

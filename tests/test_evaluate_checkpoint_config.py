@@ -10,43 +10,17 @@ import json
 import pathlib
 import shutil
 
-import jax
-import numpy as np
 import pytest
 
 from helpers import TINY, run_in_process, tiny_config
-from resa_jax import checkpoints as checkpoints_lib
-from resa_jax import convert
-from resa_jax import models
-from resa_jax import step as step_lib
 from resa_jax.configs import default
 from resa_jax.evaluate import checkpoint_config
 from resa_jax.evaluate import common
 
 @pytest.fixture(scope='module')
-def saved(tmp_path_factory):
+def saved(tiny_checkpoints):
   """{'workdir', 'converted', 'bare' (checkpoints without config.json)} of one state."""
-  config = tiny_config()
-  online, momentum = models.create_networks(config)
-  tx = step_lib.create_optimizer(config, step_lib.learning_rate_schedule(config, 1, 1))
-  state = jax.device_get(jax.jit(lambda: step_lib.create_train_state(
-      jax.random.key(1), online, momentum, tx, (16, 16, 3)))())
-  state = state.replace(step=np.asarray(8, np.int32))
-  root = tmp_path_factory.mktemp('saved')
-  workdir = root / 'workdir'
-  workdir.mkdir()
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  manager = checkpoints_lib.Checkpoints(workdir / 'checkpoints', 3)
-  manager.save(8, state)
-  manager.close()
-  shutil.copytree(workdir / 'checkpoints', root / 'bare' / 'checkpoints')
-  convert.save_converted(
-      root / 'converted', {'params': state.params, 'batch_stats': state.batch_stats,
-                           'momentum_params': state.momentum_params,
-                           'momentum_batch_stats': state.momentum_batch_stats},
-      {k: config[k] for k in ('arch', 'width_per_group', 'stem', 'mlp_layers', 'mlp_dim',
-                              'emb_dim')} | {'predictor': True})
-  return {'workdir': workdir, 'converted': root / 'converted', 'bare': root / 'bare'}
+  return {name: tiny_checkpoints / name for name in ('workdir', 'converted', 'bare')}
 
 
 def summary(folder) -> dict:

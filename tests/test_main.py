@@ -52,7 +52,7 @@ def test_train_stop_resume_to_the_end(tmp_path, capsys):
 
 def test_raw_pixel_baseline_only_for_small_images(monkeypatch, capsys):
   """The random-encoder baseline always; raw pixels only up to RAW_PIXELS_MAX_SIDE a side
-  (a 224 px bank of raw pixels is 6 MB an image)."""
+  (raw pixels of a 224 px image are 600 KB as float32)."""
   import types  # pylint: disable=g-import-not-at-top
   measured = []
   monkeypatch.setattr(train.training_knn, 'knn_accuracies',

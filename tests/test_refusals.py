@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 
-import jax
-import numpy as np
 import pytest
 
 import helpers
@@ -120,44 +118,8 @@ def test_configs_load_from_any_directory_by_path_or_name(tmp_path, monkeypatch, 
 
 
 @pytest.fixture(scope='module')
-def saved(tmp_path_factory):
-  """Checkpoints of the tiny config's initial TrainState (step 8): 'workdir' (with
-  config.json), 'bare' (checkpoints only), 'converted' (a converted checkpoint with
-  its model's metadata), 'nonfinite' (a workdir whose momentum encoder has a NaN in
-  one kernel; the online encoder is finite)."""
-  from resa_jax import checkpoints as checkpoints_lib, convert  # pylint: disable=g-import-not-at-top
-  config = helpers.tiny_config()
-  state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), helpers.abstract_state(config))
-  rng = np.random.default_rng(1)
-  state = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype)
-                       if x.dtype.kind == 'f' else x, state)
-  state = state.replace(step=np.asarray(8, np.int32))
-  root = tmp_path_factory.mktemp('saved')
-
-  def save(workdir, state):
-    workdir.mkdir()
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-    manager = checkpoints_lib.Checkpoints(workdir / 'checkpoints', 3)
-    manager.save(8, state)
-    manager.close()
-
-  save(root / 'workdir', state)
-  shutil.copytree(root / 'workdir' / 'checkpoints', root / 'bare' / 'checkpoints')
-  convert.save_converted(
-      root / 'converted', {'params': state.params, 'batch_stats': state.batch_stats,
-                           'momentum_params': state.momentum_params,
-                           'momentum_batch_stats': state.momentum_batch_stats},
-      {k: config[k] for k in ('arch', 'width_per_group', 'stem', 'mlp_layers', 'mlp_dim',
-                              'emb_dim')} | {'predictor': True})
-  paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(state.momentum_params))
-  index = next(i for i, p in enumerate(paths) if 'encoder' in jax.tree_util.keystr(p)
-               and 'kernel' in jax.tree_util.keystr(p))
-  leaves = [np.array(x) for x in leaves]
-  leaves[index].reshape(-1)[0] = np.nan
-  save(root / 'nonfinite', state.replace(momentum_params=jax.tree.unflatten(
-      jax.tree.structure(state.momentum_params), leaves)))
-  (root / 'a_file').write_text('not a folder\n')
-  return root
+def saved(tiny_checkpoints):
+  return tiny_checkpoints
 
 
 def test_training_a_workdir_of_another_architecture_is_refused(saved, tmp_path, monkeypatch,
