@@ -39,7 +39,7 @@ def validate_config(config) -> None:
     raise ValueError(f'drop_path must be in [0, 1), got {config.drop_path!r}')
   if config.get('drop_path', 0.0) > 0 and not models.is_vit(config.arch):
     raise ValueError(f'drop_path is for ViT encoders; --config.arch is {config.arch}')
-  conv_stem = models.is_vit(config.arch) and models.vit.ARCHITECTURES[config.arch][3]
+  conv_stem = models.is_vit(config.arch) and models.vit.ARCHITECTURES[config.arch].conv_stem
   if models.is_vit(config.arch) and config.get('patch_size', 16) != 16 and (
       conv_stem or config.patch_size < 1):
     raise ValueError(f'patch_size {config.patch_size!r}: a positive size for a plain ViT; '

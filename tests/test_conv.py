@@ -25,6 +25,22 @@ CASES = [  # (input NHWC, kernel HWIO, strides, padding)
 ]
 
 
+@pytest.fixture(autouse=True)
+def matmul_weight_gradient(monkeypatch):
+  """The matmul form on, whatever this CPU would choose (it is what these tests check)."""
+  monkeypatch.setenv('RESA_CPU_CONV_MATMUL', '1')
+
+
+def test_the_form_is_chosen_by_the_cpu_unless_set(monkeypatch):
+  for flags, expected in ((True, False), (False, True)):
+    monkeypatch.setattr(layers, '_cpu_has_avx512', lambda flags=flags: flags)
+    monkeypatch.delenv('RESA_CPU_CONV_MATMUL')
+    assert layers.cpu_matmul_weight_gradient() is expected
+    for setting in ('0', '1'):
+      monkeypatch.setenv('RESA_CPU_CONV_MATMUL', setting)
+      assert layers.cpu_matmul_weight_gradient() is (setting == '1')
+
+
 def _loss(conv, x, w, strides, padding):
   y = conv(x, w, strides, padding,
            dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape,

@@ -107,7 +107,8 @@ def test_one_device_equals_eight_devices_vit(arch, monkeypatch):
   """A shrunken ViT (dim 32, 2 blocks, 2 heads; the ViTC's stem BN is SyncBN) with
   their ViT heads, on 32 / 32 / 16 px views (2x2 and 1x1 patches, resized tables)."""
   from resa_jax.models import vit
-  monkeypatch.setitem(vit.ARCHITECTURES, arch, (32, 2, 2, vit.ARCHITECTURES[arch][3]))
+  monkeypatch.setitem(vit.ARCHITECTURES, arch,
+                      vit.ARCHITECTURES[arch]._replace(dim=32, depth=2, heads=2))
   # SGD, not AdamW: the k part of the qkv bias has a zero gradient in exact arithmetic
   # (it shifts a softmax row by a constant), and Adam would scale its rounding noise up
   # to lr-sized, device-count-dependent steps.
@@ -115,7 +116,7 @@ def test_one_device_equals_eight_devices_vit(arch, monkeypatch):
   one, eight = _one_and_eight_devices(config, sizes=(32, 32, 16))
   _assert_same_steps(one, eight, rtol=VIT_RTOL_F64, atol=VIT_ATOL_F64)
   state8 = eight[0]
-  assert bool(state8.batch_stats) == vit.ARCHITECTURES[arch][3]  # BN only in the conv stem
+  assert bool(state8.batch_stats) == vit.ARCHITECTURES[arch].conv_stem  # BN only in the conv stem
   # Their requires_grad=False parameters do not move (weight decay included).
   with jax.enable_x64(True):
     init = step_lib.create_train_state(jax.random.key(0), *models.create_networks(config),
@@ -134,7 +135,7 @@ def test_vit_drop_path_draws_per_step_the_same_on_any_mesh(monkeypatch):
   """Drop path in the online ViT (keys from (seed, step), no key in the state): the
   same steps on 1 and 8 devices, and not the steps without it."""
   from resa_jax.models import vit
-  monkeypatch.setitem(vit.ARCHITECTURES, 'vit_tiny', (32, 2, 2, False))
+  monkeypatch.setitem(vit.ARCHITECTURES, 'vit_tiny', vit.ViTArchitecture(32, 2, 2, False))
   sizes = (32, 32, 16)
   config = tiny_config(arch='vit_tiny', drop_path=0.5)
   online, momentum = models.create_networks(config)
@@ -170,7 +171,7 @@ def test_vit_views_of_one_size_run_as_one_batch_like_their_forward_wrapper(monke
   its own after them; the reference concatenates in torch's order (view-major), so the
   row-by-row interleaving cannot hide a difference.  Per view (the ResNet way) differs."""
   from resa_jax.models import vit
-  monkeypatch.setitem(vit.ARCHITECTURES, 'vitc_tiny', (32, 2, 2, True))
+  monkeypatch.setitem(vit.ARCHITECTURES, 'vitc_tiny', vit.ViTArchitecture(32, 2, 2, True))
   config = tiny_config(arch='vitc_tiny')
   online, _ = models.create_networks(config)
   views = _views(4, sizes=(32, 32, 16))

@@ -154,7 +154,7 @@ def test_linear_probe_recipe_misfits():
 def test_vit_probe_input_is_the_encoders_linear_features(monkeypatch):
   """The probe's `net.apply` method on the evaluation network (encoder + ViT projector)
   gives what the encoder's own `linear_features` gives, (B, (n + 1) D)."""
-  monkeypatch.setitem(vit.ARCHITECTURES, 'vit_small', (32, 3, 2, False))
+  monkeypatch.setitem(vit.ARCHITECTURES, 'vit_small', vit.ViTArchitecture(32, 3, 2, False))
   config = _config('imagenet_vit_small')
   config.update(dict(mlp_dim=16, emb_dim=8, dtype='float32'))
   _, net = models.create_networks(config)
@@ -177,7 +177,7 @@ def test_linear_probe_trains_on_a_bn_free_vit(monkeypatch, capsys):
   all): the head is sized for the (n + 1) D input and learns without error; its
   progress lines count images."""
   from resa_jax.evaluate import model as model_lib
-  monkeypatch.setitem(vit.ARCHITECTURES, 'vit_small', (16, 2, 2, False))
+  monkeypatch.setitem(vit.ARCHITECTURES, 'vit_small', vit.ViTArchitecture(16, 2, 2, False))
   config = _config('imagenet_vit_small')
   config.update(dict(mlp_dim=16, emb_dim=8, dtype='float32'))
   _, net = models.create_networks(config)
@@ -208,7 +208,7 @@ def test_small_image_vit_config_has_patches_of_its_patch_size_and_stores_its_tab
   encoder = models.create_encoder(config)
   images = jnp.zeros((2, 28, 28, 1), jnp.float32)
   variables = encoder.init(jax.random.key(0), images, train=False)
-  dim, p = vit.ARCHITECTURES[config.arch][0], config.patch_size
+  dim, p = vit.ARCHITECTURES[config.arch].dim, config.patch_size
   grid = 28 // p
   assert variables['params']['pos_embed'].shape == (1, 1 + grid * grid, dim)
   assert variables['params']['patch_embed']['proj']['kernel'].shape == (p, p, 1, dim)

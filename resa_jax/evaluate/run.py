@@ -127,7 +127,7 @@ def linear_probe_recipe(config, options: Options, pretrain_batch) -> dict:
     return {'base_lr': options.linear_lr if options.linear_lr > 0 else base_lr,
             'n_last_blocks': None, 'avgpool_patchtokens': None}
   is_base = config.arch.endswith('_base')
-  depth = models.vit.ARCHITECTURES[config.arch][1]
+  depth = models.vit.ARCHITECTURES[config.arch].depth
   n = n if n > 0 else (1 if is_base else 4)
   if n > depth:
     raise common.EvaluationError(f'--linear_n_last_blocks={n}: {config.arch} has {depth} blocks')

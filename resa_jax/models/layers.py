@@ -110,10 +110,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   gradient (experiments/RESULTS.md, "This machine on 2026-12-01").  That gradient is
   a sum over kernel offsets (i, j) of  x_pad[:, i::s, j::s, :]^T @ g  (one (C_in, C_out)
   matmul per offset over all batch and output positions), which XLA's dot runs at
-  matmul speed.  So for plain NHWC/HWIO convolutions (no dilation, one feature group)
-  under the CPU backend this function is a `jax.custom_vjp` whose backward is XLA's
-  input gradient plus those matmuls; everywhere else, and on GPU/TPU always, it is
-  `lax.conv_general_dilated` itself.  Forward values are identical; gradients agree
+  matmul speed on most CPUs.  So for plain NHWC/HWIO convolutions (no dilation, one
+  feature group) under the CPU backend, where `cpu_matmul_weight_gradient()` says so
+  (CPUs without AVX-512, or RESA_CPU_CONV_MATMUL=1), this function is a
+  `jax.custom_vjp` whose backward is XLA's input gradient plus those matmuls; everywhere
+  else, and on GPU/TPU always, it is `lax.conv_general_dilated` itself.  Forward values are identical; gradients agree
   to summation order (tests/test_conv.py: 1e-12 in float64).
   """
   plain = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
@@ -125,17 +126,37 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   simple = (lhs.ndim == 4 and feature_group_count == 1 and not kwargs
             and all(d == 1 for d in (lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
-  # RESA_CPU_CONV_MATMUL=0 turns the matmul form off.  Its gradients differ from XLA's by
-  # summation order only: 2 processes against 1 (tests/test_multihost.py, which runs with
-  # it on) agree to 5e-14 per leaf in float64; float32 shows that order at 1e-5..5e-3 in
-  # a BatchNorm bias after 4 steps.
-  if (not simple or jax.default_backend() != 'cpu'
-      or os.environ.get('RESA_CPU_CONV_MATMUL', '1') == '0'):
+  # Its gradients differ from XLA's by summation order only: 2 processes against 1
+  # (tests/test_multihost.py) agree to 5e-14 per leaf in float64; float32 shows that
+  # order at 1e-5..5e-3 in a BatchNorm bias after 4 steps.
+  if not simple or jax.default_backend() != 'cpu' or not cpu_matmul_weight_gradient():
     return plain(lhs, rhs)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
   return _cpu_conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding),
                    precision)
+
+
+def cpu_matmul_weight_gradient() -> bool:
+  """Whether CPU convolutions take their weight gradient as matmuls: RESA_CPU_CONV_MATMUL=1
+  or 0 when set; else on CPUs without AVX-512, where it is faster (the ResNet-18 CIFAR
+  step at batch 64: 1.7x faster on an AVX2 VM; on an AVX-512 VM 6.11 s against XLA's
+  5.66 s; experiments/RESULTS.md, 'The CPU weight gradient as matmuls')."""
+  setting = os.environ.get('RESA_CPU_CONV_MATMUL')
+  if setting in ('0', '1'):
+    return setting == '1'
+  return not _cpu_has_avx512()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_avx512() -> bool:
+  try:
+    with open('/proc/cpuinfo') as f:
+      flags = next((line.split(':', 1)[1].split() for line in f
+                    if line.startswith('flags')), [])
+  except OSError:  # not Linux: no flags to read
+    return False
+  return 'avx512f' in flags
 
 
 def _nhwc_conv(x, w, strides, padding, precision):

@@ -28,7 +28,7 @@ downsample_conv, downsample_bn) so that resa_jax/convert is a renaming.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -140,14 +140,21 @@ class ResNet(nn.Module):
     return jnp.mean(x, axis=(1, 2))
 
 
+class ResNetArchitecture(NamedTuple):
+  """A torchvision / SwAV ResNet: its block, blocks per stage and width multiplier."""
+  block: Any  # BasicBlock or Bottleneck
+  stages: tuple[int, int, int, int]
+  widen: int  # SwAV's resnet50w2 / w4
+
+
 ARCHITECTURES = {
-    'resnet18': (BasicBlock, (2, 2, 2, 2), 1),
-    'resnet34': (BasicBlock, (3, 4, 6, 3), 1),
-    'resnet50': (Bottleneck, (3, 4, 6, 3), 1),
-    'resnet101': (Bottleneck, (3, 4, 23, 3), 1),
-    'resnet200': (Bottleneck, (3, 24, 36, 3), 1),
-    'resnet50w2': (Bottleneck, (3, 4, 6, 3), 2),
-    'resnet50w4': (Bottleneck, (3, 4, 6, 3), 4),
+    'resnet18': ResNetArchitecture(BasicBlock, (2, 2, 2, 2), 1),
+    'resnet34': ResNetArchitecture(BasicBlock, (3, 4, 6, 3), 1),
+    'resnet50': ResNetArchitecture(Bottleneck, (3, 4, 6, 3), 1),
+    'resnet101': ResNetArchitecture(Bottleneck, (3, 4, 23, 3), 1),
+    'resnet200': ResNetArchitecture(Bottleneck, (3, 24, 36, 3), 1),
+    'resnet50w2': ResNetArchitecture(Bottleneck, (3, 4, 6, 3), 2),
+    'resnet50w4': ResNetArchitecture(Bottleneck, (3, 4, 6, 3), 4),
 }
 
 

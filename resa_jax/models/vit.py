@@ -31,7 +31,7 @@ so that resa_jax/convert is a renaming.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -326,16 +326,24 @@ def is_frozen(path: tuple[str, ...]) -> bool:
   return path[-1] == 'pos_embed' or tuple(path[-3:-1]) == ('patch_embed', 'proj')
 
 
-# (embed_dim, depth, heads, conv stem): their vit_* and vitc_* factories (patch 16).
+class ViTArchitecture(NamedTuple):
+  """One of their vit_* / vitc_* factories (patch 16)."""
+  dim: int  # embedding width
+  depth: int  # transformer blocks
+  heads: int
+  conv_stem: bool  # ViTC: a convolutional stem (with BatchNorm) instead of the patch conv
+
+
 ARCHITECTURES = {
-    'vit_tiny': (192, 12, 3, False),
-    'vit_small': (384, 12, 6, False),
-    'vit_base': (768, 12, 12, False),
-    'vit_large': (1024, 24, 16, False),
-    'vitc_tiny': (192, 11, 3, True),
-    'vitc_small': (384, 11, 6, True),
-    'vitc_base': (768, 11, 12, True),
-    'vit_mini': (128, 6, 4, False),  # ours, not the authors': CPU demos on small images
+    'vit_tiny': ViTArchitecture(192, 12, 3, False),
+    'vit_small': ViTArchitecture(384, 12, 6, False),
+    'vit_base': ViTArchitecture(768, 12, 12, False),
+    'vit_large': ViTArchitecture(1024, 24, 16, False),
+    'vitc_tiny': ViTArchitecture(192, 11, 3, True),
+    'vitc_small': ViTArchitecture(384, 11, 6, True),
+    'vitc_base': ViTArchitecture(768, 11, 12, True),
+    # ours, not the authors': CPU demos on small images
+    'vit_mini': ViTArchitecture(128, 6, 4, False),
 }
 
 
