@@ -68,11 +68,12 @@ _ORDER_SALT = _salt('device_input/order')
 _VIEWS_SALT = _salt('device_input/views')
 
 
-def epoch_steps(num_examples: int, batch_size: int) -> int:
-  """Steps per data epoch: N // B, the remainder dropped (as the host path)."""
+def epoch_steps(num_examples: int, batch_size: int, what: str = 'the train split') -> int:
+  """Steps per data epoch: N // B, the remainder dropped; the host path's rule too
+  (input_pipeline calls it).  `what` names the split in the error."""
   steps = num_examples // batch_size
   if steps < 1:
-    raise ValueError(f'the train split has {num_examples} examples, fewer than one batch of '
+    raise ValueError(f'{what} has {num_examples} examples, fewer than one batch of '
                      f'{batch_size}')
   return steps
 

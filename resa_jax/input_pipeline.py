@@ -179,10 +179,8 @@ def _host_batches(config, source: datasets.Source, split: str, *, batch_size: in
   """
   local_batch = batch_size // process_count
   num_examples = datasets.num_examples(source, split)
-  epoch_steps = num_examples // batch_size
-  if epoch_steps < 1:
-    raise ValueError(f'{source.name} split {split!r} has {num_examples} examples, '
-                     f'fewer than one batch of {batch_size}')
+  epoch_steps = device_input.epoch_steps(num_examples, batch_size,
+                                         f'{source.name} split {split!r}')
   in_memory = _load_into_memory(source, split, process_index, process_count)
   decoded = in_memory is not None or source.may_fail_decoding
   base_seed = tf.constant([int(config.seed), datasets.salt(salt)], tf.int64)

@@ -5,12 +5,8 @@ tests/test_reliability.py's (`slow`)."""
 
 import json
 
-from helpers import tiny_config
+from helpers import checkpoint_steps, tiny_config
 from resa_jax import train
-
-
-def checkpoint_steps(workdir):
-  return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
 
 
 def test_train_stop_resume_to_the_end(tmp_path, capsys):
