@@ -1,10 +1,12 @@
 """Where the examples of a split come from, before any augmentation: TFDS datasets,
 Fashion-MNIST from local IDX files, image folders, ImageNet-100, fake data.
 
-A `Source` is what the input pipeline (`input_pipeline.py`), evaluation and the tests
-read; `open_source(config)` makes the one `config.dataset` names, and
-`dataset_info(config)` gives the sizes, classes and normalisation the rest of the
-project needs.
+A `Source` (sources.py) is what the input pipeline (`input_pipeline.py`), evaluation and
+the tests read; `open_source(config)` makes the one `config.dataset` names, once per run
+(the caller hands it down), and `dataset_info(config, source)` gives the sizes, classes
+and normalisation the rest of the project needs.  Importing this module does not start
+TensorFlow: the TFDS-backed sources (`tfds_sources.py`) import it when opened, and the
+CIFAR-10 JPEG snapshot, held in memory, needs none (`Source.arrays`).
 
 Datasets (`config.dataset`)
 ---------------------------
@@ -24,306 +26,16 @@ prepared on first use where that can work (single process, config.tfds_download)
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import importlib.resources
-import os
-import zlib
-from typing import Callable
+import math
 
-import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from resa_jax import local_data
 from resa_jax import reporting
-
-
-local_data.hide_accelerators_from_tf()
-
-DATASETS = ('fashion_mnist', 'cifar10', 'cifar10_jpeg', 'cifar100', 'stl10', 'imagenet2012',
-            'imagenet100', 'image_folder', 'fake')
-# The datasets the CIFAR protocols (5-NN Euclidean majority vote) apply to.
-CIFAR_DATASETS = ('cifar10', 'cifar10_jpeg', 'cifar100')
-DEBIAN_FASHION_MNIST_DIR = local_data.DEBIAN_FASHION_MNIST_DIR
-# Sizes of the ImageNet-100 subset listed in data/imagenet100_classes.txt.
-_IMAGENET100_SIZES = {'train': 126_689, 'validation': 5_000}
-_IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-_MEAN_STD = {
-    'fashion_mnist': ((0.2860,), (0.3530,)),
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    'stl10': ((0.43, 0.42, 0.39), (0.27, 0.26, 0.27)),  # the authors' values
-}
-
-
-class DatasetNotFoundError(ValueError):
-  """The dataset is not prepared; the message says how to prepare it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the rest of the project needs to know of `config.dataset`."""
-  num_train_examples: int  # of config.train_split
-  num_eval_train_examples: int  # of config.eval_train_split
-  num_eval_examples: int  # of config.eval_split
-  num_classes: int
-  image_shape: tuple  # (H, W, C) of the raw images; None where sizes vary
-  mean: tuple  # per channel, of images in [0, 1]
-  std: tuple
-  num_coarse_classes: int | None = None  # CIFAR-100's 20 superclasses
-
-
-# ---------------------------------------------------------------------------
-# Sources
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-  """One dataset, before augmentation.
-
-  read(split, process_index, process_count, shuffle_seed, exact_shards) ->
-    tf.data.Dataset of this process's share of `split` as records
-    {'image': encoded, 'label': int32, [extra labels: int32]}, in an order that is a
-    function of `shuffle_seed` only (the file order when it is None).  Records hold
-    the image still encoded (bytes; for fake data, its index).  With `exact_shards`,
-    every process gets at most ceil(N / process_count) examples (evaluation needs
-    that bound; training does not).
-  decode(record['image']) -> uint8 (H, W, C).
-  known_num_examples(split) -> global size of the split, None if unknown (then
-    `num_examples` counts it).
-  """
-  name: str
-  read: Callable[..., tf.data.Dataset]
-  decode: Callable[[tf.Tensor], tf.Tensor]
-  known_num_examples: Callable[[str], int | None]
-  num_classes: int
-  image_shape: tuple
-  mean: tuple
-  std: tuple
-  extra_labels: tuple = ()  # further int labels carried to the eval inputs
-  # (mean, std) of the evaluation inputs when they differ from training's: the
-  # authors' CIFAR eval loader normalises CIFAR-100 with the CIFAR-10 statistics.
-  eval_normalization: tuple | None = None
-  num_coarse_classes: int | None = None
-  may_fail_decoding: bool = False  # undecodable images are dropped, before skipping
-
-  @property
-  def eval_mean_std(self) -> tuple:
-    """(mean, std) the evaluation inputs are normalised with."""
-    return self.eval_normalization or (self.mean, self.std)
-
-
-def _prepare_hint(name: str, data_dir: str, manual_dir: str) -> str:
-  if name == 'fashion_mnist':
-    return ('install the Debian package dataset-fashion-mnist (files in '
-            f'{DEBIAN_FASHION_MNIST_DIR}), or run `tfds build fashion_mnist '
-            f'--data_dir={data_dir}` where there is internet access')
-  if name == 'imagenet2012':
-    return ('put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) '
-            f'in {manual_dir} (config.manual_dir) and run `tfds build imagenet2012 '
-            f'--data_dir={data_dir} --manual_dir={manual_dir}`')
-  return (f'run `tfds build {name} --data_dir={data_dir}` where there is internet '
-          'access, or copy a prepared data dir there')
-
-
-def prepared_builder(name: str, config) -> tfds.core.DatasetBuilder:
-  """The TFDS builder of `name`, prepared in config.data_dir (TFDS's default if None).
-
-  An unprepared dataset is prepared here when this is the only process: Fashion-MNIST
-  from local IDX files when they exist, others by TFDS as usual (download, or the
-  manual dir for ImageNet) unless config.tfds_download is False.  Failures become
-  DatasetNotFoundError.
-  """
-  builder = tfds.builder(name, data_dir=config.data_dir)
-  if builder.is_prepared():
-    return builder
-  data_dir = str(builder.data_dir_root)
-  manual_dir = config.manual_dir or os.path.join(data_dir, 'downloads', 'manual')
-  hint = _prepare_hint(name, data_dir, manual_dir)
-  if jax.process_count() > 1:  # Concurrent preparation would race: do it once, before.
-    raise DatasetNotFoundError(f'{name} is not prepared in {data_dir}: {hint}')
-  local_dir = local_data.fashion_mnist_dir(config.manual_dir) if name == 'fashion_mnist' else None
-  if not local_dir and not config.get('tfds_download', True):
-    raise DatasetNotFoundError(
-        f'{name} is not prepared in {data_dir} (config.tfds_download is off): {hint}')
-  try:
-    if local_dir:
-      local_data.prepare_fashion_mnist(local_dir, config.data_dir)
-    else:
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          manual_dir=config.manual_dir, try_download_gcs=False))
-  except Exception as e:  # pylint: disable=broad-except
-    reason = reporting.one_line(f'{type(e).__name__}: {e}', 300)
-    raise DatasetNotFoundError(
-        f'{name} is not prepared in {data_dir} and could not be prepared ({reason}): '
-        f'{hint}') from e
-  return tfds.builder(name, data_dir=config.data_dir)
-
-
-def _tfds_read(builder, *, label_keys=('label',), label_map=None):
-  """A `read` for a TFDS builder; `label_map` (int64 -> int64 table, -1: drop)
-  relabels and filters."""
-
-  def relabel(ds):
-    ds = ds.map(lambda ex: {'image': ex['image'],
-                            **{k: tf.cast(ex[k], tf.int32) for k in label_keys}})
-    if label_map is not None:
-      ds = ds.map(lambda ex: {
-          **ex, 'label': tf.cast(label_map.lookup(tf.cast(ex['label'], tf.int64)), tf.int32)})
-      ds = ds.filter(lambda ex: ex['label'] >= 0)
-    return ds
-
-  def read(split, process_index, process_count, shuffle_seed, exact_shards):
-    decoders = {'image': tfds.decode.SkipDecoding()}
-    if label_map is not None and exact_shards and process_count > 1:
-      # Filtering after splitting would make the shares uneven: filter, then shard.
-      ds = relabel(builder.as_dataset(split=split, decoders=decoders))
-      return ds.shard(process_count, process_index)
-    subsplit = tfds.split_for_jax_process(
-        split, process_index=process_index, process_count=process_count)
-    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
-    ds = builder.as_dataset(split=subsplit, shuffle_files=shuffle_seed is not None,
-                            read_config=read_config, decoders=decoders)
-    return relabel(ds)
-
-  return read
-
-
-def _split_sizes(builder, split):
-  try:
-    return builder.info.splits[split].num_examples
-  except (KeyError, ValueError, TypeError, AssertionError):  # e.g. mocked data: unknown
-    return None
-
-
-def _decode_image(channels: int):
-  def decode(encoded):
-    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
-    return tf.ensure_shape(image, [None, None, channels])
-  return decode
-
-
-def _tfds_source(config) -> Source:
-  name = config.dataset
-  builder = prepared_builder(name, config)
-  features = builder.info.features
-  shape = tuple(features['image'].shape)
-  mean, std = _MEAN_STD.get(name, _IMAGENET_MEAN_STD)
-  coarse = ('coarse_label',) if 'coarse_label' in features else ()
-  return Source(
-      name=name,
-      read=_tfds_read(builder, label_keys=('label',) + coarse),
-      decode=_fixed_shape(_decode_image(shape[-1]), shape),
-      known_num_examples=functools.partial(_split_sizes, builder),
-      num_classes=features['label'].num_classes,
-      image_shape=shape, mean=mean, std=std, extra_labels=coarse,
-      eval_normalization=_MEAN_STD['cifar10'] if name == 'cifar100' else None,
-      num_coarse_classes=features['coarse_label'].num_classes if coarse else None)
-
-
-def imagenet100_classes() -> list[str]:
-  """The 100 synset ids of ImageNet-100, in the shipped file's order."""
-  text = importlib.resources.files('resa_jax').joinpath(
-      'data', 'imagenet100_classes.txt').read_text()
-  return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def _imagenet100_source(config) -> Source:
-  builder = prepared_builder('imagenet2012', config)
-  synsets = sorted(imagenet100_classes())
-  names = builder.info.features['label'].names
-  old_ids = tf.constant([names.index(s) for s in synsets], tf.int64)
-  label_map = tf.lookup.StaticHashTable(
-      tf.lookup.KeyValueTensorInitializer(old_ids, tf.range(len(synsets), dtype=tf.int64)),
-      default_value=-1)
-
-  def known_num_examples(split):
-    # The subset's sizes are known for the full splits of a prepared ImageNet only.
-    if _split_sizes(builder, split) is None:
-      return None
-    return _IMAGENET100_SIZES.get(split)
-
-  return Source(
-      name='imagenet100', read=_tfds_read(builder, label_map=label_map),
-      decode=_decode_image(3), known_num_examples=known_num_examples,
-      num_classes=len(synsets), image_shape=(None, None, 3),
-      mean=_IMAGENET_MEAN_STD[0], std=_IMAGENET_MEAN_STD[1])
-
-
-def _image_folder_source(config) -> Source:
-  root = config.data_dir
-  hint = ('config.data_dir must hold train/<class>/<image> and val/<class>/<image> '
-          '(jpeg, png, ...)')
-  if not root or not tf.io.gfile.isdir(os.path.join(root, 'train')):
-    raise DatasetNotFoundError(f'image_folder: no train/ folder in {root!r}: {hint}')
-  builder = tfds.folder_dataset.ImageFolder(root)
-  for split in dict.fromkeys((config.train_split, config.eval_train_split, config.eval_split)):
-    if split in builder.info.splits:  # pipelines skip undecodable files: none would hang
-      local_data.check_some_decode(
-          (ex['image'] for ex in builder.as_dataset(
-              split=split, shuffle_files=False,
-              decoders={'image': tfds.decode.SkipDecoding()}).take(32)),
-          os.path.join(root, split), error=DatasetNotFoundError)
-
-  def read(split, process_index, process_count, shuffle_seed, exact_shards):
-    del shuffle_seed, exact_shards  # ImageFolder's own file shuffle is unseeded.
-    if split not in builder.info.splits:
-      raise ValueError(f'image_folder has splits {sorted(builder.info.splits)}, '
-                       f'not {split!r}')
-    ds = builder.as_dataset(split=split, shuffle_files=False,
-                            decoders={'image': tfds.decode.SkipDecoding()})
-    ds = ds.shard(process_count, process_index)
-    return ds.map(lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)})
-
-  return Source(
-      name='image_folder', read=read, decode=_decode_image(3),
-      known_num_examples=functools.partial(_split_sizes, builder),
-      num_classes=builder.info.features['label'].num_classes,
-      image_shape=(None, None, 3), mean=_IMAGENET_MEAN_STD[0],
-      std=_IMAGENET_MEAN_STD[1], may_fail_decoding=True)
-
-
-def _fake_source(config) -> Source:
-  """Random uint8 images (size config.fake_image_size, 3 channels) and labels.
-
-  Example i of split s is a stateless function of (s, i), like a real dataset it
-  does not change with config.seed: records carry only (salt of s, i), the image
-  is made by `decode`.
-  """
-  size, num_classes = int(config.fake_image_size), int(config.fake_num_classes)
-  split_size = int(config.fake_num_examples)
-
-  def read(split, process_index, process_count, shuffle_seed, exact_shards):
-    del shuffle_seed, exact_shards
-    split_salt = salt(split)
-    label_seed = tf.constant([split_salt, 0], tf.int64)
-
-    def record(i):
-      label = tf.random.stateless_uniform(
-          [], tf.random.experimental.stateless_fold_in(label_seed, i), 0, num_classes,
-          tf.int32)
-      return {'image': tf.stack([tf.constant(split_salt, tf.int64), i]), 'label': label}
-
-    return tf.data.Dataset.range(split_size).shard(process_count, process_index).map(record)
-
-  def decode(salt_and_index):  # (2,) int64 -> uint8 (size, size, 3)
-    image_seed = tf.random.experimental.stateless_fold_in(
-        tf.stack([salt_and_index[0], tf.constant(1, tf.int64)]), salt_and_index[1])
-    return tf.cast(tf.random.stateless_uniform(
-        [size, size, 3], image_seed, 0, 256, tf.int32), tf.uint8)
-
-  return Source(
-      name='fake', read=read, decode=decode,
-      known_num_examples=lambda split: split_size, num_classes=num_classes,
-      image_shape=(size, size, 3), mean=_IMAGENET_MEAN_STD[0], std=_IMAGENET_MEAN_STD[1])
-
-
-def _fixed_shape(decode, shape):
-  if None in shape:
-    return decode
-  return lambda encoded: tf.ensure_shape(decode(encoded), shape)
+# The names a user of this module needs, defined in the TensorFlow-free sources.py.
+from resa_jax.sources import (  # pylint: disable=unused-import
+    CIFAR_DATASETS, DATASETS, DATASETS_HELD_ON_DEVICE, MEAN_STD, DatasetInfo,
+    DatasetNotFoundError, Source, salt)
 
 
 def _cifar10_jpeg_source(config) -> Source:
@@ -337,52 +49,51 @@ def _cifar10_jpeg_source(config) -> Source:
   except (OSError, ValueError) as e:
     raise DatasetNotFoundError(f'cifar10_jpeg: {reporting.one_line(e, 300)}') from e
 
-  def read(split, process_index, process_count, shuffle_seed, exact_shards):
-    del shuffle_seed, exact_shards  # file order; the pipeline shuffles in memory
+  def split_arrays(split):
     if split not in arrays:
       raise ValueError(f'cifar10_jpeg has splits {sorted(arrays)}, not {split!r}')
-    images, labels = arrays[split]
+    return arrays[split]
+
+  def read(split, process_index, process_count, shuffle_seed, exact_shards):
+    del shuffle_seed, exact_shards  # file order; the pipeline shuffles in memory
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (the host pipeline's)
+    images, labels = split_arrays(split)
     ds = tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
     return ds.shard(process_count, process_index)
 
-  mean, std = _MEAN_STD['cifar10']
+  mean, std = MEAN_STD['cifar10']
   return Source(
-      name='cifar10_jpeg', read=read, decode=lambda image: tf.ensure_shape(image, (32, 32, 3)),
+      name='cifar10_jpeg', read=read, decode=lambda image: image,
       known_num_examples=lambda split: len(arrays[split][1]) if split in arrays else None,
-      num_classes=len(local_data.CIFAR10_CLASSES), image_shape=(32, 32, 3), mean=mean, std=std)
+      num_classes=len(local_data.CIFAR10_CLASSES), image_shape=(32, 32, 3), mean=mean, std=std,
+      arrays=split_arrays)
 
 
 def open_source(config) -> Source:
+  """The Source of `config.dataset`.  Opening lists or decodes files (an image folder's
+  tree, the JPEG snapshot): open it once per run and hand it down."""
   if config.dataset not in DATASETS:
     raise ValueError(f'unknown dataset {config.dataset!r}; known: {", ".join(DATASETS)}')
-  if config.dataset == 'fake':
-    return _fake_source(config)
   if config.dataset == 'cifar10_jpeg':
     return _cifar10_jpeg_source(config)
-  if config.dataset == 'image_folder':
-    return _image_folder_source(config)
-  if config.dataset == 'imagenet100':
-    return _imagenet100_source(config)
-  return _tfds_source(config)
+  from resa_jax import tfds_sources  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  return tfds_sources.open_tfds_source(config)
 
 
 def num_examples(source: Source, split: str) -> int:
   """Global size of `split`; counted by reading when unknown (mocked data)."""
   n = source.known_num_examples(split)
   if n is None:
-    ds = source.read(split, 0, 1, None, True)
+    ds = source.read(split, 0, 1, None, True)  # tf.data
     n = int(ds.cardinality())
     if n < 0:  # unknown or infinite: count
       n = int(ds.reduce(np.int64(0), lambda count, _: count + 1))
   return n
 
 
-# ---------------------------------------------------------------------------
-# Public info
-
-
-def dataset_info(config) -> DatasetInfo:
-  source = open_source(config)
+def dataset_info(config, source: Source | None = None) -> DatasetInfo:
+  """Sizes, classes and statistics of `config.dataset` (`source`: it, already open)."""
+  source = source or open_source(config)
   return DatasetInfo(
       num_train_examples=num_examples(source, config.train_split),
       num_eval_train_examples=num_examples(source, config.eval_train_split),
@@ -392,6 +103,36 @@ def dataset_info(config) -> DatasetInfo:
       num_coarse_classes=source.num_coarse_classes)
 
 
-def salt(name: str) -> int:
-  """A stable 31-bit integer for a name (a split, a stream), for seeds."""
-  return zlib.crc32(name.encode()) & 0x7FFFFFFF
+def split_arrays(source: Source, split: str, process_index: int = 0,
+                 process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """A process's share of `split` decoded, in file order: uint8 (n, H, W, C) and int32
+  (n,).  The defaults read the whole split (what `augment_on='device'` holds).
+
+  A source held in memory (`Source.arrays`) gives views of its arrays.  Others are read
+  through tf.data and filled into arrays of the expected size batch by batch, so that
+  reading holds the split once, not also as a list of batches and their concatenation.
+  """
+  if source.arrays is not None:
+    images, labels = source.arrays(split)
+    return images[process_index::process_count], labels[process_index::process_count]
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  ds = source.read(split, process_index, process_count, None, False)
+  ds = ds.map(lambda r: {'image': source.decode(r['image']), 'label': r['label']},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  expected = math.ceil(num_examples(source, split) / process_count)
+  images = labels = None
+  n = 0
+  for part in ds.batch(1024).as_numpy_iterator():
+    k = len(part['label'])
+    if images is None:
+      images = np.empty((expected,) + part['image'].shape[1:], part['image'].dtype)
+      labels = np.empty((expected,), part['label'].dtype)
+    if n + k > len(images):  # more than counted (a source whose count is a guess): grow
+      images = np.concatenate([images[:n], part['image']])
+      labels = np.concatenate([labels[:n], part['label']])
+    else:
+      images[n:n + k], labels[n:n + k] = part['image'], part['label']
+    n += k
+  if not n:
+    raise ValueError(f'{source.name} split {split!r} is empty')
+  return images[:n], labels[:n]

@@ -36,7 +36,7 @@ Memory
 ------
 The split is replicated: every device holds all N H W C bytes (CIFAR-10 150 MB,
 Fashion-MNIST 47 MB, STL-10 train+unlabelled 2.9 GB), and every process decodes the whole
-split on its host first (`input_pipeline.split_arrays`), though it computes only its own
+split on its host first (`datasets.split_arrays`), though it computes only its own
 devices' rows of each batch.  Sharding the split over the devices (each gathering its
 batch rows from the others) is the next step, for splits larger than one device's memory.
 A step's gathered uint8 images exist only inside its program; its V views are its

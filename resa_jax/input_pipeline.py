@@ -1,47 +1,26 @@
-"""TFDS -> tf.data -> global sharded arrays: ReSA's multi-view training input and the
-evaluation inputs.
+"""ReSA's multi-view training input and the evaluation inputs, as global sharded arrays.
 
 One training step reads `config.batch_size` (B, global) images and makes
-V = 1 + sum(config.crops_nmb) views of each (augment.py: view 0 weak, the others strong):
+V = 1 + sum(config.crops_nmb) views of each (view 0 weak, the others strong):
 
     {'views': (x_0, ..., x_{V-1})}   # x_k: (B, crops_size[g_k], crops_size[g_k], C)
 
 in `config.dtype`, each a global `jax.Array` sharded along the batch over the mesh's
-data axis.  Each process reads only its share of the split (B / process_count
-examples per step, `tfds.split_for_jax_process`) and the global arrays are assembled
-with `jax.make_array_from_process_local_data` (sharding.shard_host_batch).  TensorFlow
-is kept off the accelerators.
+data axis.  Where the views are made is `config.augment_on` (`placement`):
 
-Determinism and resuming
-------------------------
-A seed reproduces the same batches, and a run resumed at global step k
-(`start_step=k`) sees exactly the batches an uninterrupted run sees from step k on,
-whatever the number of tf.data threads:
+* 'device': the train split is held on the devices and each step makes its views there
+  (`device_input.py`); for the datasets of one image size held in memory.
+* 'host': tf.data makes them on the CPU cores (`host_input.py`), each process its share
+  of the batch, assembled with `jax.make_array_from_process_local_data`.
+* 'auto' (the default): 'device' on GPUs and TPUs for the datasets held in memory,
+  else 'host' (on CPUs the two take the same time a step; docs/data.md).
 
-* *Data order* is a function of (config.seed, epoch) only.  The data stream is cut
-  into epochs of `E = num_train_examples // B` steps (the remainder is dropped);
-  step k belongs to epoch k // E at position k % E.  Small datasets (decoded split
-  of this process <= 1 GiB: Fashion-MNIST, CIFAR, small fake data) are decoded once
-  into memory and each epoch is a stateless permutation of the indices, so resuming
-  is a slice of it.  Larger ones (STL-10, ImageNet, image folders) are streamed:
-  each epoch reads the files in an order shuffled with a seed of (seed, epoch), then
-  a shuffle buffer (config.shuffle_buffer) seeded likewise; resuming inside an
-  epoch skips the records already used, reading but not decoding them (image
-  folders do decode them, so that undecodable images drop out the same way).  A new
-  tf.data pipeline is built for each epoch (a short stall at each boundary while
-  the shuffle buffer fills).
-* *Augmentation randomness* uses TF stateless ops whose seed is derived from
-  (config.seed, global step, position of the example in the global batch, view).
-* All maps are order-preserving (`deterministic=True`).
+Evaluation reads a split once without augmentation.  A source held in memory
+(`Source.arrays`: the CIFAR-10 JPEG snapshot) is evaluated from its arrays, the others
+through tf.data, so the snapshot trains and evaluates with no TensorFlow installed.
 
-The stream depends on the number of processes (each one always reads its own share);
-resuming on a different process count gives a different, equally valid, stream.
-`config.steps_per_epoch` (the training schedule's epoch) does not change the data
-stream.
-
-Where the examples come from (TFDS, local files, image folders, fake data) is
-`datasets.py`; this module turns a `datasets.Source` into streams (or, with
-`config.augment_on='device'`, into the arrays that `device_input.py` augments on the devices).
+Callers open the dataset once (`datasets.open_source`) and pass it as `source`; without
+it each function opens it again.
 """
 
 from __future__ import annotations
@@ -49,192 +28,33 @@ from __future__ import annotations
 import collections
 import functools
 import math
-from typing import Callable, Iterator
+from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
 
-from resa_jax import augment
+from resa_jax import augment_device
 from resa_jax import datasets
 from resa_jax import device_input
 from resa_jax import sharding
 
 
-# Decoded splits up to this size (per process) are kept in memory (twice, briefly, while
-# they become a TensorFlow constant): CIFAR-10's 150 MB and Fashion-MNIST's 47 MB are;
-# 6,000 ImageNet-sized images (900 MB) are streamed.
-_MAX_CACHE_BYTES = 512 << 20
+def placement(config) -> str:
+  """Where the training views of `config` are made: 'host' or 'device'."""
+  augment_on = config.get('augment_on', 'auto')
+  if augment_on != 'auto':
+    return augment_on
+  held = config.dataset in datasets.DATASETS_HELD_ON_DEVICE
+  return 'device' if held and jax.default_backend() != 'cpu' else 'host'
 
 
-def steps_per_epoch(config) -> int:
+def steps_per_epoch(config, source: datasets.Source | None = None) -> int:
   """Training steps per epoch: config.steps_per_epoch if > 0, else N // batch_size."""
   if config.steps_per_epoch > 0:
     return int(config.steps_per_epoch)
-  source = datasets.open_source(config)
+  source = source or datasets.open_source(config)
   return max(1, datasets.num_examples(source, config.train_split) // config.batch_size)
-
-
-# ---------------------------------------------------------------------------
-# Seeds
-
-
-def _python_seed(*parts: int) -> int:
-  """A 31-bit int seed from a few ints (for TFDS / tf.data shuffles)."""
-  return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0]
-             & 0x7FFFFFFF)
-
-
-# ---------------------------------------------------------------------------
-# Augmented (training) streams
-
-
-def _tf_options(num_parallel_calls) -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.max_intra_op_parallelism = 1
-  if num_parallel_calls == 1:
-    options.threading.private_threadpool_size = 1
-  return options
-
-
-def _load_into_memory(source: datasets.Source, split: str, process_index: int,
-                      process_count: int) -> dict[str, tf.Tensor] | None:
-  """This process's share of `split`, decoded, if it is small enough; else None.
-
-  {'image': uint8 (n_local, H, W, C), 'label': int32 (n_local,)}.
-  """
-  shape = source.image_shape
-  if None in shape or source.may_fail_decoding:
-    return None
-  n_local = math.ceil(datasets.num_examples(source, split) / process_count)
-  if n_local * int(np.prod(shape)) > _MAX_CACHE_BYTES:
-    return None
-  images, labels = split_arrays(source, split, process_index, process_count)
-  return {'image': tf.constant(images), 'label': tf.constant(labels)}
-
-
-def split_arrays(source: datasets.Source, split: str, process_index: int = 0,
-                 process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
-  """A process's share of `split` decoded, in file order: uint8 (n, H, W, C) and int32
-  (n,).  The defaults read the whole split (what `augment_on='device'` holds).  Filled
-  into arrays of the expected size batch by batch, so that reading holds the split once,
-  not also as a list of batches and their concatenation."""
-  ds = source.read(split, process_index, process_count, None, False)
-  ds = ds.map(lambda r: {'image': source.decode(r['image']), 'label': r['label']},
-              num_parallel_calls=tf.data.AUTOTUNE)
-  expected = math.ceil(datasets.num_examples(source, split) / process_count)
-  images = labels = None
-  n = 0
-  for part in ds.batch(1024).as_numpy_iterator():
-    k = len(part['label'])
-    if images is None:
-      images = np.empty((expected,) + part['image'].shape[1:], part['image'].dtype)
-      labels = np.empty((expected,), part['label'].dtype)
-    if n + k > len(images):  # more than counted (a source whose count is a guess): grow
-      images = np.concatenate([images[:n], part['image']])
-      labels = np.concatenate([labels[:n], part['label']])
-    else:
-      images[n:n + k], labels[n:n + k] = part['image'], part['label']
-    n += k
-  if not n:
-    raise ValueError(f'{source.name} split {split!r} is empty')
-  return images[:n], labels[:n]
-
-
-def _epoch_records(source: datasets.Source, split: str, *, epoch: int, order_seed: int,
-                   num_local: int, skip: int, process_index: int, process_count: int,
-                   in_memory: dict | None, shuffle_buffer: int) -> tf.data.Dataset:
-  """Records j = skip .. num_local - 1 of this process's epoch `epoch`, as
-  (j, {'image': uint8 (H, W, C), 'label'}) or, streamed, with the image not yet
-  decoded.  If the share is shorter than num_local, it is cycled (mocked data)."""
-  if in_memory is not None:
-    images, labels = in_memory['image'], in_memory['label']
-    n = int(images.shape[0])
-    perm = tf.random.experimental.stateless_shuffle(
-        tf.range(n, dtype=tf.int32), seed=[order_seed, epoch])
-    indices = tf.tile(perm, [math.ceil(num_local / n)])[skip:num_local]
-    ds = tf.data.Dataset.from_tensor_slices(indices)
-    ds = ds.map(lambda i: {'image': tf.gather(images, i), 'label': tf.gather(labels, i)})
-    return ds.enumerate(start=skip)
-  seed = _python_seed(order_seed, epoch)
-  ds = source.read(split, process_index, process_count, seed, False)
-  ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
-  if source.may_fail_decoding:
-    # Decode before counting, so skipping on resume drops the same bad images.
-    ds = ds.map(lambda r: {**r, 'image': source.decode(r['image'])},
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-  ds = ds.repeat().take(num_local).skip(skip)
-  return ds.enumerate(start=skip)
-
-
-def _host_batches(config, source: datasets.Source, split: str, *, batch_size: int,
-                  start_step: int, make_example: Callable, salt: str,
-                  process_index: int, process_count: int,
-                  num_parallel_calls=tf.data.AUTOTUNE) -> Iterator[dict]:
-  """This process's batches (numpy) of global steps start_step, start_step + 1, ...
-
-  make_example(image uint8 (H, W, C), label, seed (2,)) -> dict of tensors; the seed
-  is a function of (config.seed, salt, global step, position in the global batch).
-  """
-  local_batch = batch_size // process_count
-  num_examples = datasets.num_examples(source, split)
-  epoch_steps = device_input.epoch_steps(num_examples, batch_size,
-                                         f'{source.name} split {split!r}')
-  in_memory = _load_into_memory(source, split, process_index, process_count)
-  decoded = in_memory is not None or source.may_fail_decoding
-  base_seed = tf.constant([int(config.seed), datasets.salt(salt)], tf.int64)
-  order_seed = _python_seed(int(config.seed), datasets.salt(salt))
-  options = _tf_options(num_parallel_calls)
-
-  def example(j, record, epoch):
-    step = epoch * epoch_steps + j // local_batch
-    slot = process_index * local_batch + j % local_batch
-    seed = tf.random.experimental.stateless_fold_in(
-        tf.random.experimental.stateless_fold_in(base_seed, step), slot)
-    image = record['image'] if decoded else source.decode(record['image'])
-    return make_example(image, record['label'], seed)
-
-  epoch, step_in_epoch = divmod(int(start_step), epoch_steps)
-  while True:
-    ds = _epoch_records(
-        source, split, epoch=epoch, order_seed=order_seed,
-        num_local=epoch_steps * local_batch, skip=step_in_epoch * local_batch,
-        process_index=process_index, process_count=process_count, in_memory=in_memory,
-        shuffle_buffer=int(config.shuffle_buffer))
-    ds = ds.map(functools.partial(example, epoch=tf.constant(epoch, tf.int64)),
-                num_parallel_calls=num_parallel_calls, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=True)
-    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(options)
-    yield from ds.as_numpy_iterator()
-    epoch, step_in_epoch = epoch + 1, 0
-
-
-def _train_example_fn(config, source: datasets.Source):
-  specs = augment.view_specs(config)
-  dtype = tf.as_dtype(config.dtype)
-
-  def make_example(image, label, seed):
-    del label  # self-supervised
-    view_seeds = augment.split_seed(seed, len(specs))
-    views = tuple(
-        tf.cast(augment.normalize(augment.make_view(image, s, spec), source.mean, source.std),
-                dtype)
-        for s, spec in zip(view_seeds, specs))
-    return {'views': views}  # view k: (crops_size[g_k], crops_size[g_k], C)
-
-  return make_example
-
-
-def _linear_probe_example_fn(config, source: datasets.Source):
-  size, dtype = int(config.crops_size[0]), tf.as_dtype(config.dtype)
-
-  def make_example(image, label, seed):
-    view = augment.classifier_view(image, seed, size)
-    return {'image': tf.cast(augment.normalize(view, *source.eval_mean_std), dtype),
-            'label': label}
-
-  return make_example
 
 
 def _to_mesh(mesh, host_batches: Iterator[dict], prefetch: int) -> Iterator[dict]:
@@ -248,31 +68,30 @@ def _to_mesh(mesh, host_batches: Iterator[dict], prefetch: int) -> Iterator[dict
     yield queue.popleft()
 
 
-def create_train_iterator(config, mesh, *, start_step: int = 0) -> Iterator[dict]:
+def create_train_iterator(config, mesh, *, start_step: int = 0,
+                          source: datasets.Source | None = None) -> Iterator[dict]:
   """Endless iterator of training batches; item i is global step start_step + i.
 
   Yields {'views': (x_0, ..., x_{V-1})}, x_k a global array of shape
   (batch_size, crops_size[g_k], crops_size[g_k], C) in config.dtype, sharded along the
-  batch over the mesh's data axis.  `config` is taken as valid (`validate_config`);
-  only the batch is checked against this mesh.  config.augment_on == 'device': the
-  same structure from `device_input` (the whole split held on the devices).
+  batch over the mesh's data axis, made where `placement(config)` says.  `config` is
+  taken as valid (`validate_config`); only the batch is checked against this mesh.
   """
   sharding.check_batch_size(config.batch_size, mesh.size)
-  source = datasets.open_source(config)
-  if config.get('augment_on', 'host') == 'device':
-    images, _ = split_arrays(source, config.train_split)  # every process: the whole split
+  source = source or datasets.open_source(config)
+  if placement(config) == 'device':
+    images, _ = datasets.split_arrays(source, config.train_split)  # every process: all
     return device_input.create_device_train_iterator(
         config, mesh, images, source.mean, source.std, start_step=start_step)
-  host = _host_batches(
-      config, source, config.train_split, batch_size=config.batch_size,
-      start_step=start_step, make_example=_train_example_fn(config, source), salt='train',
-      process_index=jax.process_index(), process_count=jax.process_count())
-  return _to_mesh(mesh, host, config.prefetch)
+  from resa_jax import host_input  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  return _to_mesh(mesh, host_input.train_batches(config, source, start_step=start_step),
+                  config.prefetch)
 
 
-def create_linear_probe_train_iterator(config, mesh, *,
-                                       batch_size: int | None = None) -> Iterator[dict]:
-  """Endless iterator over config.eval_train_split for linear probes.
+def create_linear_probe_train_iterator(config, mesh, *, batch_size: int | None = None,
+                                       source: datasets.Source | None = None
+                                       ) -> Iterator[dict]:
+  """Endless iterator over config.eval_train_split for linear probes (tf.data).
 
   RandomResizedCrop(crops_size[0], scale 0.08-1, bilinear) + flip, normalised:
   {'image': (B, S, S, C) config.dtype, 'label': (B,) int32}, B = batch_size or
@@ -280,68 +99,69 @@ def create_linear_probe_train_iterator(config, mesh, *,
   """
   batch_size = batch_size or config.batch_size
   sharding.check_batch_size(batch_size, mesh.size)
-  source = datasets.open_source(config)
-  host = _host_batches(
-      config, source, config.eval_train_split, batch_size=batch_size,
-      start_step=0, make_example=_linear_probe_example_fn(config, source),
-      salt='linear_probe', process_index=jax.process_index(),
-      process_count=jax.process_count())
-  return _to_mesh(mesh, host, config.prefetch)
-
-
-# ---------------------------------------------------------------------------
-# Evaluation (no augmentation)
-
-
-def _eval_dataset(config, source: datasets.Source, split: str, *, batch_size: int,
-                  process_index: int, process_count: int,
-                  resize_method: str = 'bilinear') -> tf.data.Dataset:
-  """One pass over this process's share of `split`, padded to the same number of
-  batches on every process; padding has mask False."""
-  local_batch = batch_size // process_count
-  size, dtype = int(config.crops_size[0]), tf.as_dtype(config.dtype)
-  num_batches = math.ceil(math.ceil(datasets.num_examples(source, split) / process_count)
-                          / local_batch)
-  variable_size = None in source.image_shape
-
-  def preprocess(record):
-    image = source.decode(record['image'])
-    if variable_size:  # ImageNet-like: resize the shorter side, centre crop
-      image = augment.resize_shorter_and_center_crop(image, int(config.eval_resize), size,
-                                                     method=resize_method)
-    else:  # 28x28, 32x32, 96x96 data: the image itself
-      image = augment.unaugmented(image, size)
-    example = {'image': tf.cast(augment.normalize(image, *source.eval_mean_std), dtype),
-               'label': record['label'], 'mask': tf.constant(True)}
-    example.update({k: record[k] for k in source.extra_labels})
-    return example
-
-  ds = source.read(split, process_index, process_count, None, True)
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if source.may_fail_decoding:
-    ds = ds.ignore_errors()
-  padding = {k: tf.zeros(spec.shape, spec.dtype) for k, spec in ds.element_spec.items()}
-  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
-  ds = ds.take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_tf_options(tf.data.AUTOTUNE))
+  source = source or datasets.open_source(config)
+  from resa_jax import host_input  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  return _to_mesh(mesh, host_input.linear_probe_batches(config, source, batch_size=batch_size),
+                  config.prefetch)
 
 
 def create_eval_iterator(config, mesh, split: str, *, batch_size: int | None = None,
-                         resize_method: str = 'bilinear') -> Iterator[dict]:
+                         resize_method: str = 'bilinear',
+                         source: datasets.Source | None = None) -> Iterator[dict]:
   """One pass over `split` without augmentation.
 
   Yields {'image': (B, S, S, C) config.dtype, 'label': (B,) int32, 'mask': (B,) bool}
   (+ 'coarse_label' for CIFAR-100), S = crops_size[0]: ImageNet-sized images are
   resized (shorter side config.eval_resize, `resize_method`: the authors' kNN uses
   'bicubic', their linear evaluation 'bilinear') and centre-cropped, small fixed-size
-  ones are used as they are.  Normalised with the source's evaluation statistics
-  (`Source.eval_mean_std`).  B = batch_size or config.batch_size; the last batches are
-  padded (mask False) so that every example appears exactly once with mask True.
+  ones are used as they are (resized, bilinear and antialiased, only if their side is
+  not S).  Normalised with the source's evaluation statistics (`Source.eval_mean_std`).
+  B = batch_size or config.batch_size; the last batches are padded (mask False) so
+  that every example appears exactly once with mask True.
   """
   batch_size = batch_size or config.batch_size
   sharding.check_batch_size(batch_size, mesh.size)
-  source = datasets.open_source(config)
-  ds = _eval_dataset(config, source, split, batch_size=batch_size,
-                     process_index=jax.process_index(), process_count=jax.process_count(),
-                     resize_method=resize_method)
-  return _to_mesh(mesh, ds.as_numpy_iterator(), config.prefetch)
+  source = source or datasets.open_source(config)
+  if source.arrays is not None and not source.extra_labels:
+    return _to_mesh(mesh, _memory_eval_batches(config, source, split, batch_size),
+                    config.prefetch)
+  from resa_jax import host_input  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  return _to_mesh(mesh, host_input.eval_batches(config, source, split, batch_size=batch_size,
+                                                resize_method=resize_method),
+                  config.prefetch)
+
+
+@functools.partial(jax.jit, static_argnames=('size', 'dtype'))
+def _unaugmented(images, mean, std, *, size: int, dtype: str):
+  """uint8 (n, H, W, C) -> (n, size, size, C) normalised: host_input's eval image (the
+  image itself, resized bilinear and antialiased only when its side is not `size`)."""
+  if images.shape[1:3] == (size, size):
+    x = images.astype(jnp.float32) / 255.0
+  else:
+    box = jnp.asarray([0.0, 0.0, images.shape[1], images.shape[2]], jnp.float32)
+    x = jax.vmap(lambda image: augment_device.resized_crop(image, box, size))(images)
+  return ((x - mean) / std).astype(dtype)
+
+
+def _memory_eval_batches(config, source: datasets.Source, split: str,
+                         batch_size: int) -> Iterator[dict]:
+  """This process's evaluation batches of a split held in memory (numpy): its share
+  i = process_index, process_index + P, ... (the tf.data path's), padded with zeros to
+  the same number of batches on every process."""
+  process_index, process_count = jax.process_index(), jax.process_count()
+  images, labels = datasets.split_arrays(source, split, process_index, process_count)
+  local_batch = batch_size // process_count
+  num_batches = math.ceil(math.ceil(datasets.num_examples(source, split) / process_count)
+                          / local_batch)
+  mean, std = (np.asarray(v, np.float32) for v in source.eval_mean_std)
+  size = int(config.crops_size[0])
+  for b in range(num_batches):
+    part = slice(b * local_batch, (b + 1) * local_batch)
+    n = len(labels[part])
+    pixels = np.zeros((local_batch,) + images.shape[1:], np.uint8)
+    pixels[:n] = images[part]
+    image = np.array(_unaugmented(pixels, mean, std, size=size, dtype=config.dtype))
+    image[n:] = 0
+    label = np.zeros((local_batch,), np.int32)
+    label[:n] = labels[part]
+    yield {'image': image, 'label': label, 'mask': np.arange(local_batch) < n}

@@ -22,9 +22,6 @@ import urllib.parse
 
 import numpy as np
 
-import tensorflow as tf
-import tensorflow_datasets as tfds
-
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 _FASHION_MNIST_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
                         't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
@@ -58,7 +55,11 @@ class _LocalFilesDownloadManager:
     return path
 
   def download(self, urls):
-    return tf.nest.map_structure(self._local_path, urls)
+    if isinstance(urls, dict):
+      return {key: self.download(url) for key, url in urls.items()}
+    if isinstance(urls, (list, tuple)):
+      return type(urls)(self.download(url) for url in urls)
+    return self._local_path(urls)
 
   def download_and_extract(self, urls):
     return self._dl_manager.extract(self.download(urls))
@@ -76,6 +77,7 @@ def prepare_fashion_mnist(local_dir: str, data_dir: str | None) -> None:
   it validates the files against the registered checksums of the originals and the
   Debian files differ.  Temporary extractions go to a scratch dir that is removed.
   """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder_cls = tfds.builder_cls('fashion_mnist')
 
   class FashionMnistFromLocalFiles(builder_cls, skip_registration=True):
@@ -144,11 +146,8 @@ def load_cifar10_jpeg(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{'train': (images uint8 (50000, 32, 32, 3), labels int32 (50000,)), 'test': ...}.
 
   Decoded once per process and kept; examples ordered by class, then file name;
-  labels in CIFAR-10's class order.  The decoder is TensorFlow's `decode_jpeg` (libjpeg
-  with fancy upsampling), the one every other dataset of this project goes through;
-  its pixel means are the snapshot README's (0.4868, 0.4822, 0.4414).  PIL, which the
-  authors' loader uses, decodes the chroma differently: its means are about 0.004
-  higher in R and B.
+  labels in CIFAR-10's class order.  Decoded by `_decode_jpegs`: TensorFlow's decoder
+  where TensorFlow is installed, else PIL's.
   """
   files = {split: [] for split in _CIFAR10_JPEG_SPLITS}
   for split, class_name, name, data in _jpeg_files(path):
@@ -162,12 +161,9 @@ def load_cifar10_jpeg(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     if not found:
       raise ValueError(f'{path} holds no {split}/<class>/*.jpg files')
     found.sort(key=lambda f: f[:2])
-    decoded = tf.data.Dataset.from_tensor_slices([f[2] for f in found]).map(
-        lambda data: tf.io.decode_jpeg(data, channels=3), num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True).batch(4096)
     try:
-      images = np.concatenate(list(decoded.as_numpy_iterator()))
-    except (tf.errors.InvalidArgumentError, ValueError) as e:  # undecodable or mixed sizes
+      images = _decode_jpegs([f[2] for f in found])
+    except ValueError as e:  # undecodable or mixed sizes
       raise ValueError(f'{path}: {split} holds a file that is not a 32x32 JPEG '
                        f'({type(e).__name__})') from e
     if images.shape[1:] != (32, 32, 3):
@@ -176,8 +172,40 @@ def load_cifar10_jpeg(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   return arrays
 
 
+def _decode_jpegs(files: list[bytes]) -> np.ndarray:
+  """uint8 (N, H, W, 3) of N encoded images of one size; ValueError if one is not.
+
+  TensorFlow's `decode_jpeg` (libjpeg, fancy upsampling) where TensorFlow is installed:
+  the decoder every other dataset of this project goes through, whose pixel means are the
+  snapshot README's (0.4868, 0.4822, 0.4414).  Without TensorFlow (the training command
+  runs on the snapshot with JAX alone), PIL's, the authors' loader's: it decodes the
+  chroma differently, its means are about 0.004 higher in R and B, a pixel differs from
+  TensorFlow's by about 1/255 on average (tests/test_cifar10_jpeg.py).
+  """
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    tf = None
+  if tf is None:
+    import io  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    try:
+      return np.stack([np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
+                       for data in files])
+    except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+      raise ValueError(str(e)) from e
+  decoded = tf.data.Dataset.from_tensor_slices(files).map(
+      lambda data: tf.io.decode_jpeg(data, channels=3), num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True).batch(4096)
+  try:
+    return np.concatenate(list(decoded.as_numpy_iterator()))
+  except tf.errors.InvalidArgumentError as e:
+    raise ValueError(str(e)) from e
+
+
 def check_some_decode(encoded_images, where: str, *, error=ValueError) -> None:
   """Raises `error` unless one of `encoded_images` (scalar string tensors) decodes."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tried = 0
   for encoded in encoded_images:
     tried += 1
@@ -192,6 +220,7 @@ def check_some_decode(encoded_images, where: str, *, error=ValueError) -> None:
 
 def hide_accelerators_from_tf() -> None:
   """TF only feeds the host; JAX owns the GPUs (and their memory)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:  # TF already initialised its devices: nothing to do safely.

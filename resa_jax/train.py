@@ -1,8 +1,8 @@
 """The training loop: resume, train, log, evaluate periodically, checkpoint, report.
 
 `train_and_evaluate(config, workdir)` is everything `python -m resa_jax.main` does.
-One batch travels: `input_pipeline.create_train_iterator` (TFDS record -> views as
-global arrays) -> `step.make_train_step` (the pure, jit-compiled ReSA step) ->
+One batch travels: `input_pipeline.create_train_iterator` (an image -> its views as
+global arrays, made on the host or the devices) -> `step.make_train_step` (the pure, jit-compiled ReSA step) ->
 `MetricsLog` (device metrics fetched every `log_every_steps`, checked for NaN/Inf,
 averaged, written through clu and printed as the progress line).  Every
 `knn_every_epochs` the momentum encoder is measured by a weighted kNN
@@ -18,6 +18,7 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import pathlib
@@ -56,6 +57,7 @@ class _Run:
   config: Any
   workdir: pathlib.Path
   mesh: Any
+  source: Any  # datasets.Source, opened once
   info: Any
   steps_per_epoch: int
   total_steps: int
@@ -104,14 +106,15 @@ def _set_up(config, workdir: pathlib.Path, take_lock) -> _Run:
   """Builds the networks and the optimizer, takes the workdir's lock (`take_lock()`, the
   first write), restores the newest checkpoint."""
   from resa_jax import datasets, input_pipeline, models  # pylint: disable=g-import-not-at-top
-  info = datasets.dataset_info(config)  # DatasetNotFoundError before any write
+  source = datasets.open_source(config)  # DatasetNotFoundError before any write
+  info = datasets.dataset_info(config, source)
   if info.num_train_examples < 1:
     raise ValueError(f'{config.dataset} split {config.train_split!r} has no examples')
   if info.num_train_examples < config.batch_size:  # before the baselines and any write
     raise ValueError(f'{config.dataset} split {config.train_split!r} has {info.num_train_examples}'
                      f' examples, fewer than one batch of {config.batch_size}: lower it')
   mesh = sharding.create_mesh()
-  steps_per_epoch = input_pipeline.steps_per_epoch(config)
+  steps_per_epoch = input_pipeline.steps_per_epoch(config, source)
   total_steps = num_total_steps(config, steps_per_epoch)
   online_net, momentum_net = models.create_networks(config)
   schedule = step_lib.learning_rate_schedule(config, steps_per_epoch, total_steps)
@@ -132,7 +135,7 @@ def _set_up(config, workdir: pathlib.Path, take_lock) -> _Run:
     raise
   start_step = int(restored_step or 0)
   history = _restored_history(workdir / 'history.json', start_step, steps_per_epoch)
-  return _Run(config=config, workdir=workdir, mesh=mesh, info=info,
+  return _Run(config=config, workdir=workdir, mesh=mesh, source=source, info=info,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               online_net=online_net, momentum_net=momentum_net, schedule=schedule, tx=tx,
               initial_state=initial_state, checkpoints=checkpoints, history=history,
@@ -165,13 +168,14 @@ def _measure_baselines(run: _Run, features_of) -> None:
   config, history = run.config, run.history
   eval_config = training_knn.eval_config(config)
   random = training_knn.knn_accuracies(eval_config, run.mesh, features_of(run.initial_state),
-                                       run.info.num_classes)
+                                       run.info.num_classes, source=run.source)
   side = int(config.crops_size[0])
   raw = None
   if side <= RAW_PIXELS_MAX_SIDE:
     raw = training_knn.knn_accuracies(
         eval_config, run.mesh,
-        lambda x: jnp.reshape(x, (x.shape[0], -1)).astype(jnp.float32), run.info.num_classes)
+        lambda x: jnp.reshape(x, (x.shape[0], -1)).astype(jnp.float32), run.info.num_classes,
+        source=run.source)
   for name in random:
     history[f'{name}_random_init'] = random[name]
     if raw is not None:
@@ -193,7 +197,8 @@ def _periodic_knn(run: _Run, writer, features_of, step: int) -> None:
   try:
     with interrupts.not_polling():
       accuracies = training_knn.knn_accuracies(training_knn.eval_config(run.config), run.mesh,
-                                               features_of(run.state), run.info.num_classes)
+                                               features_of(run.state), run.info.num_classes,
+                                               source=run.source)
   except interrupts.Stopped:
     return
   for name, accuracy in accuracies.items():
@@ -210,12 +215,13 @@ def _train(run: _Run, writer, features_of) -> tuple[int, MetricsLog, list[float]
   Returns (last step, its MetricsLog, checkpoint blocking seconds).  SIGTERM or
   SIGINT (resa_jax/interrupts.py) saves and raises SystemExit(143 or 130).
   """
-  from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   config, history = run.config, run.history
   step_fn = step_lib.make_train_step(config, online_net=run.online_net,
                                      momentum_net=run.momentum_net, tx=run.tx, mesh=run.mesh,
                                      lr_schedule=run.schedule, total_steps=run.total_steps)
-  train_iter = input_pipeline.create_train_iterator(config, run.mesh, start_step=run.start_step)
+  train_iter = input_pipeline.create_train_iterator(config, run.mesh, start_step=run.start_step,
+                                                   source=run.source)
   log = MetricsLog(writer=writer, history=history, batch_size=config.batch_size,
                    total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
                    checkpoint_dir=run.workdir / 'checkpoints')
@@ -304,11 +310,10 @@ def train_and_evaluate(config, workdir) -> dict:
 
 
 def _train_and_report(run: _Run, changes: dict) -> dict:
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   config = run.config
   if run.is_chief:
     workdir_lib.record_config(run.workdir, config, run.start_step, changes)
-  writer = metric_writers.create_default_writer(str(run.workdir), just_logging=not run.is_chief)
+  writer = train_metrics.metric_writer(run.workdir, run.is_chief)
   print(f'ReSA: {config.arch} on {config.dataset}, global batch {config.batch_size} over '
         f'{run.mesh.size} device(s) ({jax.devices()[0].platform}), {run.steps_per_epoch} '
         f'steps/epoch, {run.total_steps} steps'
@@ -351,7 +356,10 @@ def _write_results(run: _Run, step: int, log: MetricsLog, checkpoint_seconds) ->
   if run.is_chief:
     reporting.write_json(run.history_path, history)
     reporting.write_json(run.workdir / 'results.json', results)
-    reporting.plot_training_curves(history, run.workdir / 'training_curves.png')
+    if importlib.util.find_spec('matplotlib') is None:
+      print('matplotlib is not installed: no training_curves.png', flush=True)
+    else:
+      reporting.plot_training_curves(history, run.workdir / 'training_curves.png')
   print('results: ' + json.dumps(results), flush=True)
   return results
 

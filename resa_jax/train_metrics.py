@@ -4,6 +4,7 @@ averaged, written through a clu metric writer and printed as the progress line."
 from __future__ import annotations
 
 import collections
+import json
 import math
 import pathlib
 import time
@@ -101,3 +102,32 @@ class MetricsLog:
   @property
   def images_per_sec(self) -> float | None:
     return self.timed_steps * self.batch_size / self.timed_seconds if self.timed_seconds else None
+
+
+class _JsonLinesWriter:
+  """The part of clu's MetricWriter the loop uses, where clu's writers cannot be
+  imported (they need TensorFlow): each write_scalars a line of metrics.jsonl."""
+
+  def __init__(self, path: pathlib.Path | None):
+    self._path = path  # None: not the chief, nothing written
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    if self._path is not None:
+      line = json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
+      with open(self._path, 'a', encoding='utf-8') as f:
+        f.write(line + '\n')
+
+  def flush(self) -> None:
+    pass
+
+
+def metric_writer(workdir: pathlib.Path, is_chief: bool):
+  """clu's default writer (TensorBoard events and the log), or without TensorFlow
+  metrics.jsonl in the workdir."""
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print('TensorFlow is not installed: metrics go to metrics.jsonl, not TensorBoard',
+          flush=True)
+    return _JsonLinesWriter(workdir / 'metrics.jsonl' if is_chief else None)
+  return metric_writers.create_default_writer(str(workdir), just_logging=not is_chief)

@@ -52,15 +52,13 @@ def validate_config(config) -> None:
 # Compute dtypes.  float64: for checking numerics (runs compared across meshes or
 # processes), under JAX x64 (JAX_ENABLE_X64=1); never for speed.
 DTYPES = ('float32', 'bfloat16', 'float16', 'float64')
-# Datasets of one image size that always decode, which augment_on='device' holds whole
-# on the devices; the others (ImageNet, image folders) are streamed from files.
-DATASETS_HELD_ON_DEVICE = ('fashion_mnist', 'cifar10', 'cifar10_jpeg', 'cifar100', 'stl10',
-                           'fake')
+# Where the training views are made (input_pipeline.placement).
+AUGMENT_ON = ('auto', 'host', 'device')
 
 
 def _validate_input(config) -> None:
   """The fields of the input: dataset, crop groups, probabilities, dtype, placement."""
-  from resa_jax import datasets  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from resa_jax import datasets  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from resa_jax import sharding  # pylint: disable=g-import-not-at-top
   if config.dataset not in datasets.DATASETS:
@@ -97,11 +95,11 @@ def _validate_input(config) -> None:
   if config.dtype == 'float64' and not jax.config.jax_enable_x64:
     raise ValueError('dtype float64 needs JAX x64: set JAX_ENABLE_X64=1 (float64 is for '
                      'checking numerics, not for training)')
-  augment_on = config.get('augment_on', 'host')
-  if augment_on not in ('host', 'device'):
-    raise ValueError(f"augment_on must be 'host' or 'device', got {augment_on!r}")
-  if augment_on == 'device' and config.dataset not in DATASETS_HELD_ON_DEVICE:
+  augment_on = config.get('augment_on', 'auto')
+  if augment_on not in AUGMENT_ON:
+    raise ValueError(f"augment_on must be one of {', '.join(AUGMENT_ON)}, got {augment_on!r}")
+  if augment_on == 'device' and config.dataset not in datasets.DATASETS_HELD_ON_DEVICE:
     raise ValueError(f"augment_on='device' needs a dataset held in memory "
-                     f"({', '.join(DATASETS_HELD_ON_DEVICE)}); {config.dataset} is streamed from "
-                     "files; use 'host'")
+                     f"({', '.join(datasets.DATASETS_HELD_ON_DEVICE)}); {config.dataset} is "
+                     "streamed from files; use 'host' or 'auto'")
   sharding.check_batch_size(config.batch_size, jax.device_count())

@@ -127,3 +127,45 @@ def test_training_reports_the_authors_5nn_metric(slice_dir, tmp_path):
   reference = KNeighborsClassifier(n_neighbors=5, algorithm='brute').fit(
       pixels['train'], arrays['train'][1]).score(pixels['test'], arrays['test'][1])
   assert results['knn5_euclidean_top1_raw_pixels'] == pytest.approx(100 * reference)
+
+
+# Runs `python -m MODULE ARGS` with TensorFlow, TFDS and matplotlib made unimportable, as
+# on a machine with JAX alone (the GPU machines this project uses have no TensorFlow).
+WITHOUT_TENSORFLOW = (
+    'import runpy, sys\n'
+    'for name in ("tensorflow", "tensorflow_datasets", "matplotlib"):\n'
+    '  sys.modules[name] = None  # `import name` now raises ImportError\n'
+    'sys.argv = sys.argv[1:]\n'
+    'runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)\n')
+
+
+@pytest.mark.slow
+def test_trains_and_evaluates_without_tensorflow(slice_dir, tmp_path):
+  """The training command on the snapshot's slice, views made on the device, then kNN
+  and the clustering analysis of the checkpoint, with no TensorFlow to import."""
+  import json, subprocess, sys
+  from helpers import TINY, cli_env, ROOT
+  workdir, out = tmp_path / 'run', tmp_path / 'eval'
+  overrides = dict(dataset='cifar10_jpeg', data_dir=slice_dir, crops_size='(32,)',
+                   eval_resize=32, batch_size=8, num_epochs=1.0, augment_on='device')
+  command = [sys.executable, '-c', WITHOUT_TENSORFLOW]
+  env = cli_env(devices=2)
+  train = subprocess.run(
+      command + ['resa_jax.main', f'--config={TINY}', f'--workdir={workdir}']
+      + [f'--config.{k}={v}' for k, v in overrides.items()],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert train.returncode == 0, train.stderr[-3000:]
+  assert 'metrics.jsonl, not TensorBoard' in train.stdout
+  results = json.loads((workdir / 'results.json').read_text())
+  assert results['finished'] and results['step'] == 5  # 40 examples / 8
+  for name in ('knn_top1', 'knn5_euclidean_top1', 'knn_top1_raw_pixels'):
+    assert 0.0 <= results[name] <= 100.0, name
+  losses = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert any('loss' in entry for entry in losses)
+  evaluate = subprocess.run(
+      command + ['resa_jax.evaluate', f'--checkpoint={workdir}', '--eval=knn,clustering',
+                 '--knn_ks=5', '--batch_size=8', '--clustering_samples=20', f'--output={out}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+  clustering = json.loads((out / 'clustering.json').read_text())
+  assert {'encoding', 'embedding'} <= set(clustering['results'])

@@ -98,7 +98,7 @@ def test_same_seed_same_views_and_resume_continues(mesh, six_steps):
   config = device_config()
   # Built directly from the split's arrays: what create_train_iterator dispatched to.
   source = datasets.open_source(config)
-  images, labels = input_pipeline.split_arrays(source, config.train_split)
+  images, labels = datasets.split_arrays(source, config.train_split)
   assert images.shape == (64, 16, 16, 3) and images.dtype == np.uint8
   assert labels.shape == (64,)
   again = device_input.create_device_train_iterator(config, mesh, images, source.mean,
@@ -120,7 +120,7 @@ def test_one_device_and_eight_give_the_same_views(six_steps):
 
 
 @pytest.mark.parametrize('overrides, match', [
-    (dict(augment_on='tpu'), "augment_on must be 'host' or 'device', got 'tpu'"),
+    (dict(augment_on='tpu'), "augment_on must be one of auto, host, device, got 'tpu'"),
     (dict(augment_on='device', dataset='image_folder'),
      "augment_on='device' needs a dataset held in memory .*image_folder.*use 'host'"),
     (dict(augment_on='device', dataset='imagenet2012'), 'needs a dataset held in memory'),

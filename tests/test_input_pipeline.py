@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 
 from resa_jax.configs import default
 from helpers import seed, small_config
-from resa_jax import augment, datasets, input_pipeline, sharding, validation
+from resa_jax import augment, datasets, host_input, input_pipeline, local_data, sharding, tfds_sources, validation
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -26,9 +26,9 @@ def mesh():
 def host_batches(config, num_steps, start_step=0, num_parallel_calls=AUTOTUNE,
                  process_index=0, process_count=1):
   source = datasets.open_source(config)
-  it = input_pipeline._host_batches(
+  it = host_input._host_batches(
       config, source, config.train_split, batch_size=config.batch_size,
-      start_step=start_step, make_example=input_pipeline._train_example_fn(config, source),
+      start_step=start_step, make_example=host_input._train_example_fn(config, source),
       salt='train', process_index=process_index, process_count=process_count,
       num_parallel_calls=num_parallel_calls)
   return [next(it) for _ in range(num_steps)]
@@ -188,7 +188,7 @@ def test_same_seed_same_batches_different_seed_different(mesh):
 @pytest.mark.parametrize('in_memory', [True, False])
 def test_resume_reproduces_the_continuation(in_memory, monkeypatch):
   if not in_memory:  # Force the streamed path (shuffle buffer, skipping records).
-    monkeypatch.setattr(input_pipeline, '_MAX_CACHE_BYTES', 0)
+    monkeypatch.setattr(host_input, "_MAX_CACHE_BYTES", 0)
   config = small_config()  # 48 examples / 16 = 3 steps per epoch
   full = host_batches(config, 5)
   assert_same_batches(host_batches(config, 1, start_step=4), full[4:])  # epoch 1, step 1
@@ -260,13 +260,13 @@ def test_eval_shares_cover_the_split_once():
   source = datasets.open_source(config)
   seen = []
   for process_index in range(2):
-    ds = input_pipeline._eval_dataset(config, source, 'test', batch_size=16,
+    ds = host_input._eval_dataset(config, source, 'test', batch_size=16,
                                       process_index=process_index, process_count=2)
     batches = list(ds.as_numpy_iterator())
     assert len(batches) == 3  # ceil(ceil(44 / 2) / 8) on both processes
     for b in batches:
       seen.extend(x.tobytes() for x in b['image'][b['mask']])
-  single = input_pipeline._eval_dataset(config, source, 'test', batch_size=16,
+  single = host_input._eval_dataset(config, source, 'test', batch_size=16,
                                         process_index=0, process_count=1)
   everything = [x.tobytes() for b in single.as_numpy_iterator() for x in b['image'][b['mask']]]
   assert len(seen) == 44 and sorted(seen) == sorted(everything)
@@ -357,7 +357,7 @@ def test_missing_data_raises_dataset_not_found(tmp_path):
 
 
 def test_imagenet100_class_list():
-  classes = datasets.imagenet100_classes()
+  classes = tfds_sources.imagenet100_classes()
   assert len(classes) == len(set(classes)) == 100
   assert all(c.startswith('n') and len(c) == 9 for c in classes)
 
@@ -427,7 +427,7 @@ def test_eval_resize_method():
 # Real Fashion-MNIST (the Debian package dataset-fashion-mnist)
 
 
-@pytest.mark.skipif(not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
+@pytest.mark.skipif(not os.path.isdir(local_data.DEBIAN_FASHION_MNIST_DIR),
                     reason='Debian package dataset-fashion-mnist not installed')
 def test_fashion_mnist_real(mesh):
   config = small_config(dataset='fashion_mnist', data_dir=None, crops_nmb=(1,),

@@ -52,14 +52,14 @@ def test_raw_pixel_baseline_only_for_small_images(monkeypatch, capsys):
   import types  # pylint: disable=g-import-not-at-top
   measured = []
   monkeypatch.setattr(train.training_knn, 'knn_accuracies',
-                      lambda config, mesh, fn, num_classes: measured.append(fn) or
+                      lambda config, mesh, fn, num_classes, source: measured.append(fn) or
                       {'knn_top1': 10.0 * len(measured)})
   for side, with_raw in ((train.RAW_PIXELS_MAX_SIDE, True), (train.RAW_PIXELS_MAX_SIDE + 1, False)):
     measured.clear()
     config = tiny_config()
     config.crops_size = (side,)
     run = types.SimpleNamespace(config=config, history={}, mesh=None, initial_state=None,
-                                info=types.SimpleNamespace(num_classes=4))
+                                source=None, info=types.SimpleNamespace(num_classes=4))
     train._measure_baselines(run, lambda state: 'the random encoder')  # pylint: disable=protected-access
     assert measured[0] == 'the random encoder' and len(measured) == 1 + with_raw
     assert run.history['knn_top1_random_init'] == 10.0

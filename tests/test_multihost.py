@@ -46,7 +46,7 @@ REFERENCE = textwrap.dedent('''
     import importlib.util, json, sys
     import jax
     import numpy as np
-    from resa_jax import datasets, input_pipeline, train
+    from resa_jax import datasets, host_input, input_pipeline, train
 
     spec = importlib.util.spec_from_file_location('tiny', sys.argv[1])
     tiny = importlib.util.module_from_spec(spec)
@@ -54,11 +54,11 @@ REFERENCE = textwrap.dedent('''
     config = tiny.get_config()
     config.update(json.loads(sys.argv[3]))
 
-    def two_process_stream(config, mesh, *, start_step=0):
-      source = datasets.open_source(config)
-      hosts = [input_pipeline._host_batches(
+    def two_process_stream(config, mesh, *, start_step=0, source=None):
+      source = source or datasets.open_source(config)
+      hosts = [host_input._host_batches(
           config, source, config.train_split, batch_size=config.batch_size,
-          start_step=start_step, make_example=input_pipeline._train_example_fn(config, source),
+          start_step=start_step, make_example=host_input._train_example_fn(config, source),
           salt='train', process_index=i, process_count=2) for i in range(2)]
       batches = (jax.tree.map(lambda *parts: np.concatenate(parts), *both)
                  for both in zip(*hosts))

@@ -63,7 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
   # by resa_jax/device_input.py; only the datasets of one image size: fashion_mnist,
   # cifar10, cifar10_jpeg, cifar100, stl10, fake).  The two draw different views of one
   # seed (JAX's RNG, TensorFlow's) and blur slightly differently (augment_device.py).
-  config.augment_on = 'host'
+  # 'auto': 'device' on GPUs and TPUs where the dataset allows it, else 'host'.
+  config.augment_on = 'auto'
   # dataset='fake': random uint8 images (3 channels), no TFDS; for benchmarks/tests.
   config.fake_image_size = 224
   config.fake_num_classes = 1000

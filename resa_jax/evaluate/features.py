@@ -125,14 +125,15 @@ def make_feature_fn(net, mesh: Mesh, *, layers: bool = False):
 
 def extract_split(config, mesh: Mesh, feature_fn, split: str, *, batch_size: int,
                   num_examples: int, label_keys: Sequence[str] = ('label',),
-                  resize_method: str = 'bicubic'):
+                  resize_method: str = 'bicubic', source=None):
   """`extract_features` over one pass of `split` (the evaluation pipeline), with progress.
 
   ImageNet-sized images are resized with `resize_method` (bicubic, as the authors' kNN).
+  `source`: the open `datasets.Source` (opened again when None).
   """
-  from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   iterator = input_pipeline.create_eval_iterator(config, mesh, split, batch_size=batch_size,
-                                                 resize_method=resize_method)
+                                                 resize_method=resize_method, source=source)
   processes = jax.process_count()  # every process pads its share to the same batches
   num_batches = -(-(-(-num_examples // processes)) // (batch_size // processes))
   progress = reporting.Progress(f'features of {split!r}', num_batches)

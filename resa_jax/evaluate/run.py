@@ -159,8 +159,10 @@ class _Evaluation:
   """One checkpoint under evaluation: the model, the data, the features (extracted
   once per split, on first use) and one method per protocol."""
 
-  def __init__(self, config, mesh: Mesh, model: model_lib.Model, info, options: Options, output):
+  def __init__(self, config, mesh: Mesh, model: model_lib.Model, info, options: Options, output,
+               dataset):
     self.config, self.mesh, self.model, self.info = config, mesh, model, info
+    self.dataset = dataset  # the datasets.Source of config.dataset, opened once
     self.options, self.output = options, pathlib.Path(output)
     self.batch_size = options.batch_size or int(config.batch_size)
     self.label_keys = ('label', 'coarse_label') if info.num_coarse_classes else ('label',)
@@ -180,7 +182,7 @@ class _Evaluation:
       features, labels = features_lib.extract_split(
           config, self.mesh, self.model.feature_fn(self.mesh, layers=layers), split,
           batch_size=self.batch_size, num_examples=num_examples,
-          label_keys=self.label_keys)
+          label_keys=self.label_keys, source=self.dataset)
       _check_finite(features, split)
       if self.options.save_features and jax.process_index() == 0:
         self.output.mkdir(parents=True, exist_ok=True)
@@ -189,9 +191,9 @@ class _Evaluation:
     return self._features[which]
 
   def _eval_batches(self):
-    from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     return input_pipeline.create_eval_iterator(self.config, self.mesh, self.config.eval_split,
-                                               batch_size=self.batch_size)
+                                               batch_size=self.batch_size, source=self.dataset)
 
   def knn(self) -> dict:
     (train, train_labels), (test, test_labels) = self.features('train'), self.features('test')
@@ -255,7 +257,8 @@ class _Evaluation:
     result = linear.train_classifier(
         self.model, self.mesh,
         input_pipeline.create_linear_probe_train_iterator(config, self.mesh,
-                                                          batch_size=batch_size),
+                                                          batch_size=batch_size,
+                                                          source=self.dataset),
         self._eval_batches, num_classes=self.info.num_classes,
         steps_per_epoch=steps_per_epoch, epochs=epochs,
         head_lr=base_lr * batch_size / 256, schedule='step', seed=options.seed,
@@ -343,9 +346,10 @@ def run_evaluations(config, checkpoint, output, options: Options, mesh: Mesh | N
   if options.dtype != 'train' and options.dtype != config.dtype:
     config = config.copy_and_resolve_references()
     config.dtype = options.dtype
-  from resa_jax import datasets  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from resa_jax import datasets  # pylint: disable=g-import-not-at-top
   mesh = sharding.create_mesh() if mesh is None else mesh
-  info = datasets.dataset_info(config)
+  dataset = datasets.open_source(config)
+  info = datasets.dataset_info(config, dataset)
   if info.num_classes <= 0:
     raise common.EvaluationError(f'{config.dataset} has no labels to evaluate with')
   bank = info.num_eval_train_examples
@@ -362,7 +366,7 @@ def run_evaluations(config, checkpoint, output, options: Options, mesh: Mesh | N
   reporting.say(f'evaluating the {source["encoder"]} encoder of {source["path"]}'
        + (f' (step {source["step"]})' if source['step'] is not None else ' (converted)')
        + f' on {config.dataset}, {mesh.size} device(s): {", ".join(evaluations)}')
-  run = _Evaluation(config, mesh, model, info, options, output)
+  run = _Evaluation(config, mesh, model, info, options, output, dataset)
   summary = {'checkpoint': source, 'dataset': config.dataset, 'dtype': config.dtype,
              'model': {k: config[k] for k in model_lib.MODEL_FIELDS}, 'devices': mesh.size,
              'platform': jax.devices()[0].platform, 'results': {}}

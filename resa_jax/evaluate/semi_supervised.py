@@ -70,12 +70,12 @@ def _subset_records(config, fraction: float, seed: int):
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from resa_jax import datasets  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from resa_jax import datasets, tfds_sources  # pylint: disable=g-import-not-at-top
   source = datasets.open_source(config)
   split = config.eval_train_split
   if config.dataset == 'imagenet2012':
     names = imagenet_subset_file_names(fraction)
-    builder = datasets.prepared_builder('imagenet2012', config)
+    builder = tfds_sources.prepared_builder('imagenet2012', config)
     records = builder.as_dataset(split=split, shuffle_files=False,
                                  decoders={'image': tfds.decode.SkipDecoding()})
     records = records.filter(file_name_filter(names)).map(

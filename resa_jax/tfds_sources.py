@@ -1,0 +1,246 @@
+"""The datasets read through TensorFlow Datasets: the TFDS catalogue (Fashion-MNIST,
+CIFAR-10/100, STL-10, ImageNet), ImageNet-100, image folders and fake data, as
+`sources.Source`s whose `read` and `decode` are tf.data's.  `datasets.open_source` calls
+`open_tfds_source`; importing this module starts TensorFlow (kept off the accelerators).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import os
+
+import jax
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from resa_jax import local_data
+from resa_jax import reporting
+from resa_jax.sources import DatasetNotFoundError, IMAGENET_MEAN_STD, MEAN_STD, Source, salt
+
+local_data.hide_accelerators_from_tf()
+
+# Sizes of the ImageNet-100 subset listed in data/imagenet100_classes.txt.
+_IMAGENET100_SIZES = {'train': 126_689, 'validation': 5_000}
+
+
+def _prepare_hint(name: str, data_dir: str, manual_dir: str) -> str:
+  if name == 'fashion_mnist':
+    return ('install the Debian package dataset-fashion-mnist (files in '
+            f'{local_data.DEBIAN_FASHION_MNIST_DIR}), or run `tfds build fashion_mnist '
+            f'--data_dir={data_dir}` where there is internet access')
+  if name == 'imagenet2012':
+    return ('put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) '
+            f'in {manual_dir} (config.manual_dir) and run `tfds build imagenet2012 '
+            f'--data_dir={data_dir} --manual_dir={manual_dir}`')
+  return (f'run `tfds build {name} --data_dir={data_dir}` where there is internet '
+          'access, or copy a prepared data dir there')
+
+
+def prepared_builder(name: str, config) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of `name`, prepared in config.data_dir (TFDS's default if None).
+
+  An unprepared dataset is prepared here when this is the only process: Fashion-MNIST
+  from local IDX files when they exist, others by TFDS as usual (download, or the
+  manual dir for ImageNet) unless config.tfds_download is False.  Failures become
+  DatasetNotFoundError.
+  """
+  builder = tfds.builder(name, data_dir=config.data_dir)
+  if builder.is_prepared():
+    return builder
+  data_dir = str(builder.data_dir_root)
+  manual_dir = config.manual_dir or os.path.join(data_dir, 'downloads', 'manual')
+  hint = _prepare_hint(name, data_dir, manual_dir)
+  if jax.process_count() > 1:  # Concurrent preparation would race: do it once, before.
+    raise DatasetNotFoundError(f'{name} is not prepared in {data_dir}: {hint}')
+  local_dir = local_data.fashion_mnist_dir(config.manual_dir) if name == 'fashion_mnist' else None
+  if not local_dir and not config.get('tfds_download', True):
+    raise DatasetNotFoundError(
+        f'{name} is not prepared in {data_dir} (config.tfds_download is off): {hint}')
+  try:
+    if local_dir:
+      local_data.prepare_fashion_mnist(local_dir, config.data_dir)
+    else:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=config.manual_dir, try_download_gcs=False))
+  except Exception as e:  # pylint: disable=broad-except
+    reason = reporting.one_line(f'{type(e).__name__}: {e}', 300)
+    raise DatasetNotFoundError(
+        f'{name} is not prepared in {data_dir} and could not be prepared ({reason}): '
+        f'{hint}') from e
+  return tfds.builder(name, data_dir=config.data_dir)
+
+
+def _tfds_read(builder, *, label_keys=('label',), label_map=None):
+  """A `read` for a TFDS builder; `label_map` (int64 -> int64 table, -1: drop)
+  relabels and filters."""
+
+  def relabel(ds):
+    ds = ds.map(lambda ex: {'image': ex['image'],
+                            **{k: tf.cast(ex[k], tf.int32) for k in label_keys}})
+    if label_map is not None:
+      ds = ds.map(lambda ex: {
+          **ex, 'label': tf.cast(label_map.lookup(tf.cast(ex['label'], tf.int64)), tf.int32)})
+      ds = ds.filter(lambda ex: ex['label'] >= 0)
+    return ds
+
+  def read(split, process_index, process_count, shuffle_seed, exact_shards):
+    decoders = {'image': tfds.decode.SkipDecoding()}
+    if label_map is not None and exact_shards and process_count > 1:
+      # Filtering after splitting would make the shares uneven: filter, then shard.
+      ds = relabel(builder.as_dataset(split=split, decoders=decoders))
+      return ds.shard(process_count, process_index)
+    subsplit = tfds.split_for_jax_process(
+        split, process_index=process_index, process_count=process_count)
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+    ds = builder.as_dataset(split=subsplit, shuffle_files=shuffle_seed is not None,
+                            read_config=read_config, decoders=decoders)
+    return relabel(ds)
+
+  return read
+
+
+def _split_sizes(builder, split):
+  try:
+    return builder.info.splits[split].num_examples
+  except (KeyError, ValueError, TypeError, AssertionError):  # e.g. mocked data: unknown
+    return None
+
+
+def _decode_image(channels: int):
+  def decode(encoded):
+    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, channels])
+  return decode
+
+
+def _tfds_source(config) -> Source:
+  name = config.dataset
+  builder = prepared_builder(name, config)
+  features = builder.info.features
+  shape = tuple(features['image'].shape)
+  mean, std = MEAN_STD.get(name, IMAGENET_MEAN_STD)
+  coarse = ('coarse_label',) if 'coarse_label' in features else ()
+  return Source(
+      name=name,
+      read=_tfds_read(builder, label_keys=('label',) + coarse),
+      decode=_fixed_shape(_decode_image(shape[-1]), shape),
+      known_num_examples=functools.partial(_split_sizes, builder),
+      num_classes=features['label'].num_classes,
+      image_shape=shape, mean=mean, std=std, extra_labels=coarse,
+      eval_normalization=MEAN_STD['cifar10'] if name == 'cifar100' else None,
+      num_coarse_classes=features['coarse_label'].num_classes if coarse else None)
+
+
+def imagenet100_classes() -> list[str]:
+  """The 100 synset ids of ImageNet-100, in the shipped file's order."""
+  text = importlib.resources.files('resa_jax').joinpath(
+      'data', 'imagenet100_classes.txt').read_text()
+  return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _imagenet100_source(config) -> Source:
+  builder = prepared_builder('imagenet2012', config)
+  synsets = sorted(imagenet100_classes())
+  names = builder.info.features['label'].names
+  old_ids = tf.constant([names.index(s) for s in synsets], tf.int64)
+  label_map = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(old_ids, tf.range(len(synsets), dtype=tf.int64)),
+      default_value=-1)
+
+  def known_num_examples(split):
+    # The subset's sizes are known for the full splits of a prepared ImageNet only.
+    if _split_sizes(builder, split) is None:
+      return None
+    return _IMAGENET100_SIZES.get(split)
+
+  return Source(
+      name='imagenet100', read=_tfds_read(builder, label_map=label_map),
+      decode=_decode_image(3), known_num_examples=known_num_examples,
+      num_classes=len(synsets), image_shape=(None, None, 3),
+      mean=IMAGENET_MEAN_STD[0], std=IMAGENET_MEAN_STD[1])
+
+
+def _image_folder_source(config) -> Source:
+  root = config.data_dir
+  hint = ('config.data_dir must hold train/<class>/<image> and val/<class>/<image> '
+          '(jpeg, png, ...)')
+  if not root or not tf.io.gfile.isdir(os.path.join(root, 'train')):
+    raise DatasetNotFoundError(f'image_folder: no train/ folder in {root!r}: {hint}')
+  builder = tfds.folder_dataset.ImageFolder(root)
+  for split in dict.fromkeys((config.train_split, config.eval_train_split, config.eval_split)):
+    if split in builder.info.splits:  # pipelines skip undecodable files: none would hang
+      local_data.check_some_decode(
+          (ex['image'] for ex in builder.as_dataset(
+              split=split, shuffle_files=False,
+              decoders={'image': tfds.decode.SkipDecoding()}).take(32)),
+          os.path.join(root, split), error=DatasetNotFoundError)
+
+  def read(split, process_index, process_count, shuffle_seed, exact_shards):
+    del shuffle_seed, exact_shards  # ImageFolder's own file shuffle is unseeded.
+    if split not in builder.info.splits:
+      raise ValueError(f'image_folder has splits {sorted(builder.info.splits)}, '
+                       f'not {split!r}')
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders={'image': tfds.decode.SkipDecoding()})
+    ds = ds.shard(process_count, process_index)
+    return ds.map(lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)})
+
+  return Source(
+      name='image_folder', read=read, decode=_decode_image(3),
+      known_num_examples=functools.partial(_split_sizes, builder),
+      num_classes=builder.info.features['label'].num_classes,
+      image_shape=(None, None, 3), mean=IMAGENET_MEAN_STD[0],
+      std=IMAGENET_MEAN_STD[1], may_fail_decoding=True)
+
+
+def _fake_source(config) -> Source:
+  """Random uint8 images (size config.fake_image_size, 3 channels) and labels.
+
+  Example i of split s is a stateless function of (s, i), like a real dataset it
+  does not change with config.seed: records carry only (salt of s, i), the image
+  is made by `decode`.
+  """
+  size, num_classes = int(config.fake_image_size), int(config.fake_num_classes)
+  split_size = int(config.fake_num_examples)
+
+  def read(split, process_index, process_count, shuffle_seed, exact_shards):
+    del shuffle_seed, exact_shards
+    split_salt = salt(split)
+    label_seed = tf.constant([split_salt, 0], tf.int64)
+
+    def record(i):
+      label = tf.random.stateless_uniform(
+          [], tf.random.experimental.stateless_fold_in(label_seed, i), 0, num_classes,
+          tf.int32)
+      return {'image': tf.stack([tf.constant(split_salt, tf.int64), i]), 'label': label}
+
+    return tf.data.Dataset.range(split_size).shard(process_count, process_index).map(record)
+
+  def decode(salt_and_index):  # (2,) int64 -> uint8 (size, size, 3)
+    image_seed = tf.random.experimental.stateless_fold_in(
+        tf.stack([salt_and_index[0], tf.constant(1, tf.int64)]), salt_and_index[1])
+    return tf.cast(tf.random.stateless_uniform(
+        [size, size, 3], image_seed, 0, 256, tf.int32), tf.uint8)
+
+  return Source(
+      name='fake', read=read, decode=decode,
+      known_num_examples=lambda split: split_size, num_classes=num_classes,
+      image_shape=(size, size, 3), mean=IMAGENET_MEAN_STD[0], std=IMAGENET_MEAN_STD[1])
+
+
+def _fixed_shape(decode, shape):
+  if None in shape:
+    return decode
+  return lambda encoded: tf.ensure_shape(decode(encoded), shape)
+
+
+def open_tfds_source(config) -> Source:
+  """The Source of `config.dataset`, one of the datasets read through TFDS."""
+  if config.dataset == 'fake':
+    return _fake_source(config)
+  if config.dataset == 'image_folder':
+    return _image_folder_source(config)
+  if config.dataset == 'imagenet100':
+    return _imagenet100_source(config)
+  return _tfds_source(config)
