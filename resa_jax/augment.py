@@ -109,6 +109,19 @@ def random_resized_crop_box(seed, height, width, scale: Sequence[float],
   return top, left, h, w
 
 
+def _crop(image: tf.Tensor, seed, scale: Sequence[float], ratio: Sequence[float],
+          channels: int) -> tf.Tensor:
+  """RandomResizedCrop's box of a uint8 (H, W, C) image, or of a JPEG's bytes (only the
+  box is decoded): uint8 (h, w, channels)."""
+  if image.dtype == tf.string:
+    shape = tf.image.extract_jpeg_shape(image)
+    box = tf.stack(random_resized_crop_box(seed, shape[0], shape[1], scale, ratio))
+    return tf.image.decode_and_crop_jpeg(image, box, channels=channels)
+  shape = tf.shape(image)
+  top, left, h, w = random_resized_crop_box(seed, shape[0], shape[1], scale, ratio)
+  return tf.slice(image, tf.stack([top, left, 0]), tf.stack([h, w, -1]))
+
+
 def random_resized_crop(image: tf.Tensor, seed, size: int, scale: Sequence[float],
                         method: str = 'bilinear',
                         ratio: Sequence[float] = CROP_RATIO) -> tf.Tensor:
@@ -116,9 +129,7 @@ def random_resized_crop(image: tf.Tensor, seed, size: int, scale: Sequence[float
 
   Resampling is antialiased (as PIL's) when shrinking; bicubic overshoot is clipped.
   """
-  shape = tf.shape(image)
-  top, left, h, w = random_resized_crop_box(seed, shape[0], shape[1], scale, ratio)
-  crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([h, w, -1]))
+  crop = _crop(image, seed, scale, ratio, image.shape[-1])
   resized = tf.image.resize(crop, (size, size), method=method, antialias=True)
   resized = tf.ensure_shape(resized, [size, size, image.shape[-1]])
   return tf.clip_by_value(resized / 255.0, 0.0, 1.0)
@@ -302,6 +313,21 @@ def make_view(image: tf.Tensor, seed, spec: ViewSpec) -> tf.Tensor:
   view = random_grayscale(view, s_gray, spec.grayscale_prob)
   view = random_gaussian_blur(view, s_blur, spec.gaussian_prob)
   view = _maybe(s_solar, spec.solarization_prob, solarize, view)
+  return random_flip(view, s_flip, spec.flip_prob)
+
+
+def cropped_view(image: tf.Tensor, seed, spec: ViewSpec, channels: int) -> tf.Tensor:
+  """The host half of a view whose colour the device adds (`augment_on='device'` on a
+  streamed dataset; augment_device.colour_views): `make_view`'s crop, resize and flip,
+  with the same seeds, rounded to uint8 (spec.size, spec.size, channels), as PIL's
+  resize of the authors' uint8 images rounds.  `image`: uint8 (H, W, C), or a JPEG's
+  bytes, of which only the crop is decoded (`tf.image.decode_and_crop_jpeg`)."""
+  s_crop, *_, s_flip = split_seed(seed, 7)
+  crop = _crop(image, s_crop, (spec.min_scale, spec.max_scale), CROP_RATIO, channels)
+  view = tf.image.resize(crop, (spec.size, spec.size),
+                         method='bilinear' if spec.weak else 'bicubic', antialias=True)
+  view = tf.ensure_shape(view, [spec.size, spec.size, channels])
+  view = tf.cast(tf.round(tf.clip_by_value(view, 0.0, 255.0)), tf.uint8)
   return random_flip(view, s_flip, spec.flip_prob)
 
 

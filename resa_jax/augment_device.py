@@ -60,17 +60,10 @@ Known differences from the host besides the blur: none by design; the random num
 differ (JAX's threefry here, TensorFlow's stateless RNG there), so the two pipelines
 give different views of the same seed, with the same distributions.
 
-Use (not wired into the input pipeline yet): with a uint8 batch `images` (N, H, W, C),
-all of one size, as a global array sharded over the batch axis,
-
-    views = jax.jit(lambda key, images: device_views(
-        key, images, config, mean=source.mean, std=source.std))(
-            jax.random.fold_in(jax.random.key(config.seed), step), images)
-
-gives the V = 1 + sum(config.crops_nmb) views, each (N, S_v, S_v, C) float32,
-normalised, in the train step's order.  Deriving the key from the step keeps the
-views a function of (seed, step, global index), as the host pipeline's contract.
-Datasets of mixed image sizes (ImageNet) need a fixed (H, W) on the host first.
+Used by `device_input.py`: `device_views` makes every view of a split held on the
+devices; `colour_views` finishes views whose crop, resize and flip the host made from
+files (JPEGs decoded only inside the crop).  The key is fold_in(seed's views key, step),
+so the views are a function of (seed, step, global index), the host pipeline's contract.
 """
 
 from __future__ import annotations
@@ -308,25 +301,50 @@ def solarize(image, threshold: float = SOLARIZE_THRESHOLD):
 # Views
 
 
+def apply_colour(view, params: dict, spec: ViewSpec) -> jax.Array:
+  """float32 (S, S, C) in [0, 1] -> a strong view's colour jitter, grayscale, blur and
+  solarisation, as `params` choose; a weak view is returned as it is."""
+  if spec.weak:
+    return view
+  if spec.color_jitter_prob > 0:
+    strengths = (spec.brightness, spec.contrast, spec.saturation, spec.hue)
+    jittered = color_jitter(view, params['order'], params['factors'], strengths)
+    view = jnp.where(params['jitter'], jittered, view)
+  if spec.grayscale_prob > 0 and view.shape[-1] == 3:
+    view = jnp.where(params['grayscale'], jnp.tile(grayscale(view), (1, 1, 3)), view)
+  if spec.gaussian_prob > 0:
+    view = jnp.where(params['blur'], gaussian_blur(view, params['sigma']), view)
+  if spec.solarization_prob > 0:
+    view = jnp.where(params['solarize'], solarize(view), view)
+  return view
+
+
 def apply_view(image, params: dict, spec: ViewSpec, antialias: bool = True) -> jax.Array:
   """uint8 (H, W, C) and one view's `params` -> float32 (spec.size, spec.size, C) in [0, 1]."""
-  if spec.weak:
-    view = resized_crop(image, params['box'], spec.size, 'bilinear', antialias)
-  else:
-    view = resized_crop(image, params['box'], spec.size, 'bicubic', antialias)
-    if spec.color_jitter_prob > 0:
-      strengths = (spec.brightness, spec.contrast, spec.saturation, spec.hue)
-      jittered = color_jitter(view, params['order'], params['factors'], strengths)
-      view = jnp.where(params['jitter'], jittered, view)
-    if spec.grayscale_prob > 0 and view.shape[-1] == 3:
-      view = jnp.where(params['grayscale'], jnp.tile(grayscale(view), (1, 1, 3)), view)
-    if spec.gaussian_prob > 0:
-      view = jnp.where(params['blur'], gaussian_blur(view, params['sigma']), view)
-    if spec.solarization_prob > 0:
-      view = jnp.where(params['solarize'], solarize(view), view)
-  if spec.flip_prob > 0:
+  method = 'bilinear' if spec.weak else 'bicubic'
+  view = apply_colour(resized_crop(image, params['box'], spec.size, method, antialias),
+                      params, spec)
+  if spec.flip_prob > 0:  # last, as the authors' transforms (it commutes with the rest)
     view = jnp.where(params['flip'], flip_left_right(view), view)
   return view
+
+
+def _views_params(key, indices, config, height: int, width: int):
+  """[(spec, params of every example)] of each view: the choices of view v of example i
+  come from fold_in(fold_in(key, i), v)."""
+  example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+  result = []
+  for v, spec in enumerate(view_specs(config)):
+    keys = jax.vmap(lambda k, v=v: jax.random.fold_in(k, v))(example_keys)
+    result.append((spec, jax.vmap(
+        lambda k, spec=spec: draw_view_params(k, spec, height, width))(keys)))
+  return result
+
+
+def _normalized(view, normalize: bool, mean, std):
+  if not normalize:
+    return view
+  return (view - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def device_views(key, images, config, normalize: bool = True, mean=None, std=None,
@@ -344,13 +362,28 @@ def device_views(key, images, config, normalize: bool = True, mean=None, std=Non
   _, height, width, _ = images.shape
   if indices is None:
     indices = jnp.arange(images.shape[0])
-  example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
   views = []
-  for v, spec in enumerate(view_specs(config)):
-    keys = jax.vmap(lambda k, v=v: jax.random.fold_in(k, v))(example_keys)
-    params = jax.vmap(lambda k, spec=spec: draw_view_params(k, spec, height, width))(keys)
+  for spec, params in _views_params(key, indices, config, height, width):
     view = jax.vmap(lambda x, p, spec=spec: apply_view(x, p, spec, antialias))(images, params)
-    if normalize:
-      view = (view - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-    views.append(view)
+    views.append(_normalized(view, normalize, mean, std))
   return views
+
+
+def colour_views(key, views, config, normalize: bool = True, mean=None, std=None,
+                 indices=None) -> list[jax.Array]:
+  """The device half of views whose crop, resize and flip the host made (streamed
+  datasets with `config.augment_on='device'`, host_input.py): V uint8 arrays
+  (N, S_v, S_v, C) -> V float32 arrays as `device_views` returns them, the colour
+  jitter, grayscale, blur and solarisation chosen as `device_views` chooses them for
+  the same key (the crop box and flip it would draw are the host's instead).
+  """
+  if normalize and (mean is None or std is None):
+    raise ValueError('colour_views(normalize=True) needs the per-channel mean and std')
+  if indices is None:
+    indices = jnp.arange(views[0].shape[0])
+  out = []
+  for view, (spec, params) in zip(views, _views_params(key, indices, config, 1, 1)):
+    view = jax.vmap(lambda x, p, spec=spec: apply_colour(x.astype(jnp.float32) / 255.0, p,
+                                                          spec))(view, params)
+    out.append(_normalized(view, normalize, mean, std))
+  return out

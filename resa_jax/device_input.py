@@ -85,6 +85,11 @@ def epoch_order(seed: int, num_examples: int, epoch) -> jax.Array:
   return jax.random.permutation(key, num_examples)
 
 
+def _views_key(seed: int, step):
+  """The key of global step `step`'s views."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _VIEWS_SALT), step)
+
+
 def _make_views_fn(config, mesh, mean: Sequence[float], std: Sequence[float]):
   """jit (images (N, H, W, C) uint8 replicated, order (N,), step, position) -> the V views
   of global step `step`, at `position` in its epoch, each sharded along the batch."""
@@ -97,8 +102,8 @@ def _make_views_fn(config, mesh, mean: Sequence[float], std: Sequence[float]):
     # Sharding the indices makes each device gather only its own rows of the batch.
     indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
     examples = images[indices]  # (B, H, W, C) uint8
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _VIEWS_SALT), step)
-    views = augment_device.device_views(key, examples, config, mean=mean, std=std)
+    views = augment_device.device_views(_views_key(seed, step), examples, config, mean=mean,
+                                        std=std)
     return tuple(view.astype(dtype) for view in views)
 
   num_views = len(view_specs(config))
@@ -145,3 +150,25 @@ def create_device_train_iterator(config, mesh, images: np.ndarray, mean: Sequenc
       epoch, first = epoch + 1, 0
 
   return batches()
+
+
+def create_colour_iterator(config, mesh, cropped: Iterator[dict], mean: Sequence[float],
+                           std: Sequence[float], *, start_step: int = 0) -> Iterator[dict]:
+  """The device half of the views of a dataset streamed from files: `cropped` yields
+  global steps start_step, start_step + 1, ... as {'views': V uint8 global arrays
+  (B, S_k, S_k, C), sharded along the batch} whose crop, resize and flip the host made
+  (`host_input.cropped_train_batches`); each becomes the train step's view here
+  (`augment_device.colour_views`, keyed by (config.seed, step, global index)), in
+  config.dtype, with `create_device_train_iterator`'s structure."""
+  seed, dtype = int(config.seed), jnp.dtype(config.dtype)
+  config = config.copy_and_resolve_references()  # traced at the first batch
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  def finish(views, step):
+    views = augment_device.colour_views(_views_key(seed, step), views, config, mean=mean,
+                                        std=std)
+    return tuple(view.astype(dtype) for view in views)
+
+  finish = jax.jit(finish, out_shardings=(batch_sharding,) * len(view_specs(config)))
+  for step, batch in enumerate(cropped, start=int(start_step)):
+    yield {'views': finish(batch['views'], step)}

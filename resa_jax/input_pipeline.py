@@ -8,12 +8,14 @@ V = 1 + sum(config.crops_nmb) views of each (view 0 weak, the others strong):
 in `config.dtype`, each a global `jax.Array` sharded along the batch over the mesh's
 data axis.  Where the views are made is `config.augment_on` (`placement`):
 
-* 'device': the train split is held on the devices and each step makes its views there
-  (`device_input.py`); for the datasets of one image size held in memory.
+* 'device': the views are made on the devices (`device_input.py`).  The datasets of one
+  image size (`datasets.DATASETS_HELD_ON_DEVICE`) are held there whole; of those
+  streamed from files (ImageNet, image folders) the host decodes only each view's crop,
+  resizes and flips it and ships uint8 views, and the devices add colour jitter,
+  grayscale, blur, solarisation and normalisation.
 * 'host': tf.data makes them on the CPU cores (`host_input.py`), each process its share
   of the batch, assembled with `jax.make_array_from_process_local_data`.
-* 'auto' (the default): 'device' on GPUs and TPUs for the datasets held in memory,
-  else 'host' (on CPUs the two take the same time a step; docs/data.md).
+* 'auto' (the default): 'device' on GPUs and TPUs, 'host' on CPUs (docs/data.md).
 
 Evaluation reads a split once without augmentation.  A source held in memory
 (`Source.arrays`: the CIFAR-10 JPEG snapshot) is evaluated from its arrays, the others
@@ -45,8 +47,7 @@ def placement(config) -> str:
   augment_on = config.get('augment_on', 'auto')
   if augment_on != 'auto':
     return augment_on
-  held = config.dataset in datasets.DATASETS_HELD_ON_DEVICE
-  return 'device' if held and jax.default_backend() != 'cpu' else 'host'
+  return 'device' if jax.default_backend() != 'cpu' else 'host'
 
 
 def steps_per_epoch(config, source: datasets.Source | None = None) -> int:
@@ -79,11 +80,18 @@ def create_train_iterator(config, mesh, *, start_step: int = 0,
   """
   sharding.check_batch_size(config.batch_size, mesh.size)
   source = source or datasets.open_source(config)
-  if placement(config) == 'device':
+  device = placement(config) == 'device'
+  if device and config.dataset in datasets.DATASETS_HELD_ON_DEVICE:
     images, _ = datasets.split_arrays(source, config.train_split)  # every process: all
     return device_input.create_device_train_iterator(
         config, mesh, images, source.mean, source.std, start_step=start_step)
   from resa_jax import host_input  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  if device:  # streamed from files: crops on the host, the rest on the devices
+    cropped = _to_mesh(mesh, host_input.cropped_train_batches(config, source,
+                                                              start_step=start_step),
+                       config.prefetch)
+    return device_input.create_colour_iterator(config, mesh, cropped, source.mean, source.std,
+                                               start_step=start_step)
   return _to_mesh(mesh, host_input.train_batches(config, source, start_step=start_step),
                   config.prefetch)
 

@@ -98,8 +98,4 @@ def _validate_input(config) -> None:
   augment_on = config.get('augment_on', 'auto')
   if augment_on not in AUGMENT_ON:
     raise ValueError(f"augment_on must be one of {', '.join(AUGMENT_ON)}, got {augment_on!r}")
-  if augment_on == 'device' and config.dataset not in datasets.DATASETS_HELD_ON_DEVICE:
-    raise ValueError(f"augment_on='device' needs a dataset held in memory "
-                     f"({', '.join(datasets.DATASETS_HELD_ON_DEVICE)}); {config.dataset} is "
-                     "streamed from files; use 'host' or 'auto'")
   sharding.check_batch_size(config.batch_size, jax.device_count())
