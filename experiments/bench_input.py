@@ -1,17 +1,21 @@
 """Throughput of the training input pipeline of a config, on this machine.
 
     python experiments/bench_input.py --config=configs/fashion_mnist.py \
-        [--steps=50] [--warmup=5] [--png=/tmp/batch.png] [--noresults] \
-        [--config.batch_size=256 ...]
+        [--steps=50] [--warmup=5] [--host_only] [--png=/tmp/batch.png] [--noresults] \
+        [--config.augment_on=device] [--config.batch_size=256 ...]
 
 Builds `input_pipeline.create_train_iterator` over all local devices, discards
 `warmup` batches (the first one includes loading/decoding the split and tracing the
 augmentation graph, reported separately), then times `steps` batches, each blocked
 on until its global arrays exist.  Prints examples/s (each example is one source
-image turned into V views) and views/s, and writes them with the command and the
-hardware to experiments/RESULTS.md ("Input pipeline throughput").  With --png, also
-saves a grid of the first batch (up to 8 examples as rows, their V views as
-columns, de-normalised) to check the augmentations by eye.
+image turned into V views), per CPU core of the machine, and views/s, and writes them
+with the command and the hardware to experiments/RESULTS.md ("Input pipeline
+throughput").  --host_only times the host's numpy batches alone (no transfer, no device
+work): with augment_on=host the whole tf.data pipeline; with augment_on=device the
+host's half of a streamed dataset (`host_input.cropped_train_batches`: the crop decoded,
+resized and flipped), whatever the dataset.  With --png, also saves a grid of the first
+batch (up to 8 examples as rows, their V views as columns, de-normalised) to check the
+augmentations by eye.
 """
 
 from __future__ import annotations
@@ -38,6 +42,18 @@ _STEPS = flags.DEFINE_integer('steps', 50, 'Timed batches.')
 _WARMUP = flags.DEFINE_integer('warmup', 5, 'Untimed batches first (the first loads data).')
 _PNG = flags.DEFINE_string('png', None, 'Write a grid of the first batch to this PNG.')
 _RESULTS = flags.DEFINE_bool('results', True, 'Record the numbers in experiments/RESULTS.md.')
+_HOST_ONLY = flags.DEFINE_bool('host_only', False, "Time only the host's batches (numpy).")
+
+
+def _iterator(config, mesh):
+  """The batches to time: the global ones, or (--host_only) the host's numpy ones."""
+  if not _HOST_ONLY.value:
+    return input_pipeline.create_train_iterator(config, mesh)
+  from resa_jax import host_input  # pylint: disable=g-import-not-at-top
+  source = datasets.open_source(config)
+  if input_pipeline.placement(config) == 'device':
+    return host_input.cropped_train_batches(config, source, start_step=0)
+  return host_input.train_batches(config, source, start_step=0)
 
 
 def batch_grid(views, mean, std, max_rows: int = 8, gap: int = 2) -> np.ndarray:
@@ -70,10 +86,10 @@ def main(argv):
   info = datasets.dataset_info(config)
 
   start = time.perf_counter()
-  iterator = input_pipeline.create_train_iterator(config, mesh)
+  iterator = _iterator(config, mesh)
   batch = jax.block_until_ready(next(iterator))
   first_batch_s = time.perf_counter() - start
-  if _PNG.value:
+  if _PNG.value and not _HOST_ONLY.value:
     write_png(_PNG.value, batch_grid(batch['views'], info.mean, info.std))
     print(f'wrote {_PNG.value}')
   for _ in range(max(0, _WARMUP.value - 1)):
@@ -86,29 +102,35 @@ def main(argv):
 
   num_views = len(batch['views'])
   examples_per_s = _STEPS.value * config.batch_size / elapsed
+  per_core = examples_per_s / os.cpu_count()
   shapes = ', '.join(f'{v.shape[1]}x{v.shape[2]}x{v.shape[3]}' for v in batch['views'])
-  print(f'{examples_per_s:,.0f} examples/s, {examples_per_s * num_views:,.0f} views/s '
-        f'({_STEPS.value} batches of {config.batch_size}, {num_views} views: {shapes}, '
-        f'{config.dtype}); first batch after {first_batch_s:.1f} s')
+  what = f'{input_pipeline.placement(config)}' + (', host part' if _HOST_ONLY.value else '')
+  print(f'{examples_per_s:,.1f} examples/s ({per_core:,.1f} per core), '
+        f'{examples_per_s * num_views:,.0f} views/s ({what}; {_STEPS.value} batches of '
+        f'{config.batch_size}, {num_views} views: {shapes}, {batch["views"][0].dtype}); '
+        f'first batch after {first_batch_s:.1f} s')
   if _RESULTS.value:
     command = 'python experiments/bench_input.py ' + shlex.join(
         a for a in sys.argv[1:] if not a.startswith('--png'))
     row = (f'| `{command}` | {results_md.hardware()}, {jax.device_count()} JAX '
            f'{jax.devices()[0].platform} device(s), load average {load_before:.1f} '
-           f'at start | {config.batch_size} | '
-           f'{num_views} ({shapes}), {config.dtype} | {examples_per_s:,.0f} | '
-           f'{examples_per_s * num_views:,.0f} | {first_batch_s:.1f} |')
+           f'at start | {what} | {config.batch_size} | '
+           f'{num_views} ({shapes}), {batch["views"][0].dtype} | {examples_per_s:,.1f} | '
+           f'{per_core:,.1f} | {examples_per_s * num_views:,.0f} | {first_batch_s:.1f} |')
     record(command, row)
 
 
 _TITLE = 'Input pipeline throughput'
 _INTRO = """Training input pipeline (`resa_jax/input_pipeline.py`), measured by
 `experiments/bench_input.py`: examples/s counts source images, each turned into all
-V views; tf.data runs on the host CPU cores.  The first batch includes loading and
-decoding the split and tracing the augmentation graph.
+V views, per core divides by the machine's CPU cores.  'host': tf.data makes every view on
+the CPU cores; 'device': the views are made by the JAX devices (here the same CPU cores);
+'host part': only the host's numpy batches are timed (with 'device', the crop decoded,
+resized and flipped, as for a dataset streamed from files).  The first batch includes
+loading and decoding the split and tracing the augmentation graph.
 
-| command | machine | global batch | views | examples/s | views/s | first batch (s) |
-|---|---|---|---|---|---|---|"""
+| command | machine | placement | global batch | views | examples/s | per core | views/s | first batch (s) |
+|---|---|---|---|---|---|---|---|---|"""
 
 
 def record(command: str, row: str) -> None:

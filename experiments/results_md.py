@@ -14,14 +14,20 @@ def hardware() -> str:
   """A one-line description of this machine (CPU model, cores, accelerators)."""
   import os
   cpu = platform.processor() or platform.machine()
+  flags = set()
   try:
     for line in open('/proc/cpuinfo'):
       if line.startswith('model name'):
         cpu = line.split(':', 1)[1].strip()
+      elif line.startswith('flags'):
+        flags = set(line.split(':', 1)[1].split())
         break
   except OSError:
     pass
-  desc = f'{cpu}, {os.cpu_count()} cores'
+  # XLA:CPU's speed differs by several times between AVX-512 and AVX2-only machines.
+  vector = ('AVX-512' if 'avx512f' in flags else 'AVX2 only' if 'avx2' in flags
+            else 'no AVX2' if flags else 'flags unknown')
+  desc = f'{cpu}, {os.cpu_count()} cores, {vector}'
   try:
     import jax
     accel = [d.device_kind for d in jax.devices() if d.platform != 'cpu']
