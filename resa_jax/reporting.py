@@ -1,5 +1,5 @@
 """What a run leaves for people to read: JSON files and PNG figures written atomically,
-progress lines, durations, and the one-line error text every command prints.
+and the one-line error text every command prints.
 
 Nothing here knows about models or data; every module that reports imports this one.
 Writes are atomic (a temporary file in the same folder, then `os.replace`), so a
@@ -19,7 +19,6 @@ import os
 import pathlib
 import re
 import tempfile
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -78,14 +77,6 @@ def refused_write_line(error: OSError) -> str:
   if error.filename:
     what += f': cannot write {error.filename}' if writing else f': {error.filename}'
   return f'{what} ({error.strerror}); {advice}'
-
-
-def format_duration(seconds: float) -> str:
-  """'1h02m03s', or '2m03s' under an hour."""
-  seconds = int(max(seconds, 0))
-  hours, rest = divmod(seconds, 3600)
-  minutes, seconds = divmod(rest, 60)
-  return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'
 
 
 def is_chief() -> bool:
@@ -302,53 +293,3 @@ def plot_training_curves(history: dict, path, *, total_steps: int | None = None,
   """
   save_figure(training_curves_figure(history, total_steps=total_steps,
                                      num_epochs=num_epochs), path, dpi=100)
-
-
-# -------------------------------------------------------------- progress ----
-
-class Progress:
-  """Prints 'label: done/total unit (pct), rate unit/s, elapsed, ETA' about every 10% of
-  the work or every `every_s` seconds, on the first process.  Call it with the count done.
-
-  The rate and the ETA count from the first call: the work before it (the first batch,
-  which compiles) is not timed, so the first line has no rate.  Give `ready` the newest
-  result of asynchronously dispatched work (a step's loss): before the clock is read it
-  is waited for, so a rate is of finished work, not of work queued on the device.
-  """
-
-  def __init__(self, label: str, total: int, unit: str = 'batches', every_s: float = 30.0,
-               print_fn: Callable[[str], None] | None = None,
-               clock: Callable[[], float] = time.time):
-    self.label, self.total, self.unit, self.every_s = label, max(int(total), 1), unit, every_s
-    self.print_fn = print_fn or (lambda line: print(line, flush=True))
-    self.clock = clock
-    self.start = self.last = clock()
-    self.first: tuple[float, int] | None = None  # (time, done) at the first call
-    self.next_fraction = 0.1
-
-  def __call__(self, done: int, *_, ready=None) -> None:
-    fraction = done / self.total
-    due = (done >= self.total or fraction >= self.next_fraction
-           or self.clock() - self.last >= self.every_s)
-    if not due and self.first is not None:
-      return
-    if ready is not None:
-      import jax  # pylint: disable=g-import-not-at-top
-      jax.block_until_ready(ready)
-    now = self.clock()
-    if self.first is None:
-      self.first = (now, done)
-    if not due:
-      return
-    while self.next_fraction <= fraction:
-      self.next_fraction += 0.1
-    self.last = now
-    (first_time, first_done), rate, eta = self.first, '', ''
-    if now > first_time and done > first_done:
-      per_second = (done - first_done) / (now - first_time)
-      rate = f'{per_second:.1f} {self.unit}/s, '
-      if done < self.total:
-        eta = f', ETA {format_duration((self.total - done) / per_second)}'
-    if is_chief():
-      self.print_fn(f'{self.label}: {done}/{self.total} {self.unit} ({100 * fraction:.0f}%), '
-                    f'{rate}{format_duration(now - self.start)}{eta}')

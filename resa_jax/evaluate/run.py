@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 import numpy as np
 
 from resa_jax import models
+from resa_jax import progress as progress_lib
 from resa_jax import reporting
 from resa_jax import sharding
 from resa_jax import validation
@@ -377,5 +378,5 @@ def run_evaluations(config, checkpoint, output, options: Options, mesh: Mesh | N
       reporting.write_json(run.output / f'{name}.json',
                  {'checkpoint': source, 'dataset': config.dataset, **result})
       reporting.write_json(run.output / 'summary.json', summary)
-  reporting.say(f'results in {run.output} ({reporting.format_duration(time.time() - start)})')
+  reporting.say(f'results in {run.output} ({progress_lib.format_duration(time.time() - start)})')
   return summary
