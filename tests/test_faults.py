@@ -1,6 +1,6 @@
-"""Faults of a workdir: a finished run rerun, two runs on one workdir, a stale lock, a
-resume with another config; results.json always valid JSON; a full disk and a
-read-only file system.
+"""Faults of a workdir: a finished run rerun, two runs on one workdir, a stale lock (also
+where the file system has no flock), a resume with another config; results.json always
+valid JSON; a full disk and a read-only file system.
 
 The real `python -m resa_jax.main` on tests/configs/tiny.py and 2 simulated devices
 (conftest's `env`), and conftest's uninterrupted `reference` run.
@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -106,6 +107,48 @@ def test_second_run_is_refused_and_a_stale_lock_taken_over(env, tmp_path):
   assert strict_json((workdir / 'results.json').read_text())['step'] == TOTAL_STEPS
   assert not (workdir / '.lock').exists()  # removed at the end of the run
   print(f'\n[faults] after kill -9: {notes[0]}')
+
+
+# Takes the workdir lock of argv[1] as train.py does, on a file system without flock
+# (some network mounts), holds it argv[2] seconds and releases it.
+HOLD_WITHOUT_FLOCK = """
+import errno, fcntl, sys, time
+def no_flock(fd, operation):
+  raise OSError(errno.ENOSYS, 'Function not implemented')
+fcntl.flock = no_flock
+from resa_jax import workdir
+workdir.refuse_if_locked(sys.argv[1])
+lock = workdir.Lock.acquire(sys.argv[1])
+print('held', flush=True)
+time.sleep(float(sys.argv[2]))
+lock.release()
+"""
+
+
+@pytest.mark.slow
+def test_without_flock_the_lock_is_held_while_its_pid_lives(env, tmp_path):
+  workdir = tmp_path / 'run'
+
+  def hold(seconds):
+    return subprocess.Popen([sys.executable, '-c', HOLD_WITHOUT_FLOCK, str(workdir),
+                             str(seconds)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  first = hold(120)
+  try:
+    assert first.stdout.readline() == 'held\n', first.stderr.read()
+    second = hold(0)
+    _, err = second.communicate(timeout=120)
+    assert second.returncode != 0 and 'WorkdirLocked' in err, err
+    assert f'pid {first.pid} on host' in err and 'in use by another run' in err, err
+  finally:
+    first.kill()
+    first.wait()
+  third = hold(0)
+  out, err = third.communicate(timeout=120)
+  assert third.returncode == 0, err
+  notes = [l for l in out.splitlines() if l.startswith('note: taking over the lock')]
+  assert len(notes) == 1 and f'({first.pid}@' in notes[0], out
+  assert not (workdir / '.lock').exists()
 
 
 @pytest.mark.slow
