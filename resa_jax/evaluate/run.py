@@ -34,6 +34,10 @@ from resa_jax.evaluate import model as model_lib
 from resa_jax.evaluate import semi_supervised
 
 
+# --dtype value: the dtype the checkpoint was trained with (its config's).
+AS_TRAINED = 'as_trained'
+
+
 def parse_evaluations(text: str) -> list[str]:
   """'knn,clustering' -> ['knn', 'clustering']; EvaluationError on an unknown name."""
   names = [n.strip() for n in text.split(',') if n.strip()]
@@ -76,7 +80,7 @@ class Options:
   save_features: bool = False
   seed: int = 0
   # Compute dtype of the networks and inputs; 'float32' as the authors (no autocast),
-  # 'train': the config's own (e.g. bfloat16).
+  # AS_TRAINED: the dtype the checkpoint was trained with (the config's, e.g. bfloat16).
   dtype: str = 'float32'
 
   def check(self) -> None:
@@ -95,9 +99,13 @@ class Options:
                             '--semi_epochs positive')
     if not 0 < self.semi_fraction <= 1:
       raise common.EvaluationError(f'--semi_fraction must be in (0, 1], got {self.semi_fraction}')
-    if self.dtype not in ('float32', 'bfloat16', 'float16', 'train'):
-      raise common.EvaluationError("--dtype must be float32, bfloat16, float16 or 'train' (the "
-                                   f'training config\'s), got {self.dtype!r}')
+    if self.dtype == 'train':  # the first spelling of AS_TRAINED
+      raise common.EvaluationError(f'--dtype=train is now --dtype={AS_TRAINED} (the dtype the '
+                                   'checkpoint was trained with)')
+    if self.dtype not in ('float32', 'bfloat16', 'float16', AS_TRAINED):
+      raise common.EvaluationError(f'--dtype must be float32, bfloat16, float16 or {AS_TRAINED} '
+                                   f'(the dtype the checkpoint was trained with), got '
+                                   f'{self.dtype!r}')
     for name in ('linear_epochs', 'linear_batch_size', 'linear_lr', 'linear_n_last_blocks'):
       value = getattr(self, name)
       if value != -1 and not value > 0:  # -1: the protocol's default
@@ -341,7 +349,7 @@ def run_evaluations(config, checkpoint, output, options: Options, mesh: Mesh | N
   options.check()
   evaluations = parse_evaluations(','.join(options.evaluations))
   validation.validate_config(config)
-  if options.dtype != 'train' and options.dtype != config.dtype:
+  if options.dtype != AS_TRAINED and options.dtype != config.dtype:
     config = config.copy_and_resolve_references()
     config.dtype = options.dtype
   from resa_jax import datasets  # pylint: disable=g-import-not-at-top  (TensorFlow)
