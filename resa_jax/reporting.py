@@ -50,22 +50,27 @@ _REFUSED = {
     errno.EPERM: ('operation not permitted', False, 'check its permissions or use another path'),
 }
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# The errno of an error that carries it only in its text: TensorStore's status payload
+# ("[os_error_code='28']") and an OSError's string in a log record ("[Errno 28] ...").
+_ERRNO_IN_TEXT = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
 
 
 def refused_write(error: BaseException | None) -> OSError | None:
   """The OSError of an access the system refused (a full disk or quota, a read-only file
   system: writes; a permission) that `error` is or was caused by; None if none.
 
-  TensorStore (orbax's array writer) raises ValueErrors that only say it in words
-  ('... No space left on device [os_error_code=28]'): those count as the OSError."""
+  TensorStore (orbax's array writer) raises ValueErrors that carry the errno in their
+  status payload only ('... [os_error_code=\'28\']'): a full disk or quota there counts
+  as the OSError."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
     if isinstance(error, OSError) and error.errno in _REFUSED:
       return error
-    for code in DISK_FULL_ERRNOS:
-      if os.strerror(code) in str(error):
-        return OSError(code, os.strerror(code))
+    match = _ERRNO_IN_TEXT.search(str(error))
+    code = int(match.group(1) or match.group(2)) if match else None
+    if code in DISK_FULL_ERRNOS:
+      return OSError(code, os.strerror(code))
     error = error.__cause__ or error.__context__
   return None
 

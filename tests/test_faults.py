@@ -185,7 +185,7 @@ def test_resume_with_another_config_is_refused_unless_allowed(env, reference, tm
 
 # ------------------------------------------------------------ full disk ----
 
-def test_refused_writes_are_recognised_through_causes_and_tensorstore_text():
+def test_refused_writes_are_recognised_through_causes_and_errno_codes_in_text():
   from resa_jax import reporting
   full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
   try:
@@ -198,10 +198,36 @@ def test_refused_writes_are_recognised_through_causes_and_tensorstore_text():
   tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "params/0" ... Failed to write '
                            "2319 bytes to file 8: No space left on device [os_error_code='28']")
   assert reporting.refused_write(tensorstore).errno == errno.ENOSPC
+  logged = Exception("Failed to save: [Errno 122] Disk quota exceeded: '/w/x'")  # a log line
+  assert reporting.refused_write(logged).errno == errno.EDQUOT
+  # By the code, not the words: the words alone, or a code other than a full disk, is not.
+  assert reporting.refused_write(ValueError('No space left on device')) is None
+  assert reporting.refused_write(ValueError("Permission denied [os_error_code='13']")) is None
   assert reporting.refused_write(PermissionError(errno.EACCES, 'Permission denied')).errno \
       == errno.EACCES
   assert reporting.refused_write(ValueError('bad value')) is None
   assert reporting.refused_write(FileNotFoundError(errno.ENOENT, 'No such file')) is None
+
+
+def test_late_callbacks_into_a_closed_event_loop_are_dropped():
+  """The command's unraisable hook drops what a closed asyncio loop raises (orbax's
+  loop, after a failed save), recognised by where it is raised, and passes the rest."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from resa_jax import cli
+  passed = []
+  hook = cli._unraisable_but_not_a_late_callback(passed.append)
+  loop = asyncio.new_event_loop()
+  loop.close()
+  with pytest.raises(RuntimeError) as late:
+    loop.call_soon(print)
+  hook(types.SimpleNamespace(exc_value=late.value, exc_traceback=late.value.__traceback__))
+  try:
+    raise RuntimeError(str(late.value))  # the same words, raised elsewhere
+  except RuntimeError as e:
+    other = types.SimpleNamespace(exc_value=e, exc_traceback=e.__traceback__)
+  hook(other)
+  assert passed == [other]
 
 
 def test_write_json_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
