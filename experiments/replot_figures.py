@@ -1,7 +1,7 @@
 """Re-renders the figures in experiments/figures from the JSON beside them, with the
 plotting code the runs use (no training, no evaluation):
 
-  NAME_history.json + NAME_results.json -> NAME_curves.png     (reporting.plot_training_curves)
+  NAME_history.json + NAME_results.json -> NAME_curves.png     (plots.plot_training_curves)
   NAME_clustering.json                  -> NAME_clustering.png (the evaluator's bar chart)
 
   python experiments/replot_figures.py [NAME ...]   # default: every NAME with its JSON
@@ -15,7 +15,7 @@ import json
 import pathlib
 import sys
 
-from resa_jax import reporting
+from resa_jax import plots
 from resa_jax.evaluate import clustering
 
 FIGURES = pathlib.Path(__file__).resolve().parent / 'figures'
@@ -32,7 +32,7 @@ def replot(name: str) -> list[pathlib.Path]:
   history, results = FIGURES / f'{name}_history.json', FIGURES / f'{name}_results.json'
   if history.exists() and results.exists():
     run = _read(results)
-    reporting.plot_training_curves(_read(history), FIGURES / f'{name}_curves.png',
+    plots.plot_training_curves(_read(history), FIGURES / f'{name}_curves.png',
                                    total_steps=run['step'], num_epochs=run['epoch'])
     written.append(FIGURES / f'{name}_curves.png')
   table = FIGURES / f'{name}_clustering.json'

@@ -115,7 +115,7 @@ class Checkpoints:
   @contextlib.contextmanager
   def _refused_writes_named(self):
     """Re-raises a write the system refused (orbax's OSError, or TensorStore's
-    ValueError that only says it in words) as an OSError naming this folder."""
+    ValueError, whose status text carries the errno) as an OSError naming this folder."""
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except

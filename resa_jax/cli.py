@@ -111,12 +111,19 @@ def _not_a_refused_write(record) -> bool:
 
 
 def _unraisable_but_not_a_late_callback(default_hook):
-  """A sys.unraisablehook that drops RuntimeError('Event loop is closed'): TensorStore's
-  writes that end after orbax closed their event loop (those of a failed save) call
-  back into it, each printing a traceback that says nothing the error line does not."""
+  """A sys.unraisablehook that drops the RuntimeError of a closed asyncio event loop
+  (raised by its `_check_closed`): TensorStore's writes that end after orbax closed
+  their event loop (those of a failed save) call back into it, each printing a traceback
+  that says nothing the error line does not."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  closed_check = asyncio.BaseEventLoop._check_closed.__code__  # pylint: disable=protected-access
+
   def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == 'Event loop is closed'):
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+      tb = tb.tb_next
+    if not (isinstance(unraisable.exc_value, RuntimeError) and tb is not None
+            and tb.tb_frame.f_code is closed_check):
       default_hook(unraisable)
   return hook
 

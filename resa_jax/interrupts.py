@@ -71,19 +71,18 @@ def acknowledge() -> None:
   _acknowledged.set()
 
 
-def watch(grace_seconds: float = GRACE_SECONDS) -> bool:
+def watch(grace_seconds: float = GRACE_SECONDS) -> None:
   """Blocks SIGINT/SIGTERM in this thread (and the threads it starts from now on) and
   starts the watcher.  Call from the main thread before JAX or TensorFlow start
-  threads.  Returns False (and does nothing) off the main thread."""
+  threads; elsewhere, or a second time, it does nothing."""
   if threading.current_thread() is not threading.main_thread() or _state['watching']:
-    return False
+    return
   for signum in SIGNALS:  # what interrupt_main runs in the main thread
     signal.signal(signum, _raise_stopped)
   signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
   threading.Thread(target=_watcher, args=(grace_seconds,), name='resa-stop-signals',
                    daemon=True).start()
   _state['watching'] = True
-  return True
 
 
 def unwatch() -> None:
@@ -138,27 +137,25 @@ def _raise_stopped(signum, _frame):
     raise Stopped(signum)
 
 
+def _exit(signum: int, text: str) -> None:
+  print(f'error: {text}', file=sys.stderr, flush=True)
+  os._exit(128 + signum)  # pylint: disable=protected-access
+
+
 def _watcher(grace_seconds: float) -> None:
   signum = signal.sigwait(SIGNALS)
+  name = signal_name(signum)
   _request(signum)
   if not _state['running']:
-    print(f'error: {signal_name(signum)} while starting; stopped (nothing written)',
-          file=sys.stderr, flush=True)
-    os._exit(128 + signum)  # pylint: disable=protected-access
+    _exit(signum, f'{name} while starting; stopped (nothing written)')
   if not _state['polling']:
     _thread.interrupt_main(signum)
-  done = threading.Event()
-  threading.Thread(target=lambda: (signal.sigwait(SIGNALS), done.set()), daemon=True,
-                   name='resa-second-signal').start()
-  done.wait(grace_seconds)  # a second signal, or the grace time
+  second = signal.sigtimedwait(SIGNALS, grace_seconds)  # None after the grace time
   if not _acknowledged.is_set():
-    why = ('a second signal' if done.is_set() else
+    why = ('a second signal' if second else
            f'the main thread did not stop within {grace_seconds:.0f} s (blocked in '
            'data loading, compilation or a step)')
-    print(f'error: {signal_name(signum)}: {why}; exiting without saving (finished '
-          'checkpoints are kept)', file=sys.stderr, flush=True)
-    os._exit(128 + signum)  # pylint: disable=protected-access
-  done.wait()  # acknowledged: the main thread saves and exits; a second signal ends it
-  print(f'error: second {signal_name(signum)} while saving: exiting now (finished '
-        'checkpoints are kept)', file=sys.stderr, flush=True)
-  os._exit(128 + signum)  # pylint: disable=protected-access
+    _exit(signum, f'{name}: {why}; exiting without saving (finished checkpoints are kept)')
+  if second is None:  # acknowledged: the main thread saves and exits, unless a second
+    signal.sigwait(SIGNALS)  # signal ends it
+  _exit(signum, f'second {name} while saving: exiting now (finished checkpoints are kept)')

@@ -1,5 +1,5 @@
-"""What a run leaves for people to read: JSON files and PNG figures written atomically,
-progress lines, durations, and the one-line error text every command prints.
+"""Files and refusals: JSON files written atomically, the one-line error text every
+command prints, and the refusal of a write the system will not take.
 
 Nothing here knows about models or data; every module that reports imports this one.
 Writes are atomic (a temporary file in the same folder, then `os.replace`), so a
@@ -19,7 +19,6 @@ import os
 import pathlib
 import re
 import tempfile
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -51,22 +50,27 @@ _REFUSED = {
     errno.EPERM: ('operation not permitted', False, 'check its permissions or use another path'),
 }
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# The errno of an error that carries it only in its text: TensorStore's status payload
+# ("[os_error_code='28']") and an OSError's string in a log record ("[Errno 28] ...").
+_ERRNO_IN_TEXT = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
 
 
 def refused_write(error: BaseException | None) -> OSError | None:
   """The OSError of an access the system refused (a full disk or quota, a read-only file
   system: writes; a permission) that `error` is or was caused by; None if none.
 
-  TensorStore (orbax's array writer) raises ValueErrors that only say it in words
-  ('... No space left on device [os_error_code=28]'): those count as the OSError."""
+  TensorStore (orbax's array writer) raises ValueErrors that carry the errno in their
+  status payload only ('... [os_error_code=\'28\']'): a full disk or quota there counts
+  as the OSError."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
     if isinstance(error, OSError) and error.errno in _REFUSED:
       return error
-    for code in DISK_FULL_ERRNOS:
-      if os.strerror(code) in str(error):
-        return OSError(code, os.strerror(code))
+    match = _ERRNO_IN_TEXT.search(str(error))
+    code = int(match.group(1) or match.group(2)) if match else None
+    if code in DISK_FULL_ERRNOS:
+      return OSError(code, os.strerror(code))
     error = error.__cause__ or error.__context__
   return None
 
@@ -78,14 +82,6 @@ def refused_write_line(error: OSError) -> str:
   if error.filename:
     what += f': cannot write {error.filename}' if writing else f': {error.filename}'
   return f'{what} ({error.strerror}); {advice}'
-
-
-def format_duration(seconds: float) -> str:
-  """'1h02m03s', or '2m03s' under an hour."""
-  seconds = int(max(seconds, 0))
-  hours, rest = divmod(seconds, 3600)
-  minutes, seconds = divmod(rest, 60)
-  return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'
 
 
 def is_chief() -> bool:
@@ -140,7 +136,7 @@ def _json_default(x):
   raise TypeError(f'not JSON serialisable: {type(x).__name__}')
 
 
-def _replace_atomically(path: str, write: Callable[[str], None], suffix: str) -> None:
+def replace_atomically(path: str, write: Callable[[str], None], suffix: str) -> None:
   """Calls write(tmp_path) on a new file beside `path`, then renames it to `path`.
 
   A refused write (see `refused_write`) is raised as an OSError naming `path` (the
@@ -198,157 +194,4 @@ def write_json(path, obj: Any) -> None:
       f.write('\n')
       f.flush()
       os.fsync(f.fileno())
-  _replace_atomically(path, write, '.tmp')
-
-
-def save_figure(figure, path, dpi: int = 120) -> None:
-  """Saves a matplotlib Figure as PNG atomically (no pyplot, no global backend)."""
-  _replace_atomically(
-      path, lambda tmp: figure.savefig(tmp, format='png', dpi=dpi, bbox_inches='tight'),
-      '.png.tmp')
-
-
-# kNN metrics the loop may measure: (history curve, baseline prefix, panel title).
-_KNN_PANELS = (('knn', 'knn_top1', 'weighted kNN top-1'),
-               ('knn5_euclidean', 'knn5_euclidean_top1', '5-NN Euclidean top-1'))
-# Baselines: (history suffix, label, line style).  Raw pixels is drawn thin and dashed
-# over a thick dotted random-init line, so two baselines of equal value both show.
-_BASELINES = (('raw_pixels', 'raw pixels', dict(color='black', linestyle='--',
-                                                linewidth=1.4, zorder=3)),
-              ('random_init', 'random encoder', dict(color='tab:red', linestyle=':',
-                                                     linewidth=3.2, zorder=2)))
-
-
-def _knn_panels(history: dict) -> list[tuple[str, list, dict]]:
-  """[(title, [(epoch, top-1)], {baseline label: (value, style)})] of every kNN metric
-  the run measured (a curve point or a baseline); [] when kNN was off."""
-  panels = []
-  for curve, prefix, title in _KNN_PANELS:
-    points = [(e, a) for e, a in history.get(curve) or [] if a is not None]
-    baselines = {label: (history[f'{prefix}_{suffix}'], style)
-                 for suffix, label, style in _BASELINES
-                 if history.get(f'{prefix}_{suffix}') is not None}
-    if points or baselines:
-      panels.append((title, points, baselines))
-  return panels
-
-
-def _span(low: float, high: float, min_span: float) -> tuple[float, float]:
-  """(low, high) padded by 8% of their distance, and to at least `min_span` wide."""
-  pad = max(0.08 * (high - low), (min_span - (high - low)) / 2, 0.0)
-  return low - pad, high + pad
-
-
-def _plot_loss(ax, loss: list, total_steps: int | None) -> None:
-  loss = [(s, v) for s, v in loss if v is not None and math.isfinite(v)]  # NaN: null
-  if loss:
-    steps, values = zip(*loss)
-    ax.plot(steps, values, color='C0', marker='o' if len(loss) == 1 else None)
-    ax.set_ylim(*_span(min(values), max(values), 0.02 * max(abs(v) for v in values) or 1.0))
-  ax.set_xlim(0, max(total_steps or 0, loss[-1][0] if loss else 0) or 1)
-  ax.set(xlabel='step', ylabel='ReSA loss', title='training loss')
-
-
-def _plot_knn(ax, title: str, points: list, baselines: dict, num_epochs: float | None,
-              prefix: str) -> None:
-  """One kNN panel: the momentum encoder's top-1 over epochs (markers, so one point
-  reads as a point), each baseline a horizontal line; the labels carry the values."""
-  values = [a for _, a in points] + [v for v, _ in baselines.values()]
-  if points:
-    epochs, accs = zip(*points)
-    ax.plot(epochs, accs, 'o-', color='C0', markersize=6, zorder=4,
-            label=f'{prefix}ReSA momentum encoder (last {accs[-1]:.2f}%)')
-  for label, (value, style) in baselines.items():
-    ax.axhline(value, label=f'{prefix}{label} ({value:.2f}%)', **style)
-  last_epoch = max([e for e, _ in points], default=0.0)
-  ax.set_xlim(0, 1.04 * (max(num_epochs or 0.0, last_epoch) or 1.0))
-  low, high = _span(min(values), max(values), 4.0)
-  ax.set_ylim(max(low, 0.0), min(high, 100.0))
-  ax.set(xlabel='epoch', ylabel='top-1 accuracy (%)', title=title)
-  ax.grid(alpha=0.3)
-
-
-def training_curves_figure(history: dict, *, total_steps: int | None = None,
-                           num_epochs: float | None = None):
-  """The Figure of `plot_training_curves`: loss over steps, one panel per kNN metric
-  measured (none when kNN was off), the legend below all panels, off the data."""
-  # A bare Figure (no pyplot): leaves the user's matplotlib backend alone.
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  panels = _knn_panels(history)
-  fig = Figure(figsize=(4.8 * (1 + len(panels)), 4.0), layout='constrained')
-  axes = fig.subplots(1, 1 + len(panels), squeeze=False)[0]
-  _plot_loss(axes[0], history.get('loss') or [], total_steps)
-  for ax, (title, points, baselines) in zip(axes[1:], panels):
-    _plot_knn(ax, title, points, baselines, num_epochs,
-              f'{title.removesuffix(" top-1")}: ' if len(panels) > 1 else '')
-  if panels:
-    # 'outside': constrained layout keeps the legend clear of every axes.  One column
-    # per panel; matplotlib fills the columns in order.
-    handles = [h for ax in axes[1:] for h in ax.get_legend_handles_labels()[0]]
-    fig.legend(handles=handles, loc='outside lower center', ncols=len(panels), fontsize=9,
-               frameon=False)
-  return fig
-
-
-def plot_training_curves(history: dict, path, *, total_steps: int | None = None,
-                         num_epochs: float | None = None) -> None:
-  """training_curves.png: loss over steps and kNN top-1 over epochs, with baselines.
-
-  `history` as train.py keeps it: 'loss' [(step, loss)], 'knn' [(epoch, top-1)],
-  optional 'knn_top1_raw_pixels' and 'knn_top1_random_init'; on CIFAR also
-  'knn5_euclidean' [(epoch, top-1)] with its '..._raw_pixels' / '..._random_init'.
-  `total_steps` / `num_epochs`: where the x axes end (at least the last loss step and
-  kNN epoch, which for a finished run are its end: it logs and measures its last step).
-  """
-  save_figure(training_curves_figure(history, total_steps=total_steps,
-                                     num_epochs=num_epochs), path, dpi=100)
-
-
-# -------------------------------------------------------------- progress ----
-
-class Progress:
-  """Prints 'label: done/total unit (pct), rate unit/s, elapsed, ETA' about every 10% of
-  the work or every `every_s` seconds, on the first process.  Call it with the count done.
-
-  The rate and the ETA count from the first call: the work before it (the first batch,
-  which compiles) is not timed, so the first line has no rate.  Give `ready` the newest
-  result of asynchronously dispatched work (a step's loss): before the clock is read it
-  is waited for, so a rate is of finished work, not of work queued on the device.
-  """
-
-  def __init__(self, label: str, total: int, unit: str = 'batches', every_s: float = 30.0,
-               print_fn: Callable[[str], None] | None = None,
-               clock: Callable[[], float] = time.time):
-    self.label, self.total, self.unit, self.every_s = label, max(int(total), 1), unit, every_s
-    self.print_fn = print_fn or (lambda line: print(line, flush=True))
-    self.clock = clock
-    self.start = self.last = clock()
-    self.first: tuple[float, int] | None = None  # (time, done) at the first call
-    self.next_fraction = 0.1
-
-  def __call__(self, done: int, *_, ready=None) -> None:
-    fraction = done / self.total
-    due = (done >= self.total or fraction >= self.next_fraction
-           or self.clock() - self.last >= self.every_s)
-    if not due and self.first is not None:
-      return
-    if ready is not None:
-      import jax  # pylint: disable=g-import-not-at-top
-      jax.block_until_ready(ready)
-    now = self.clock()
-    if self.first is None:
-      self.first = (now, done)
-    if not due:
-      return
-    while self.next_fraction <= fraction:
-      self.next_fraction += 0.1
-    self.last = now
-    (first_time, first_done), rate, eta = self.first, '', ''
-    if now > first_time and done > first_done:
-      per_second = (done - first_done) / (now - first_time)
-      rate = f'{per_second:.1f} {self.unit}/s, '
-      if done < self.total:
-        eta = f', ETA {format_duration((self.total - done) / per_second)}'
-    if is_chief():
-      self.print_fn(f'{self.label}: {done}/{self.total} {self.unit} ({100 * fraction:.0f}%), '
-                    f'{rate}{format_duration(now - self.start)}{eta}')
+  replace_atomically(path, write, '.tmp')

@@ -7,7 +7,7 @@ global arrays, made on the host or the devices) -> `step.make_train_step` (the p
 averaged, written through clu and printed as the progress line).  Every
 `knn_every_epochs` the momentum encoder is measured by a weighted kNN
 (`evaluate.knn`); checkpoints go through `checkpoints.Checkpoints`; at the end
-`results.json` and `training_curves.png` (`reporting`).
+`results.json` (`reporting`) and `training_curves.png` (`plots`).
 
 Exit paths: a NaN/Inf loss or state raises `TrainingDivergedError` before the bad
 state is saved; SIGTERM or Ctrl-C (or, multi-host, JAX's preemption sync point) saves
@@ -32,6 +32,7 @@ import numpy as np
 
 from resa_jax import checkpoints as checkpoints_lib
 from resa_jax import interrupts
+from resa_jax import plots
 from resa_jax import reporting
 from resa_jax import sharding
 from resa_jax import step as step_lib
@@ -359,7 +360,7 @@ def _write_results(run: _Run, step: int, log: MetricsLog, checkpoint_seconds) ->
     if importlib.util.find_spec('matplotlib') is None:
       print('matplotlib is not installed: no training_curves.png', flush=True)
     else:
-      reporting.plot_training_curves(history, run.workdir / 'training_curves.png')
+      plots.plot_training_curves(history, run.workdir / 'training_curves.png')
   print('results: ' + json.dumps(results), flush=True)
   return results
 

@@ -3,7 +3,6 @@ averaged, written through a clu metric writer and printed as the progress line."
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 import pathlib
@@ -13,7 +12,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from resa_jax import reporting
+from resa_jax import progress as progress_lib
 
 
 class TrainingDivergedError(RuntimeError):
@@ -31,35 +30,32 @@ class MetricsLog:
   state is not finite, then writes their mean through `writer`, appends the loss
   to `history['loss']` and prints the progress line.
 
-  Rates: only finished steps after the first flush are timed (the first step's
-  compilation never is), and `restart_clock()` (after a kNN evaluation) leaves the
-  evaluation out.  The progress line and TensorBoard's `images_per_sec` (and the
-  ETA) use a moving window, the last `window` timed intervals between flushes, so
-  one slow interval (a checkpoint, another process) neither swings them nor stays in
-  them; `images_per_sec` (results.json) is the same rule over the whole run.
+  Rates follow `progress.Rate` over steps: the first flush starts the clock (the first
+  step's compilation is never timed) and `restart_clock()` (after a kNN evaluation)
+  leaves the evaluation out.  The progress line, TensorBoard's `images_per_sec` and the
+  ETA are over the last `window` intervals between flushes; `images_per_sec`
+  (results.json) is over the whole run.
   """
 
   def __init__(self, *, writer, history: dict, batch_size: int, total_steps: int,
                steps_per_epoch: int, checkpoint_dir: pathlib.Path,
                print_fn: Callable[[str], None] = lambda line: print(line, flush=True),
                clock: Callable[[], float] = time.time, window: int = 5):
-    self.writer, self.history, self.print_fn, self.clock = writer, history, print_fn, clock
+    self.writer, self.history, self.print_fn = writer, history, print_fn
     self.batch_size, self.total_steps = batch_size, total_steps
     self.steps_per_epoch, self.checkpoint_dir = steps_per_epoch, checkpoint_dir
     self.pending: list[tuple[int, Any]] = []
     self.last_loss = math.nan
-    self.timed_steps, self.timed_seconds = 0, 0.0  # over the whole run, for results.json
-    self._interval_start: float | None = None
-    self._interval_steps = 0
-    self._window = collections.deque(maxlen=window)  # (steps, seconds) per interval
+    self.rate = progress_lib.Rate(clock, window)  # steps per second
+    self._last_step = 0
 
   def add(self, step: int, metrics) -> None:
-    if self._interval_start is not None:
-      self._interval_steps += 1
+    self._last_step = step
     self.pending.append((step, metrics))
 
   def restart_clock(self) -> None:
-    self._interval_start, self._interval_steps = self.clock(), 0
+    """Times from now: the time since the last flush (an evaluation) is left out."""
+    self.rate.restart(self._last_step)
 
   def _check(self, fetched) -> None:
     for (s, _), m in zip(self.pending, fetched):
@@ -80,18 +76,11 @@ class MetricsLog:
     self.pending.clear()
     mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     self.last_loss = mean['loss']
-    now, rate = self.clock(), ''
-    if self._interval_start is not None and self._interval_steps:
-      seconds = now - self._interval_start
-      self.timed_steps += self._interval_steps
-      self.timed_seconds += seconds
-      self._window.append((self._interval_steps, seconds))
-      steps, seconds = (sum(column) for column in zip(*self._window))
-      mean['images_per_sec'] = steps * self.batch_size / seconds
-      eta = (self.total_steps - step) * seconds / steps
+    steps_per_sec, rate = self.rate.measure(step), ''
+    if steps_per_sec:
+      mean['images_per_sec'] = steps_per_sec * self.batch_size
       rate = (f' | {mean["images_per_sec"]:.1f} img/s | ETA '
-              f'{reporting.format_duration(eta)}')
-    self._interval_start, self._interval_steps = now, 0
+              f'{self.rate.eta(step, self.total_steps)}')
     self.writer.write_scalars(step, mean)
     self.history['loss'].append((step, mean['loss']))
     self.print_fn(f'step {step}/{self.total_steps} (epoch {step / self.steps_per_epoch:.2f}) '
@@ -101,7 +90,9 @@ class MetricsLog:
 
   @property
   def images_per_sec(self) -> float | None:
-    return self.timed_steps * self.batch_size / self.timed_seconds if self.timed_seconds else None
+    """Over the whole run (results.json); None before two flushes."""
+    steps_per_sec = self.rate.overall
+    return steps_per_sec * self.batch_size if steps_per_sec else None
 
 
 class _JsonLinesWriter:

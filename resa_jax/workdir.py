@@ -3,15 +3,16 @@
 Everything here runs before TensorFlow, data loading or a device is touched, so a
 refusal takes a fraction of a second and writes nothing.
 
-* **Lock.**  `<workdir>/.lock` holds `pid@host` of the run that trains there, under an
-  advisory `fcntl.flock`.  A second run on a live workdir is refused (`WorkdirLocked`,
-  naming the holder).  The kernel drops the flock when its process dies, so the lock of
-  a killed run (`kill -9`, OOM) is stale at once and the next run takes it over with a
-  one-line note.  A run that ends (finished, stopped, failed) removes the file.  On a
-  file system without flock (some network mounts) the pid is checked instead: held
-  while that pid is alive on this host; a lock of another host is then honoured only
-  through flock.  Multi-host: only process 0 takes the lock (the other processes are
-  started together with it and share its fate).
+* **Lock.**  `<workdir>/.lock` holds `pid@host` of the run that trains there, under
+  the `filelock` library's advisory lock (`flock`).  A second run on a live workdir is
+  refused (`WorkdirLocked`, naming the holder).  The kernel drops the flock when its
+  process dies, so the lock of a killed run (`kill -9`, OOM) is stale at once and the
+  next run takes it over with a one-line note.  A run that ends (finished, stopped,
+  failed) removes the file.  On a file system without flock (some network mounts)
+  filelock keeps a marker file with the holder's pid and host instead: held while that
+  pid is alive on this host; a marker of another host is honoured.  Multi-host: only
+  process 0 takes the lock (the other processes are started together with it and share
+  its fate).
 * **Config.**  `config.json` is the config the workdir was trained with.  Resuming
   with a config that differs in a field that changes the training is refused unless
   `allow_config_change`; then `config.json` keeps the original and
@@ -22,8 +23,6 @@ refusal takes a fraction of a second and writes nothing.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import pathlib
@@ -70,18 +69,23 @@ def _me() -> str:
   return f'{os.getpid()}@{socket.gethostname()}'
 
 
-def _alive_here(holder: str) -> bool:
-  """Whether `pid@host` names a live process of this host."""
-  pid, _, host = holder.partition('@')
-  if host != socket.gethostname() or not pid.isdigit():
-    return False
+def _holder(path: pathlib.Path) -> str:
+  """`pid@host` of the lock file's holder ('' if none is recorded).  Where the file
+  system has no flock the file is filelock's marker, which records the pid and the host
+  on lines of their own (`pid=` and `host=` in its newer format)."""
   try:
-    os.kill(int(pid), 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
+    lines = path.read_text(errors='replace').split()
+  except OSError:
+    return ''
+  if len(lines) < 2:
+    return ''.join(lines)  # ours
+  fields = dict(line.partition('=')[::2] for line in lines if '=' in line)
+  return f'{fields.get("pid", lines[0])}@{fields.get("host", lines[1])}'
+
+
+def _note_takeover(holder: str, path: pathlib.Path) -> None:
+  print(f'note: taking over the lock of a run that is no longer running ({holder}, {path})',
+        flush=True)
 
 
 def _locked_message(workdir, holder: str) -> str:
@@ -91,80 +95,81 @@ def _locked_message(workdir, holder: str) -> str:
           'another --workdir')
 
 
-def _try_flock(fd) -> bool | None:
-  """True: locked; False: held by another process; None: no flock on this file system."""
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return True
-  except BlockingIOError:
-    return False
-  except OSError as e:
-    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-      return False
-    return None
+def _file_lock(path: pathlib.Path):
+  """The lock on `path`; `acquire` raises filelock.Timeout if it stays held for a second
+  (the second lets a run that is ending, and removing the file, finish that)."""
+  import filelock  # pylint: disable=g-import-not-at-top
+  return filelock.FileLock(path, timeout=1.0, mode=0o644, thread_local=False)
 
 
 def refuse_if_locked(workdir) -> None:
-  """Raises WorkdirLocked if a live run holds `workdir`; reads only, writes nothing."""
+  """Raises WorkdirLocked if a live run holds `workdir`.  A free lock is taken and
+  released at once, which changes nothing but a dead run's marker (no flock), removed; a
+  lock file this process may not open is left to `require_writable` and `Lock.acquire`,
+  which say why."""
+  import filelock  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(workdir) / LOCK_NAME
+  previous = _holder(path)
+  if not path.exists():
+    return
+  probe = _file_lock(path)
   try:
-    fd = os.open(path, os.O_RDONLY)
+    probe.acquire()
+  except filelock.Timeout:
+    raise WorkdirLocked(_locked_message(workdir, _holder(path))) from None
   except OSError:
     return
-  try:
-    holder = os.read(fd, 200).decode(errors='replace').strip()
-    locked = _try_flock(fd)
-  finally:
-    os.close(fd)  # also releases a probe lock
-  if locked is False or (locked is None and _alive_here(holder)):
-    raise WorkdirLocked(_locked_message(workdir, holder))
+  probe.release()
+  if previous and not path.exists():  # a marker (no flock) of a dead run, now removed
+    _note_takeover(previous, path)
 
 
 class Lock:
   """The lock of one workdir, held from `acquire` to `release` (or process exit)."""
 
-  def __init__(self, path: pathlib.Path, fd: int):
-    self.path, self._fd = path, fd
+  def __init__(self, path: pathlib.Path, lock):
+    self.path, self._lock = path, lock
+    self._marker = _is_marker(lock)  # no flock: filelock's marker, which it removes
 
   @classmethod
   def acquire(cls, workdir) -> 'Lock':
     """Creates the workdir if needed and takes its lock; WorkdirLocked if held."""
+    import filelock  # pylint: disable=g-import-not-at-top
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / LOCK_NAME
-    for _ in range(5):  # the file may be removed by its holder between open and flock
-      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-      holder = os.read(fd, 200).decode(errors='replace').strip()
-      locked = _try_flock(fd)
-      if locked is False or (locked is None and _alive_here(holder)):
-        os.close(fd)
-        raise WorkdirLocked(_locked_message(workdir, holder))
-      try:
-        same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
-      except FileNotFoundError:
-        same_file = False
-      if same_file:
-        break
-      os.close(fd)
-    else:
-      raise WorkdirLocked(f'cannot take the lock {path}: it keeps being replaced')
-    if holder and holder != _me():
-      print(f'note: taking over the lock of a run that is no longer running '
-            f'({holder}, {path})', flush=True)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f'{_me()}\n'.encode(), 0)
-    os.fsync(fd)
-    return cls(path, fd)
+    previous = _holder(path)  # of a run killed while it held the lock
+    lock = _file_lock(path)
+    try:
+      lock.acquire()
+    except filelock.Timeout:
+      raise WorkdirLocked(_locked_message(workdir, _holder(path))) from None
+    if previous and previous != _me():
+      _note_takeover(previous, path)
+    held = cls(path, lock)
+    if not held._marker:  # flock: the file is ours to say who holds it
+      path.write_text(f'{_me()}\n')
+    return held
 
   def release(self) -> None:
-    if self._fd is None:
+    if self._lock is None:
       return
-    try:
-      self.path.unlink()
-    except FileNotFoundError:
-      pass
-    os.close(self._fd)
-    self._fd = None
+    if not self._marker:
+      # While held: a run that opened this file meanwhile finds it unlinked and retries
+      # on a new one (filelock checks the link count after each flock).
+      self.path.unlink(missing_ok=True)
+    self._lock.release()
+    self._lock = None
+
+
+def _is_marker(lock) -> bool:
+  """Whether filelock fell back to its marker file (no flock on this file system):
+  the file then records the holder in filelock's own format."""
+  try:
+    lock.pid  # pylint: disable=pointless-statement
+  except AttributeError:  # "marker access requires a soft fallback"
+    return False
+  return True
 
 
 # ----------------------------------------------------------------- config ----

@@ -9,6 +9,7 @@ numbers are an accurate reference for the float32 Flax model.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import re
 
@@ -263,6 +264,11 @@ def test_error_not_a_checkpoint(tmp_path):
                    'cannot read')):
     # Short, and without torch's advice to load untrusted files with weights_only=False.
     assert len(message) < 400 and 'arbitrary code' not in message, message
+  namespace = tmp_path / 'namespace.pth'  # as the authors' checkpoints keep their args
+  torch.save({'state_dict': {'w': torch.zeros(2)}, 'args': argparse.Namespace(lr=0.3)},
+             namespace)
+  expect_error(lambda: convert.load_torch_state_dict(namespace), re.escape(str(namespace)),
+               'objects other than tensors and plain containers')
   listing = tmp_path / 'list.pth'
   torch.save([torch.zeros(2)], listing)
   expect_error(lambda: convert.load_torch_state_dict(listing), 'list', 'not a state dict')

@@ -302,16 +302,16 @@ def test_clustering_at_fine_and_coarse_granularity_on_mock_cifar100(run, tmp_pat
 
 def test_evaluation_runs_in_float32_whatever_the_training_dtype(run, tmp_path):
   """The authors evaluate in float32 (no autocast): a bfloat16 training config gives the
-  float32 features unless --dtype=train asks for its own."""
+  float32 features unless --dtype=as_trained asks for its own."""
   workdir, config, _ = run
   bf16 = tiny_config()
   bf16.dtype = 'bfloat16'
   results = {}
   for name, cfg, dtype in (('f32', config, 'float32'), ('default', bf16, 'float32'),
-                           ('train', bf16, 'train')):
+                           ('as_trained', bf16, 'as_trained')):
     options = evaluate.Options(evaluations=['knn'], batch_size=16, dtype=dtype)
     results[name] = evaluate.run_evaluations(cfg, workdir, tmp_path / name, options)
-  assert results['default']['dtype'] == 'float32' and results['train']['dtype'] == 'bfloat16'
+  assert results['default']['dtype'] == 'float32' and results['as_trained']['dtype'] == 'bfloat16'
   assert results['default']['results']['knn']['weighted'] == results['f32']['results']['knn'][
       'weighted']
   assert bf16.dtype == 'bfloat16'  # the caller's config is not changed

@@ -1,6 +1,6 @@
-"""Faults of a workdir: a finished run rerun, two runs on one workdir, a stale lock, a
-resume with another config; results.json always valid JSON; a full disk and a
-read-only file system.
+"""Faults of a workdir: a finished run rerun, two runs on one workdir, a stale lock (also
+where the file system has no flock), a resume with another config; results.json always
+valid JSON; a full disk and a read-only file system.
 
 The real `python -m resa_jax.main` on tests/configs/tiny.py and 2 simulated devices
 (conftest's `env`), and conftest's uninterrupted `reference` run.
@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -108,6 +109,48 @@ def test_second_run_is_refused_and_a_stale_lock_taken_over(env, tmp_path):
   print(f'\n[faults] after kill -9: {notes[0]}')
 
 
+# Takes the workdir lock of argv[1] as train.py does, on a file system without flock
+# (some network mounts), holds it argv[2] seconds and releases it.
+HOLD_WITHOUT_FLOCK = """
+import errno, fcntl, sys, time
+def no_flock(fd, operation):
+  raise OSError(errno.ENOSYS, 'Function not implemented')
+fcntl.flock = no_flock
+from resa_jax import workdir
+workdir.refuse_if_locked(sys.argv[1])
+lock = workdir.Lock.acquire(sys.argv[1])
+print('held', flush=True)
+time.sleep(float(sys.argv[2]))
+lock.release()
+"""
+
+
+@pytest.mark.slow
+def test_without_flock_the_lock_is_held_while_its_pid_lives(env, tmp_path):
+  workdir = tmp_path / 'run'
+
+  def hold(seconds):
+    return subprocess.Popen([sys.executable, '-c', HOLD_WITHOUT_FLOCK, str(workdir),
+                             str(seconds)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  first = hold(120)
+  try:
+    assert first.stdout.readline() == 'held\n', first.stderr.read()
+    second = hold(0)
+    _, err = second.communicate(timeout=120)
+    assert second.returncode != 0 and 'WorkdirLocked' in err, err
+    assert f'pid {first.pid} on host' in err and 'in use by another run' in err, err
+  finally:
+    first.kill()
+    first.wait()
+  third = hold(0)
+  out, err = third.communicate(timeout=120)
+  assert third.returncode == 0, err
+  notes = [l for l in out.splitlines() if l.startswith('note: taking over the lock')]
+  assert len(notes) == 1 and f'({first.pid}@' in notes[0], out
+  assert not (workdir / '.lock').exists()
+
+
 @pytest.mark.slow
 def test_resume_with_another_config_is_refused_unless_allowed(env, reference, tmp_path):
   workdir = tmp_path / 'run'
@@ -142,7 +185,7 @@ def test_resume_with_another_config_is_refused_unless_allowed(env, reference, tm
 
 # ------------------------------------------------------------ full disk ----
 
-def test_refused_writes_are_recognised_through_causes_and_tensorstore_text():
+def test_refused_writes_are_recognised_through_causes_and_errno_codes_in_text():
   from resa_jax import reporting
   full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
   try:
@@ -155,10 +198,36 @@ def test_refused_writes_are_recognised_through_causes_and_tensorstore_text():
   tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "params/0" ... Failed to write '
                            "2319 bytes to file 8: No space left on device [os_error_code='28']")
   assert reporting.refused_write(tensorstore).errno == errno.ENOSPC
+  logged = Exception("Failed to save: [Errno 122] Disk quota exceeded: '/w/x'")  # a log line
+  assert reporting.refused_write(logged).errno == errno.EDQUOT
+  # By the code, not the words: the words alone, or a code other than a full disk, is not.
+  assert reporting.refused_write(ValueError('No space left on device')) is None
+  assert reporting.refused_write(ValueError("Permission denied [os_error_code='13']")) is None
   assert reporting.refused_write(PermissionError(errno.EACCES, 'Permission denied')).errno \
       == errno.EACCES
   assert reporting.refused_write(ValueError('bad value')) is None
   assert reporting.refused_write(FileNotFoundError(errno.ENOENT, 'No such file')) is None
+
+
+def test_late_callbacks_into_a_closed_event_loop_are_dropped():
+  """The command's unraisable hook drops what a closed asyncio loop raises (orbax's
+  loop, after a failed save), recognised by where it is raised, and passes the rest."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from resa_jax import cli
+  passed = []
+  hook = cli._unraisable_but_not_a_late_callback(passed.append)
+  loop = asyncio.new_event_loop()
+  loop.close()
+  with pytest.raises(RuntimeError) as late:
+    loop.call_soon(print)
+  hook(types.SimpleNamespace(exc_value=late.value, exc_traceback=late.value.__traceback__))
+  try:
+    raise RuntimeError(str(late.value))  # the same words, raised elsewhere
+  except RuntimeError as e:
+    other = types.SimpleNamespace(exc_value=e, exc_traceback=e.__traceback__)
+  hook(other)
+  assert passed == [other]
 
 
 def test_write_json_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'resa_jax'
 # Bottom first.  Each module may import only the modules before it.
 LAYERS = (
     'resa_jax',  # __init__: the version only
-    'resa_jax.sinkhorn', 'resa_jax.reporting', 'resa_jax.interrupts', 'resa_jax.losses', 'resa_jax.sharding',
+    'resa_jax.sinkhorn', 'resa_jax.reporting', 'resa_jax.progress', 'resa_jax.plots',
+    'resa_jax.interrupts', 'resa_jax.losses', 'resa_jax.sharding',
     'resa_jax.views', 'resa_jax.augment_device',
     'resa_jax.models.layers', 'resa_jax.models.resnet', 'resa_jax.models.vit',
     'resa_jax.models.heads',

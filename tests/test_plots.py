@@ -10,7 +10,7 @@ from matplotlib.colors import to_rgb
 import numpy as np
 import pytest
 
-from resa_jax import reporting
+from resa_jax import plots
 from resa_jax.evaluate import clustering
 
 LOSS = [(1, 4.9), (100, 4.5), (200, 4.2), (300, 4.1)]
@@ -57,11 +57,11 @@ def _legend_texts(figure):
 @pytest.mark.parametrize('history', [{'loss': LOSS, 'knn': []}, {'loss': [], 'knn': []},
                                      {'loss': [(5, 4.0)], 'knn': []}])
 def test_knn_off_one_panel_no_legend_no_warning(history, tmp_path):
-  figure, _ = _drawn(reporting.training_curves_figure(history, total_steps=300))
+  figure, _ = _drawn(plots.training_curves_figure(history, total_steps=300))
   assert len(figure.axes) == 1 and _labelled(figure.axes[0])
   assert not figure.legends and figure.axes[0].get_legend() is None
   assert figure.axes[0].get_xlim() == (0.0, 300.0)
-  reporting.plot_training_curves(history, tmp_path / 'curves.png', total_steps=300,
+  plots.plot_training_curves(history, tmp_path / 'curves.png', total_steps=300,
                                  num_epochs=1.0)
   assert (tmp_path / 'curves.png').read_bytes()[:4] == b'\x89PNG'
 
@@ -69,7 +69,7 @@ def test_knn_off_one_panel_no_legend_no_warning(history, tmp_path):
 @pytest.mark.parametrize('baselines', [True, False])
 def test_one_knn_point_is_a_marker_on_an_axis_spanning_the_run(baselines):
   history = DEMO if baselines else {'loss': LOSS, 'knn': [(1.5, 83.32)]}
-  figure, _ = _drawn(reporting.training_curves_figure(history, total_steps=702,
+  figure, _ = _drawn(plots.training_curves_figure(history, total_steps=702,
                                                       num_epochs=1.5))
   ax = figure.axes[1]
   (curve,) = [line for line in ax.get_lines() if line.get_label().startswith('ReSA')]
@@ -86,7 +86,7 @@ def test_one_knn_point_is_a_marker_on_an_axis_spanning_the_run(baselines):
 def test_coinciding_baselines_both_stay_visible():
   history = {'loss': LOSS, 'knn': [(1.0, 60.0)], 'knn_top1_raw_pixels': 50.0,
              'knn_top1_random_init': 50.0}
-  figure, _ = _drawn(reporting.training_curves_figure(history, num_epochs=1.0))
+  figure, _ = _drawn(plots.training_curves_figure(history, num_epochs=1.0))
   ax = figure.axes[1]
   texts = _legend_texts(figure)
   assert 'raw pixels (50.00%)' in texts and 'random encoder (50.00%)' in texts
@@ -96,14 +96,14 @@ def test_coinciding_baselines_both_stay_visible():
   box = ax.get_window_extent()
   row = int(round(pixels.shape[0] - y))
   band = pixels[row - 5:row + 6, int(box.x0) + 4:int(box.x1) - 4]
-  for style in (dict(reporting._BASELINES[0][2]), dict(reporting._BASELINES[1][2])):
+  for style in (dict(plots._BASELINES[0][2]), dict(plots._BASELINES[1][2])):
     near = np.linalg.norm(band - np.array(to_rgb(style['color'])), axis=-1) < 0.25
     assert near.sum() > 100, style
 
 
 @pytest.mark.parametrize('history,panels', [(DEMO, 1), (CIFAR, 2)])
 def test_typical_run_legend_off_the_data_and_everything_labelled(history, panels):
-  figure, renderer = _drawn(reporting.training_curves_figure(history, total_steps=1755,
+  figure, renderer = _drawn(plots.training_curves_figure(history, total_steps=1755,
                                                              num_epochs=4.5))
   assert len(figure.axes) == 1 + panels
   assert all(_labelled(ax) for ax in figure.axes)

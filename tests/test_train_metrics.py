@@ -1,5 +1,6 @@
 """train_metrics.MetricsLog on its own: divergence, averaging, honest rates; and the
-evaluation loops' progress lines (reporting.Progress), on a fake clock."""
+evaluation loops' progress lines (progress.Progress), which time work by the same rule
+(progress.Rate), on a fake clock."""
 
 import math
 import pathlib
@@ -7,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from resa_jax import reporting
+from resa_jax import progress as progress_lib
 from resa_jax import train_metrics
 
 
@@ -103,7 +104,7 @@ def test_progress_lines_time_finished_work_from_the_first_call():
       waited.append(clock.now)
       clock.now += 0.5  # the queued steps finish
       return self
-  progress = reporting.Progress('probe training', 100, 'images', every_s=30.0,
+  progress = progress_lib.Progress('probe training', 100, 'images', every_s=30.0,
                                 print_fn=lines.append, clock=clock)
   clock.now += 20.0  # the first step compiles: not timed
   progress(5, ready=Pending())  # 5%: not due, but it starts the clock (after waiting)
@@ -124,6 +125,20 @@ def test_progress_lines_time_finished_work_from_the_first_call():
 
 def test_progress_first_call_at_the_end_has_no_rate():
   lines = []
-  progress = reporting.Progress('features', 4, print_fn=lines.append, clock=FakeClock())
+  progress = progress_lib.Progress('features', 4, print_fn=lines.append, clock=FakeClock())
   progress(4)
   assert lines == ['features: 4/4 batches (100%), 0m00s']
+
+
+def test_progress_lines_rate_the_last_intervals_like_the_training_line():
+  clock, lines = FakeClock(), []
+  progress = progress_lib.Progress('features', 100, print_fn=lines.append, clock=clock)
+  progress(0)  # starts the clock
+  for done in range(10, 70, 10):  # six lines, 10 batches a second ...
+    clock.now += 1.0
+    progress(done)
+  clock.now += 10.0  # ... then 1 batch a second
+  progress(70)
+  assert len(lines) == 7  # one line each tenth (integer tenths: 0.1 * 3 > 0.3)
+  # the last five intervals: 50 batches in 14 s (the first two have left the window)
+  assert lines[-1] == 'features: 70/100 batches (70%), 3.6 batches/s, 0m16s, ETA 0m08s'

@@ -17,9 +17,8 @@ Theirs runs kNN every 5 epochs (--eval_every 5); ours every 50 (knn_every_epochs
 Metrics: the training loop reports the authors' 5-NN Euclidean majority vote
 (`knn5_euclidean_top1`) beside the weighted kNN.
 Expected accuracy: the published anchor for ReSA, ResNet-18, 1000 epochs, is 93.02%
-5-NN on CIFAR-10 (reported by the later OSE paper, ICLR 2026; not measured by us, no
-GPU time yet).  Offline, configs/cifar10_jpeg.py runs the same recipe on the JPEG
-snapshot.
+5-NN on CIFAR-10 (reported by the OSE paper, ICLR 2026); not measured by us.  Offline,
+configs/cifar10_jpeg.py runs the same recipe on the JPEG snapshot.
 """
 
 from resa_jax.configs import default

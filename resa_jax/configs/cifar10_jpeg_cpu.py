@@ -12,16 +12,17 @@ weight decay 1e-4, cosine to 0.1 x lr, float32):
 
 * `width_per_group` 16 instead of 64 (a 128-d encoding instead of 512-d; about 1/16
   of the convolution FLOPs);
-* 4.5 epochs instead of 1000 (on this CPU a step of batch 128 takes about 3.9 s:
-  XLA:CPU's weight-gradient convolutions, see RESULTS.md);
-* batch 128 instead of 256 (twice the updates in the same time) with lr 0.6 x
-  batch/256 instead of 0.3 x batch/256, and 0.5 warm-up epochs instead of 2: a short
-  run wants a larger lr, as the Fashion-MNIST demo;
-* EMA momentum starts at 0.99 instead of 0.996 (its cosine still ends at 1), so the
-  momentum encoder follows a run of ~1,750 steps rather than ~195,000;
+* 4.5 epochs instead of 1000;
+* batch 128 instead of 256 with lr 0.6 x batch/256 instead of 0.3 x batch/256, and 0.5
+  warm-up epochs instead of 2;
+* EMA momentum starts at 0.99 instead of 0.996 (its cosine still ends at 1), for a run
+  of ~1,750 steps rather than ~195,000;
 * kNN (weighted and the authors' 5-NN) every 2 epochs (and at the end) instead of every 5.
 
-Measured (ours): experiments/RESULTS.md "CIFAR-10 (JPEG snapshot), 2-core CPU".
+Runtime and accuracy (ours, a 2-core AMD EPYC, experiments/RESULTS.md "CIFAR-10 (JPEG
+snapshot), 2-core CPU"): 2 h 11 min of training at about 30 images/s; after 4.5 epochs
+weighted kNN top-1 44.11% (random encoder 32.97%, raw pixels 45.65%), the authors' 5-NN
+40.92% (26.81%, 34.04%); linear probe (`--eval=linear`) best 46.23%.
 """
 
 from resa_jax.configs import cifar10_jpeg

@@ -8,7 +8,9 @@ vit_mini (ours: D 128, 6 blocks, 4 heads; the authors' smallest, vit_tiny, is D 
 12 blocks) on 28x28 grey images in 7x7 patches (4x4 tokens; theirs are 16x16 on 224 px),
 AdamW as their ViT recipe (configs/imagenet_vit_small.py) with lr, warm-up, EMA and epochs
 scaled to a short run, no predictor, the demo's augmentations (configs/fashion_mnist.py).
-Measured numbers: experiments/RESULTS.md "Tiny ViT on Fashion-MNIST" (ours).
+Hardware, runtime and accuracy (ours, a 2-core AMD EPYC, experiments/RESULTS.md "Tiny
+ViT on Fashion-MNIST"): 1.5 epochs in about 18 min (92 images/s); weighted kNN top-1
+79.36% against 74.18% for the randomly initialised ViT and 85.69% for raw pixels.
 """
 
 from resa_jax.configs import fashion_mnist

@@ -7,17 +7,12 @@ Hardware: 8+ GPUs/TPU chips (global batch 1024; the authors ran 8 GPUs x 128); t
 96 px crops enter the online branch only.  Data as configs/imagenet.py; runtime not yet
 measured by us.
 
-The authors' command this is (winci-ai/resa scripts/train/vits16_multicrop.sh, commit
-319ec17):
+The authors' command this is (winci-ai/resa scripts/train/vits16_multicrop.sh):
     torchrun --nproc_per_node=8 main.py --arch vit_small --patch_size 16 --crops_nmb 1 6
         --crops_size 224 96 --crops_min_scale 0.2 0.05 --crops_max_scale 1.0 0.2
         --solarization_prob 0.2 0 --epochs 300 --batch_size 128
 with the ViT defaults of configs/imagenet_vit_small.py.  Gaussian blur stays at p 0.5
-in both groups (their ImageNetTransform default; no per-group flag then).  An earlier
-version of the script (scripts/vits16_multicrop.sh, commit 2adbb29) used scales
-0.25-1.0 and 0.05-0.25:
-    --config.crops_min_scale='(0.25,0.05)' --config.crops_max_scale='(1.0,0.25)'.
-The 96 px crops use the position table resized as theirs (vit.interpolate_pos_embed).
+in both groups (their ImageNetTransform default).  The 96 px crops use the position table resized as theirs (vit.interpolate_pos_embed).
 
 Expected accuracy: the authors publish no number for this variant; not measured by us.
 """

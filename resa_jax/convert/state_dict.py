@@ -18,6 +18,7 @@ one-line `ConversionError` naming it.  PyTorch is imported lazily, only to read 
 from __future__ import annotations
 
 import pathlib
+import pickle
 import re
 from typing import Any, Mapping
 
@@ -45,9 +46,14 @@ def load_torch_state_dict(path) -> dict[str, np.ndarray]:
     raise ConversionError("PyTorch is needed to read .pth files: pip install 'resa_jax[torch]'") from e
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:  # torch's weights-only unpickler refused the content
+    raise ConversionError(f'cannot read {path} as a PyTorch checkpoint: torch.load with '
+                          'weights_only=True refused its content (not written by torch.save, '
+                          'damaged, or holding objects other than tensors and plain '
+                          'containers)') from e
   except Exception as e:  # pylint: disable=broad-except
     raise ConversionError(f'cannot read {path} as a PyTorch checkpoint (torch.load with '
-                          f'weights_only=True): {type(e).__name__}: {_short_reason(e)}') from e
+                          f'weights_only=True): {type(e).__name__}: {_first_sentence(e)}') from e
   for key in ('state_dict', 'model', 'teacher'):
     if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
       obj = obj[key]
@@ -62,20 +68,9 @@ def load_torch_state_dict(path) -> dict[str, np.ndarray]:
   return {k: to_numpy(v) for k, v in obj.items() if hasattr(v, 'detach')}
 
 
-def _short_reason(error: Exception, max_len: int = 200) -> str:
-  """One line from a torch.load error: the unpickler's own reason where it gives one."""
-  text = re.sub(r'\x1b\[[0-9;]*m', '', str(error))
-  lines = [line.strip() for line in text.splitlines() if line.strip()]
-  for i, line in enumerate(lines):  # weights_only failures bury the reason in advice
-    if 'WeightsUnpickler error:' in line:
-      reason = line.split('WeightsUnpickler error:', 1)[1].strip()
-      if not reason and i + 1 < len(lines):
-        reason = lines[i + 1]
-      if reason:
-        reason = reason.split('. ', 1)[0]
-        if 'Unsupported global' in reason:
-          reason += ' (the file holds objects other than tensors and plain containers)'
-        return reason[:max_len]
+def _first_sentence(error: Exception, max_len: int = 200) -> str:
+  """The first sentence of an error's first line (torch's go on with advice)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   return lines[0].split('. ', 1)[0][:max_len] if lines else ''
 
 

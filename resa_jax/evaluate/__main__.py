@@ -94,7 +94,8 @@ def define_flags() -> None:
                     'features and labels of each split to features_<split>.npz.')
   flags.DEFINE_integer('seed', defaults.seed, 'Seed of subsets, initialisations, shuffles.')
   flags.DEFINE_string('dtype', defaults.dtype, "Compute dtype: float32 (the authors' "
-                      "evaluation), bfloat16, float16, or 'train' (the config's).")
+                      'evaluation), bfloat16, float16, or as_trained (the dtype the '
+                      'checkpoint was trained with).')
   cli.define_multihost_flags()
 
 

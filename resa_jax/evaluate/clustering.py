@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resa_jax import losses
+from resa_jax import plots
 from resa_jax import reporting
 from resa_jax import sharding
 from resa_jax.evaluate import kmeans as kmeans_lib
@@ -191,7 +192,7 @@ def _bars_figure(results, *, metric: str, num_samples: int, source: str = ''):
 
 
 def _plot_bars(results, path: str, *, metric: str, num_samples: int, source: str = '') -> None:
-  reporting.save_figure(_bars_figure(results, metric=metric, num_samples=num_samples,
+  plots.save_figure(_bars_figure(results, metric=metric, num_samples=num_samples,
                                      source=source), path)
 
 
@@ -225,7 +226,7 @@ def _tsne_figure(named_features, labels, *, num_samples: int, metric: str, seed:
 
 def _plot_tsne(named_features, labels, path: str, *, num_samples: int, metric: str,
                seed: int, source: str = '') -> None:
-  reporting.save_figure(_tsne_figure(named_features, labels, num_samples=num_samples,
+  plots.save_figure(_tsne_figure(named_features, labels, num_samples=num_samples,
                                      metric=metric, seed=seed, source=source), path)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 
-from resa_jax import reporting
+from resa_jax import progress as progress_lib
 from resa_jax import sharding
 
 
@@ -136,5 +136,5 @@ def extract_split(config, mesh: Mesh, feature_fn, split: str, *, batch_size: int
                                                  resize_method=resize_method, source=source)
   processes = jax.process_count()  # every process pads its share to the same batches
   num_batches = -(-(-(-num_examples // processes)) // (batch_size // processes))
-  progress = reporting.Progress(f'features of {split!r}', num_batches)
+  progress = progress_lib.Progress(f'features of {split!r}', num_batches)
   return extract_features(feature_fn, iterator, label_keys=label_keys, progress=progress)

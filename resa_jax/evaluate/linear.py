@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 import numpy as np
 import optax
 
+from resa_jax import progress as progress_lib
 from resa_jax import reporting
 from resa_jax import sharding
 from resa_jax.evaluate import common
@@ -142,7 +143,7 @@ def linear_probe_features(
   init_key, shuffle_key = jax.random.split(jax.random.PRNGKey(seed))
   start = time.time()
   examples_per_epoch = (num_train // batch_size) * batch_size
-  progress = reporting.Progress('linear probe training', epochs * examples_per_epoch,
+  progress = progress_lib.Progress('linear probe training', epochs * examples_per_epoch,
                                 'examples')
   train = jax.jit(functools.partial(
       _train_on_features, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
@@ -276,7 +277,7 @@ def _fit(step_fn, carry, frozen, batches, *, steps_per_epoch: int, epochs: int,
   """
   params, batch_stats, opt_state = carry
   total_steps = epochs * steps_per_epoch
-  progress = reporting.Progress(f'{label} training', total_steps * batch_size, 'images',
+  progress = progress_lib.Progress(f'{label} training', total_steps * batch_size, 'images',
                                 every_s=60.0)
   epoch_losses, train_loss, top1_by_epoch, top5_by_epoch = [], math.nan, [], []
   start = time.time()
@@ -298,7 +299,7 @@ def _fit(step_fn, carry, frozen, batches, *, steps_per_epoch: int, epochs: int,
       top5_by_epoch.append(top5)
       reporting.say(f'{label}: epoch {epoch}/{epochs} loss {train_loss:.4f} '
                     f'{lr_note(factor)}, top-1 {top1:.2f} top-5 {top5:.2f}, '
-                    f'{reporting.format_duration(time.time() - start)}')
+                    f'{progress_lib.format_duration(time.time() - start)}')
   return train_loss, top1_by_epoch, top5_by_epoch
 
 

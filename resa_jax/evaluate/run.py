@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 import numpy as np
 
 from resa_jax import models
+from resa_jax import progress as progress_lib
 from resa_jax import reporting
 from resa_jax import sharding
 from resa_jax import validation
@@ -31,6 +32,10 @@ from resa_jax.evaluate import knn
 from resa_jax.evaluate import linear
 from resa_jax.evaluate import model as model_lib
 from resa_jax.evaluate import semi_supervised
+
+
+# --dtype value: the dtype the checkpoint was trained with (its config's).
+AS_TRAINED = 'as_trained'
 
 
 def parse_evaluations(text: str) -> list[str]:
@@ -75,7 +80,7 @@ class Options:
   save_features: bool = False
   seed: int = 0
   # Compute dtype of the networks and inputs; 'float32' as the authors (no autocast),
-  # 'train': the config's own (e.g. bfloat16).
+  # AS_TRAINED: the dtype the checkpoint was trained with (the config's, e.g. bfloat16).
   dtype: str = 'float32'
 
   def check(self) -> None:
@@ -94,9 +99,13 @@ class Options:
                             '--semi_epochs positive')
     if not 0 < self.semi_fraction <= 1:
       raise common.EvaluationError(f'--semi_fraction must be in (0, 1], got {self.semi_fraction}')
-    if self.dtype not in ('float32', 'bfloat16', 'float16', 'train'):
-      raise common.EvaluationError("--dtype must be float32, bfloat16, float16 or 'train' (the "
-                                   f'training config\'s), got {self.dtype!r}')
+    if self.dtype == 'train':  # the first spelling of AS_TRAINED
+      raise common.EvaluationError(f'--dtype=train is now --dtype={AS_TRAINED} (the dtype the '
+                                   'checkpoint was trained with)')
+    if self.dtype not in ('float32', 'bfloat16', 'float16', AS_TRAINED):
+      raise common.EvaluationError(f'--dtype must be float32, bfloat16, float16 or {AS_TRAINED} '
+                                   f'(the dtype the checkpoint was trained with), got '
+                                   f'{self.dtype!r}')
     for name in ('linear_epochs', 'linear_batch_size', 'linear_lr', 'linear_n_last_blocks'):
       value = getattr(self, name)
       if value != -1 and not value > 0:  # -1: the protocol's default
@@ -343,7 +352,7 @@ def run_evaluations(config, checkpoint, output, options: Options, mesh: Mesh | N
   options.check()
   evaluations = parse_evaluations(','.join(options.evaluations))
   validation.validate_config(config)
-  if options.dtype != 'train' and options.dtype != config.dtype:
+  if options.dtype != AS_TRAINED and options.dtype != config.dtype:
     config = config.copy_and_resolve_references()
     config.dtype = options.dtype
   from resa_jax import datasets  # pylint: disable=g-import-not-at-top
@@ -381,5 +390,5 @@ def run_evaluations(config, checkpoint, output, options: Options, mesh: Mesh | N
       reporting.write_json(run.output / f'{name}.json',
                  {'checkpoint': source, 'dataset': config.dataset, **result})
       reporting.write_json(run.output / 'summary.json', summary)
-  reporting.say(f'results in {run.output} ({reporting.format_duration(time.time() - start)})')
+  reporting.say(f'results in {run.output} ({progress_lib.format_duration(time.time() - start)})')
   return summary
