@@ -33,7 +33,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 -d tmp/gpu_check/wheels \
-#     ml-collections==1.1.0 clu==0.0.12 flax==0.12.8 optax==0.2.8
+#     ml-collections==1.1.0 clu==0.0.12 flax==0.12.8 optax==0.2.8 filelock==4.3.2
 # (flax and optax are installed there only if the image's do not import.)  Then:
 #   device run: command "GPU_CHECK_COMMIT=<git rev-parse --short HEAD> bash
 #   experiments/gpu_check.sh", carry ["tmp/gpu_check"], timeout_s 600.
@@ -61,7 +61,7 @@ prepare() {
   "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$WHEELS" \
-    ml-collections==1.1.0 clu==0.0.12 flax==0.12.8 optax==0.2.8 || return 1
+    ml-collections==1.1.0 clu==0.0.12 flax==0.12.8 optax==0.2.8 filelock==4.3.2 || return 1
   du -sh "$CARRY"
 }
 if [ "${1:-}" = --prepare ]; then prepare; exit $?; fi
@@ -132,6 +132,7 @@ install_wheels() {  # the carried wheels of what the image lacks, into $SITE (no
   local need=()
   has "import ml_collections" || need+=("$WHEELS"/ml_collections-*.whl)
   has "import clu" || need+=("$WHEELS"/clu-*.whl)
+  has "import filelock; assert tuple(map(int, filelock.__version__.split('.')[:2])) >= (4, 3)" || need+=("$WHEELS"/filelock-*.whl)
   has "import flax.linen, optax; optax.tree.norm" || need+=("$WHEELS"/flax-*.whl "$WHEELS"/optax-*.whl)
   [ ${#need[@]} -eq 0 ] && return 0
   echo "installing ${need[*]##*/}"
