@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (issue 22, item 6): at most about 9 minutes on one H100/H200
+# The one prepared GPU run: at most about 9 minutes on one H100/H200
 # whose Python has jax with CUDA, flax, optax, orbax, absl, Pillow, scikit-learn (and
 # maybe PyTorch with CUDA), but no TensorFlow, ml-collections or clu, and no network.
 #

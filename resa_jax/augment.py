@@ -324,8 +324,12 @@ def cropped_view(image: tf.Tensor, seed, spec: ViewSpec, channels: int) -> tf.Te
   bytes, of which only the crop is decoded (`tf.image.decode_and_crop_jpeg`)."""
   s_crop, *_, s_flip = split_seed(seed, 7)
   crop = _crop(image, s_crop, (spec.min_scale, spec.max_scale), CROP_RATIO, channels)
-  view = tf.image.resize(crop, (spec.size, spec.size),
-                         method='bilinear' if spec.weak else 'bicubic', antialias=True)
+  method, size = 'bilinear' if spec.weak else 'bicubic', (spec.size, spec.size)
+  # Antialiasing changes nothing when neither side shrinks (bilinear: the same pixels;
+  # bicubic: within 0.2/255), and TensorFlow's plain kernels are 2-3x faster there.
+  grows = tf.reduce_all(tf.shape(crop)[:2] <= spec.size)
+  view = tf.cond(grows, lambda: tf.image.resize(crop, size, method=method),
+                 lambda: tf.image.resize(crop, size, method=method, antialias=True))
   view = tf.ensure_shape(view, [spec.size, spec.size, channels])
   view = tf.cast(tf.round(tf.clip_by_value(view, 0.0, 255.0)), tf.uint8)
   return random_flip(view, s_flip, spec.flip_prob)

@@ -6,14 +6,19 @@ tests/test_reliability.py's (`slow`)."""
 import json
 
 from helpers import checkpoint_steps, tiny_config
-from resa_jax import train
+from resa_jax import datasets, train
 
 
-def test_train_stop_resume_to_the_end(tmp_path, capsys):
+def test_train_stop_resume_to_the_end(tmp_path, capsys, monkeypatch):
   workdir = tmp_path / 'run'
   config = tiny_config()
   config.run_steps = 5
+  opened = []  # the data source is opened once per run (the baselines, the loop, the kNN)
+  open_source = datasets.open_source
+  monkeypatch.setattr(datasets, 'open_source',
+                      lambda config: opened.append(config.dataset) or open_source(config))
   first = train.train_and_evaluate(config, workdir)
+  assert opened == ['fake']
   out = capsys.readouterr().out
   assert 'stopped after 5 steps' in out
   assert not first['finished'] and not (workdir / 'results.json').exists()
@@ -25,6 +30,7 @@ def test_train_stop_resume_to_the_end(tmp_path, capsys):
 
   config.run_steps = -1
   results = train.train_and_evaluate(config, workdir)
+  assert opened == ['fake'] * 2
   out = capsys.readouterr().out
   assert 'resumed at step 5' in out
   assert 'kNN top-1 before training' not in out  # baselines are kept
