@@ -127,23 +127,24 @@ V views, per core divides by the machine's CPU cores.  'host': tf.data makes eve
 the CPU cores; 'device': the views are made by the JAX devices (here the same CPU cores);
 'host part': only the host's numpy batches are timed (with 'device', the crop decoded,
 resized and flipped, as for a dataset streamed from files).  The first batch includes
-loading and decoding the split and tracing the augmentation graph.
-
-| command | machine | placement | global batch | views | examples/s | per core | views/s | first batch (s) |
+loading and decoding the split and tracing the augmentation graph."""
+_HEADER = """| command | machine | placement | global batch | views | examples/s | per core | views/s | first batch (s) |
 |---|---|---|---|---|---|---|---|---|"""
 
 
 def record(command: str, row: str) -> None:
-  """Adds `row` to the table of the RESULTS.md section, replacing the same command's."""
-  rows = []
+  """Adds `row` to the table of the RESULTS.md section, replacing the same command's; the
+  section's text above the table is kept."""
+  rows, text_above = [], _INTRO
   if results_md.RESULTS.exists():
     text = results_md.RESULTS.read_text()
     marker = f'## {_TITLE}\n'
     if marker in text:
       section = text.split(marker, 1)[1].split('\n## ', 1)[0]
+      text_above = section.split(_HEADER.splitlines()[0], 1)[0].strip() or _INTRO
       rows = [line for line in section.splitlines()
               if line.startswith('| `') and f'`{command}`' not in line]
-  results_md.write_section(_TITLE, '\n'.join([_INTRO, *rows, row]))
+  results_md.write_section(_TITLE, '\n'.join([text_above, '', _HEADER, *rows, row]))
 
 
 if __name__ == '__main__':
