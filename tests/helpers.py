@@ -269,8 +269,8 @@ go_file = os.environ['RESA_TEST_GO_FILE']
 from resa_jax import input_pipeline
 create_train_iterator = input_pipeline.create_train_iterator
 
-def paused_train_iterator(config, mesh, *, start_step=0):
-  batches = create_train_iterator(config, mesh, start_step=start_step)
+def paused_train_iterator(config, mesh, *, start_step=0, source=None):
+  batches = create_train_iterator(config, mesh, start_step=start_step, source=source)
   done = start_step  # steps taken when the next batch is asked for
   while True:
     if done == pause_after:
