@@ -12,16 +12,14 @@ image turned into V views), per CPU core of the machine, and views/s, and writes
 with the command and the hardware to experiments/RESULTS.md ("Input pipeline
 throughput").  --host_only times the host's numpy batches alone (no transfer, no device
 work): with augment_on=host the whole tf.data pipeline; with augment_on=device the
-host's half of a streamed dataset (`host_input.cropped_train_batches`: the crop decoded,
-resized and flipped), whatever the dataset; --as_jpeg_records reads an image folder of JPEGs
-as TFDS's ImageNet records are read (crops decoded alone).  With --png, also saves a grid of the first
+host's half of a streamed dataset (`host_input.cropped_train_batches`: the image decoded,
+each view cropped, resized and flipped), whatever the dataset.  With --png, also saves a grid of the first
 batch (up to 8 examples as rows, their V views as columns, de-normalised) to check the
 augmentations by eye.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
 import shlex
@@ -45,10 +43,6 @@ _WARMUP = flags.DEFINE_integer('warmup', 5, 'Untimed batches first (the first lo
 _PNG = flags.DEFINE_string('png', None, 'Write a grid of the first batch to this PNG.')
 _RESULTS = flags.DEFINE_bool('results', True, 'Record the numbers in experiments/RESULTS.md.')
 _HOST_ONLY = flags.DEFINE_bool('host_only', False, "Time only the host's batches (numpy).")
-_AS_JPEG_RECORDS = flags.DEFINE_bool(
-    'as_jpeg_records', False, "With --host_only on an image folder of JPEGs: read its files "
-    "as TFDS's ImageNet records are read (not decoded before counting; with "
-    "augment_on=device only each crop is decoded).")
 
 
 def _iterator(config, mesh):
@@ -57,8 +51,6 @@ def _iterator(config, mesh):
     return input_pipeline.create_train_iterator(config, mesh)
   from resa_jax import host_input  # pylint: disable=g-import-not-at-top
   source = datasets.open_source(config)
-  if _AS_JPEG_RECORDS.value:
-    source = dataclasses.replace(source, may_fail_decoding=False, jpeg=True)
   if input_pipeline.placement(config) == 'device':
     return host_input.cropped_train_batches(config, source, start_step=0)
   return host_input.train_batches(config, source, start_step=0)
@@ -133,8 +125,8 @@ _INTRO = """Training input pipeline (`resa_jax/input_pipeline.py`), measured by
 `experiments/bench_input.py`: examples/s counts source images, each turned into all
 V views, per core divides by the machine's CPU cores.  'host': tf.data makes every view on
 the CPU cores; 'device': the views are made by the JAX devices (here the same CPU cores);
-'host part': only the host's numpy batches are timed (with 'device', the crop decoded,
-resized and flipped, as for a dataset streamed from files).  The first batch includes
+'host part': only the host's numpy batches are timed (with 'device', the image decoded,
+each view cropped, resized and flipped, as for a dataset streamed from files).  The first batch includes
 loading and decoding the split and tracing the augmentation graph."""
 _HEADER = """| command | machine | placement | global batch | views | examples/s | per core | views/s | first batch (s) |
 |---|---|---|---|---|---|---|---|---|"""

@@ -109,14 +109,8 @@ def random_resized_crop_box(seed, height, width, scale: Sequence[float],
   return top, left, h, w
 
 
-def _crop(image: tf.Tensor, seed, scale: Sequence[float], ratio: Sequence[float],
-          channels: int) -> tf.Tensor:
-  """RandomResizedCrop's box of a uint8 (H, W, C) image, or of a JPEG's bytes (only the
-  box is decoded): uint8 (h, w, channels)."""
-  if image.dtype == tf.string:
-    shape = tf.image.extract_jpeg_shape(image)
-    box = tf.stack(random_resized_crop_box(seed, shape[0], shape[1], scale, ratio))
-    return tf.image.decode_and_crop_jpeg(image, box, channels=channels)
+def _crop(image: tf.Tensor, seed, scale: Sequence[float], ratio: Sequence[float]) -> tf.Tensor:
+  """RandomResizedCrop's box of a uint8 (H, W, C) image: uint8 (h, w, C)."""
   shape = tf.shape(image)
   top, left, h, w = random_resized_crop_box(seed, shape[0], shape[1], scale, ratio)
   return tf.slice(image, tf.stack([top, left, 0]), tf.stack([h, w, -1]))
@@ -129,7 +123,7 @@ def random_resized_crop(image: tf.Tensor, seed, size: int, scale: Sequence[float
 
   Resampling is antialiased (as PIL's) when shrinking; bicubic overshoot is clipped.
   """
-  crop = _crop(image, seed, scale, ratio, image.shape[-1])
+  crop = _crop(image, seed, scale, ratio)
   resized = tf.image.resize(crop, (size, size), method=method, antialias=True)
   resized = tf.ensure_shape(resized, [size, size, image.shape[-1]])
   return tf.clip_by_value(resized / 255.0, 0.0, 1.0)
@@ -320,10 +314,12 @@ def cropped_view(image: tf.Tensor, seed, spec: ViewSpec, channels: int) -> tf.Te
   """The host half of a view whose colour the device adds (`augment_on='device'` on a
   streamed dataset; augment_device.colour_views): `make_view`'s crop, resize and flip,
   with the same seeds, rounded to uint8 (spec.size, spec.size, channels), as PIL's
-  resize of the authors' uint8 images rounds.  `image`: uint8 (H, W, C), or a JPEG's
-  bytes, of which only the crop is decoded (`tf.image.decode_and_crop_jpeg`)."""
+  resize of the authors' uint8 images rounds.  `image`: uint8 (H, W, C), decoded once for
+  all its views: decoding only each view's crop (`tf.image.decode_and_crop_jpeg`) was
+  measured slower with two views of 224 px (experiments/RESULTS.md, 'Input pipeline
+  throughput')."""
   s_crop, *_, s_flip = split_seed(seed, 7)
-  crop = _crop(image, s_crop, (spec.min_scale, spec.max_scale), CROP_RATIO, channels)
+  crop = _crop(image, s_crop, (spec.min_scale, spec.max_scale), CROP_RATIO)
   method, size = 'bilinear' if spec.weak else 'bicubic', (spec.size, spec.size)
   # Antialiasing changes nothing when neither side shrinks (bilinear: the same pixels;
   # bicubic: within 0.2/255), and TensorFlow's plain kernels are 2-3x faster there.

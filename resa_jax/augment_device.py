@@ -62,7 +62,7 @@ give different views of the same seed, with the same distributions.
 
 Used by `device_input.py`: `device_views` makes every view of a split held on the
 devices; `colour_views` finishes views whose crop, resize and flip the host made from
-files (JPEGs decoded only inside the crop).  The key is fold_in(seed's views key, step),
+files.  The key is fold_in(seed's views key, step),
 so the views are a function of (seed, step, global index), the host pipeline's contract.
 """
 

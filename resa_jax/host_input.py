@@ -137,13 +137,11 @@ def _streamed_records(source: datasets.Source, split: str, *, epoch: int, order_
 def _host_batches(config, source: datasets.Source, split: str, *, batch_size: int,
                   start_step: int, make_example: Callable, salt: str,
                   process_index: int, process_count: int,
-                  num_parallel_calls=tf.data.AUTOTUNE, jpeg_crops: bool = False
-                  ) -> Iterator[dict]:
+                  num_parallel_calls=tf.data.AUTOTUNE) -> Iterator[dict]:
   """This process's batches (numpy) of global steps start_step, start_step + 1, ...
 
   make_example(image uint8 (H, W, C), label, seed (2,)) -> dict of tensors; the seed
   is a function of (config.seed, salt, global step, position in the global batch).
-  `jpeg_crops`: make_example takes a JPEG's bytes too, which it gets from a JPEG source.
   """
   local_batch = batch_size // process_count
   num_examples = datasets.num_examples(source, split)
@@ -151,7 +149,6 @@ def _host_batches(config, source: datasets.Source, split: str, *, batch_size: in
                                          f'{source.name} split {split!r}')
   in_memory = _load_into_memory(source, split, process_index, process_count)
   decoded = in_memory is not None or source.may_fail_decoding
-  keep_encoded = jpeg_crops and source.jpeg and not decoded
   base_seed = tf.constant([int(config.seed), datasets.salt(salt)], tf.int64)
   order_seed = _python_seed(int(config.seed), datasets.salt(salt))
   options = _tf_options(num_parallel_calls)
@@ -162,7 +159,7 @@ def _host_batches(config, source: datasets.Source, split: str, *, batch_size: in
     slot = process_index * local_batch + j % local_batch
     seed = tf.random.experimental.stateless_fold_in(
         tf.random.experimental.stateless_fold_in(base_seed, step), slot)
-    image = record['image'] if decoded or keep_encoded else source.decode(record['image'])
+    image = record['image'] if decoded else source.decode(record['image'])
     return make_example(image, record['label'], seed)
 
   def batches(records):
@@ -274,12 +271,12 @@ def cropped_train_batches(config, source: datasets.Source, *,
                           start_step: int) -> Iterator[dict]:
   """The host half of `augment_on='device'` for a dataset streamed from files: this
   process's batches {'views': (V uint8 arrays (B / P, S_k, S_k, C))} of each view's crop,
-  resize and flip (JPEGs decoded only inside the crop); the device adds the rest
+  resize and flip (each image decoded once for its views); the device adds the rest
   (`device_input.create_colour_iterator`)."""
   return _host_batches(
       config, source, config.train_split, batch_size=config.batch_size,
       start_step=start_step, make_example=_cropped_example_fn(config, source), salt='train',
-      process_index=jax.process_index(), process_count=jax.process_count(), jpeg_crops=True)
+      process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def linear_probe_batches(config, source: datasets.Source, *,

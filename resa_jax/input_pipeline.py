@@ -10,8 +10,8 @@ data axis.  Where the views are made is `config.augment_on` (`placement`):
 
 * 'device': the views are made on the devices (`device_input.py`).  The datasets of one
   image size (`datasets.DATASETS_HELD_ON_DEVICE`) are held there whole; of those
-  streamed from files (ImageNet, image folders) the host decodes only each view's crop,
-  resizes and flips it and ships uint8 views, and the devices add colour jitter,
+  streamed from files (ImageNet, image folders) the host decodes each image, crops,
+  resizes and flips its views and ships them as uint8, and the devices add colour jitter,
   grayscale, blur, solarisation and normalisation.
 * 'host': tf.data makes them on the CPU cores (`host_input.py`), each process its share
   of the batch, assembled with `jax.make_array_from_process_local_data`.

@@ -79,7 +79,6 @@ class Source:
   eval_normalization: tuple | None = None
   num_coarse_classes: int | None = None
   may_fail_decoding: bool = False  # undecodable images are dropped, before skipping
-  jpeg: bool = False  # records hold JPEG bytes: a crop can be decoded alone
   arrays: Callable[[str], tuple] | None = None
 
   @property

@@ -129,7 +129,6 @@ def _tfds_source(config) -> Source:
       num_classes=features['label'].num_classes,
       image_shape=shape, mean=mean, std=std, extra_labels=coarse,
       eval_normalization=MEAN_STD['cifar10'] if name == 'cifar100' else None,
-      jpeg=getattr(features['image'], 'encoding_format', None) == 'jpeg',
       num_coarse_classes=features['coarse_label'].num_classes if coarse else None)
 
 
@@ -157,7 +156,6 @@ def _imagenet100_source(config) -> Source:
 
   return Source(
       name='imagenet100', read=_tfds_read(builder, label_map=label_map),
-      jpeg=getattr(builder.info.features['image'], 'encoding_format', None) == 'jpeg',
       decode=_decode_image(3), known_num_examples=known_num_examples,
       num_classes=len(synsets), image_shape=(None, None, 3),
       mean=IMAGENET_MEAN_STD[0], std=IMAGENET_MEAN_STD[1])
