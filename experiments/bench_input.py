@@ -12,7 +12,7 @@ image turned into V views), per CPU core of the machine, and views/s, and writes
 with the command and the hardware to experiments/RESULTS.md ("Input pipeline
 throughput").  --host_only times the host's numpy batches alone (no transfer, no device
 work): with augment_on=host the whole tf.data pipeline; with augment_on=device the
-host's half of a streamed dataset (`host_input.cropped_train_batches`: the image decoded,
+host's half of a streamed dataset (`host_input.train_batches(cropped=True)`: the image decoded,
 each view cropped, resized and flipped), whatever the dataset.  With --png, also saves a grid of the first
 batch (up to 8 examples as rows, their V views as columns, de-normalised) to check the
 augmentations by eye.
@@ -52,7 +52,7 @@ def _iterator(config, mesh):
   from resa_jax import host_input  # pylint: disable=g-import-not-at-top
   source = datasets.open_source(config)
   if input_pipeline.placement(config) == 'device':
-    return host_input.cropped_train_batches(config, source, start_step=0)
+    return host_input.train_batches(config, source, start_step=0, cropped=True)
   return host_input.train_batches(config, source, start_step=0)
 
 

@@ -157,7 +157,7 @@ def create_colour_iterator(config, mesh, cropped: Iterator[dict], mean: Sequence
   """The device half of the views of a dataset streamed from files: `cropped` yields
   global steps start_step, start_step + 1, ... as {'views': V uint8 global arrays
   (B, S_k, S_k, C), sharded along the batch} whose crop, resize and flip the host made
-  (`host_input.cropped_train_batches`); each becomes the train step's view here
+  (`host_input.train_batches(cropped=True)`); each becomes the train step's view here
   (`augment_device.colour_views`, keyed by (config.seed, step, global index)), in
   config.dtype, with `create_device_train_iterator`'s structure."""
   seed, dtype = int(config.seed), jnp.dtype(config.dtype)

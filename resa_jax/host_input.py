@@ -256,26 +256,17 @@ def _eval_dataset(config, source: datasets.Source, split: str, *, batch_size: in
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_tf_options(tf.data.AUTOTUNE))
 
 
-
-
-def train_batches(config, source: datasets.Source, *, start_step: int) -> Iterator[dict]:
+def train_batches(config, source: datasets.Source, *, start_step: int,
+                  cropped: bool = False) -> Iterator[dict]:
   """This process's training batches {'views': (V arrays (B / P, S_k, S_k, C))}, numpy,
-  of global steps start_step, start_step + 1, ..."""
+  of global steps start_step, start_step + 1, ...: the finished views, or with `cropped`
+  (the host half of `augment_on='device'` for a dataset streamed from files) each view's
+  crop, resize and flip as uint8 (each image decoded once for its views), to which the
+  devices add the rest (`device_input.create_colour_iterator`)."""
+  make_example = (_cropped_example_fn if cropped else _train_example_fn)(config, source)
   return _host_batches(
       config, source, config.train_split, batch_size=config.batch_size,
-      start_step=start_step, make_example=_train_example_fn(config, source), salt='train',
-      process_index=jax.process_index(), process_count=jax.process_count())
-
-
-def cropped_train_batches(config, source: datasets.Source, *,
-                          start_step: int) -> Iterator[dict]:
-  """The host half of `augment_on='device'` for a dataset streamed from files: this
-  process's batches {'views': (V uint8 arrays (B / P, S_k, S_k, C))} of each view's crop,
-  resize and flip (each image decoded once for its views); the device adds the rest
-  (`device_input.create_colour_iterator`)."""
-  return _host_batches(
-      config, source, config.train_split, batch_size=config.batch_size,
-      start_step=start_step, make_example=_cropped_example_fn(config, source), salt='train',
+      start_step=start_step, make_example=make_example, salt='train',
       process_index=jax.process_index(), process_count=jax.process_count())
 
 

@@ -87,8 +87,8 @@ def create_train_iterator(config, mesh, *, start_step: int = 0,
         config, mesh, images, source.mean, source.std, start_step=start_step)
   from resa_jax import host_input  # pylint: disable=g-import-not-at-top  (TensorFlow)
   if device:  # streamed from files: crops on the host, the rest on the devices
-    cropped = _to_mesh(mesh, host_input.cropped_train_batches(config, source,
-                                                              start_step=start_step),
+    cropped = _to_mesh(mesh, host_input.train_batches(config, source,
+                                                      start_step=start_step, cropped=True),
                        config.prefetch)
     return device_input.create_colour_iterator(config, mesh, cropped, source.mean, source.std,
                                                start_step=start_step)

@@ -200,7 +200,7 @@ def colour_stream(config, mesh, start_step=0):
   from resa_jax import host_input  # pylint: disable=g-import-not-at-top
   source = datasets.open_source(config)
   cropped = input_pipeline._to_mesh(  # pylint: disable=protected-access
-      mesh, host_input.cropped_train_batches(config, source, start_step=start_step), 1)
+      mesh, host_input.train_batches(config, source, start_step=start_step, cropped=True), 1)
   return device_input.create_colour_iterator(config, mesh, cropped, source.mean, source.std,
                                              start_step=start_step)
 
