@@ -4,9 +4,16 @@ written as PNG atomically."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 from resa_jax import reporting
+
+
+def available() -> bool:
+  """Whether matplotlib is installed: without it (the GPU machines this project is
+  checked on) training and evaluation write their numbers and draw no figures."""
+  return importlib.util.find_spec('matplotlib') is not None
 
 
 def save_figure(figure, path, dpi: int = 120) -> None:

@@ -18,7 +18,6 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import pathlib
@@ -357,7 +356,7 @@ def _write_results(run: _Run, step: int, log: MetricsLog, checkpoint_seconds) ->
   if run.is_chief:
     reporting.write_json(run.history_path, history)
     reporting.write_json(run.workdir / 'results.json', results)
-    if importlib.util.find_spec('matplotlib') is None:
+    if not plots.available():
       print('matplotlib is not installed: no training_curves.png', flush=True)
     else:
       plots.plot_training_curves(history, run.workdir / 'training_curves.png')

@@ -23,7 +23,6 @@ Clustering analysis (`silhouette_samples`, `kmeans`, `clustering_metrics`,
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import time
 from typing import Callable, Mapping
@@ -295,7 +294,7 @@ def clustering_analysis(
       'num_samples': num_samples,
       'results': results,
   })
-  if importlib.util.find_spec('matplotlib') is None:
+  if not plots.available():
     print_fn('matplotlib is not installed: no clustering.png or tsne.png')
     return results
   _plot_bars(results, os.path.join(out_dir, 'clustering.png'), metric=metric,
