@@ -1,7 +1,7 @@
 """Training views made on the accelerators from a train split held in device memory
 (`config.augment_on = 'device'`).
 
-The host path (`input_pipeline.py`) makes every view with tf.data on the CPU cores and
+The host path (`host_input.py`) makes every view with tf.data on the CPU cores and
 transfers V float views of each example; with the small datasets of one image size
 (Fashion-MNIST, CIFAR, STL-10, fake data) an accelerator then waits on those cores.  Here
 the decoded train split, uint8 (N, H, W, C), is put on the devices once, and each step is
@@ -42,8 +42,8 @@ batch rows from the others) is the next step, for splits larger than one device'
 A step's gathered uint8 images exist only inside its program; its V views are its
 outputs, as large as the host path's transferred views.
 
-No TensorFlow here: `input_pipeline` reads the source (through tf.data) and hands this
-module numpy arrays.
+No TensorFlow here: `input_pipeline` hands this module the split as numpy arrays
+(`datasets.split_arrays`), or the host's uint8 crops for a streamed dataset.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ _VIEWS_SALT = _salt('device_input/views')
 
 def epoch_steps(num_examples: int, batch_size: int, what: str = 'the train split') -> int:
   """Steps per data epoch: N // B, the remainder dropped; the host path's rule too
-  (input_pipeline calls it).  `what` names the split in the error."""
+  (host_input calls it).  `what` names the split in the error."""
   steps = num_examples // batch_size
   if steps < 1:
     raise ValueError(f'{what} has {num_examples} examples, fewer than one batch of '
