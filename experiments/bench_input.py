@@ -4,7 +4,7 @@
         [--steps=50] [--warmup=5] [--host_only] [--png=/tmp/batch.png] [--noresults] \
         [--config.augment_on=device] [--config.batch_size=256 ...]
 
-Builds `input_pipeline.create_train_iterator` over all local devices, discards
+Builds `resa_jax.data.train_iterator` over all local devices, discards
 `warmup` batches (the first one includes loading/decoding the split and tracing the
 augmentation graph, reported separately), then times `steps` batches, each blocked
 on until its global arrays exist.  Prints examples/s (each example is one source
@@ -12,8 +12,8 @@ image turned into V views), per CPU core of the machine, and views/s, and writes
 with the command and the hardware to experiments/RESULTS.md ("Input pipeline
 throughput").  --host_only times the host's numpy batches alone (no transfer, no device
 work): with augment_on=host the whole tf.data pipeline; with augment_on=device the
-host's half of a streamed dataset (`host_input.train_batches(cropped=True)`: the image decoded,
-each view cropped, resized and flipped), whatever the dataset.  With --png, also saves a grid of the first
+host's half of a streamed dataset (`data.host.train_batches(cropped=True)`: the image
+decoded, each view cropped, resized and flipped), whatever the dataset.  With --png, also saves a grid of the first
 batch (up to 8 examples as rows, their V views as columns, de-normalised) to check the
 augmentations by eye.
 """
@@ -35,7 +35,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import results_md  # noqa: E402
-from resa_jax import datasets, input_pipeline, sharding  # noqa: E402
+from resa_jax import data, sharding  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 50, 'Timed batches.')
@@ -45,15 +45,12 @@ _RESULTS = flags.DEFINE_bool('results', True, 'Record the numbers in experiments
 _HOST_ONLY = flags.DEFINE_bool('host_only', False, "Time only the host's batches (numpy).")
 
 
-def _iterator(config, mesh):
+def _iterator(config, mesh, source, placement):
   """The batches to time: the global ones, or (--host_only) the host's numpy ones."""
   if not _HOST_ONLY.value:
-    return input_pipeline.create_train_iterator(config, mesh)
-  from resa_jax import host_input  # pylint: disable=g-import-not-at-top
-  source = datasets.open_source(config)
-  if input_pipeline.placement(config) == 'device':
-    return host_input.train_batches(config, source, start_step=0, cropped=True)
-  return host_input.train_batches(config, source, start_step=0)
+    return data.train_iterator(config, mesh, source=source)
+  from resa_jax.data import host  # pylint: disable=g-import-not-at-top
+  return host.train_batches(config, source, start_step=0, cropped=placement != 'host')
 
 
 def batch_grid(views, mean, std, max_rows: int = 8, gap: int = 2) -> np.ndarray:
@@ -83,10 +80,12 @@ def main(argv):
   config = _CONFIG.value
   load_before = os.getloadavg()[0]  # other jobs on the machine slow tf.data down
   mesh = sharding.create_mesh()
-  info = datasets.dataset_info(config)
+  source = data.open_source(config)
+  info = data.dataset_info(config, source)
+  placement = data.placement(config, source, mesh)
 
   start = time.perf_counter()
-  iterator = _iterator(config, mesh)
+  iterator = _iterator(config, mesh, source, placement)
   batch = jax.block_until_ready(next(iterator))
   first_batch_s = time.perf_counter() - start
   if _PNG.value and not _HOST_ONLY.value:
@@ -104,7 +103,7 @@ def main(argv):
   examples_per_s = _STEPS.value * config.batch_size / elapsed
   per_core = examples_per_s / os.cpu_count()
   shapes = ', '.join(f'{v.shape[1]}x{v.shape[2]}x{v.shape[3]}' for v in batch['views'])
-  what = f'{input_pipeline.placement(config)}' + (', host part' if _HOST_ONLY.value else '')
+  what = placement + (', host part' if _HOST_ONLY.value else '')
   print(f'{examples_per_s:,.1f} examples/s ({per_core:,.1f} per core), '
         f'{examples_per_s * num_views:,.0f} views/s ({what}; {_STEPS.value} batches of '
         f'{config.batch_size}, {num_views} views: {shapes}, {batch["views"][0].dtype}); '
@@ -121,13 +120,15 @@ def main(argv):
 
 
 _TITLE = 'Input pipeline throughput'
-_INTRO = """Training input pipeline (`resa_jax/input_pipeline.py`), measured by
+_INTRO = """Training input (`resa_jax/data/`), measured by
 `experiments/bench_input.py`: examples/s counts source images, each turned into all
-V views, per core divides by the machine's CPU cores.  'host': tf.data makes every view on
-the CPU cores; 'device': the views are made by the JAX devices (here the same CPU cores);
-'host part': only the host's numpy batches are timed (with 'device', the image decoded,
-each view cropped, resized and flipped, as for a dataset streamed from files).  The first batch includes
-loading and decoding the split and tracing the augmentation graph."""
+V views, per core divides by the machine's CPU cores.  The placement (`data.placement`):
+'host': tf.data makes every view on the CPU cores; 'held' (rows before 2026-12-06 say
+'device'): the views are made by the JAX devices (here the same CPU cores) from the split
+held there; 'streamed': the host crops, the devices add the colour; 'host part': only
+the host's numpy batches are timed (with 'held' or 'streamed', the image decoded, each
+view cropped, resized and flipped, as for a dataset streamed from files).  The first
+batch includes loading and decoding the split and tracing the augmentation graph."""
 _HEADER = """| command | machine | placement | global batch | views | examples/s | per core | views/s | first batch (s) |
 |---|---|---|---|---|---|---|---|---|"""
 

@@ -26,10 +26,11 @@ For the given config it reports:
   listener) and growth of the jitted step's cache; must be 0;
 * with --device_views, the step again with its views made on the devices inside
   the timed step: a uint8 split of random `fake_image_size` px images held on the
-  devices, each step's batch gathered from it and augmented by
-  `augment_device.device_views` (the training loop's `augment_on='device'` path),
-  then the train step; images/s, the views program alone, and the peak memory
-  after this mode (`time_device_views`);
+  devices (split over them), read through `resa_jax.data.train_iterator` (the
+  training loop's 'held' placement: each step's batch gathered across the devices and
+  augmented by `device_views`), then the train step; images/s, the views alone, the
+  exchange between the devices alone, and the peak memory after this mode
+  (`time_device_views`);
 * parts (bench_step_parts.py), each jit-compiled on its own with the same shapes
   and timed the same way: online forward + backward of all views, the momentum
   forward of views 0 and 1, Sinkhorn on the (B, B) scores, and a supervised step
@@ -54,6 +55,7 @@ import os
 import pathlib
 import statistics
 import sys
+import time
 from typing import Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -71,9 +73,9 @@ from experiments import results_md  # noqa: E402
 from experiments.bench_step_parts import PART_LABELS, make_parts  # noqa: E402
 from experiments.bench_step_tables import (RESULTS_JSON, SECTION, print_report,  # noqa: E402
                                            render_results, write_results)
-from resa_jax import models, sharding  # noqa: E402
+from resa_jax import data, models, sharding  # noqa: E402  (data: no TensorFlow)
 from resa_jax import step as step_lib  # noqa: E402
-from resa_jax.augment_device import device_views  # noqa: E402  (no TensorFlow)
+from resa_jax.data import device as data_device  # noqa: E402
 
 _CHANNELS = {'fashion_mnist': 1, 'mnist': 1}  # everything else (fake included) is RGB
 
@@ -208,62 +210,56 @@ _VIEWS_MEAN, _VIEWS_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HELD_BATCHES = 4  # the held uint8 split is this many batches of random images
 
 
-def make_views_fn(config, mesh):
-  """jit (images uint8 (N, S, S, C) replicated, step int32) -> the step's V views in
-  config.dtype, each sharded along the batch: the step's B rows of a permutation of the
-  N images drawn from the step, made by `device_views`, as the training loop's
-  augment_on='device' program (resa_jax/device_input.py) gathers and augments a batch."""
-  batch_size, dtype = int(config.batch_size), jnp.dtype(config.dtype)
-  batch_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
-  key = jax.random.key(config.seed)
-
-  def views_of_step(images, step):
-    order_key, views_key = jax.random.split(jax.random.fold_in(key, step))
-    order = jax.random.permutation(order_key, images.shape[0])  # (N,)
-    indices = jax.lax.with_sharding_constraint(order[:batch_size], batch_sharding)  # (B,)
-    channels = images.shape[-1]
-    views = device_views(views_key, images[indices], config, mean=_VIEWS_MEAN[:channels],
-                         std=_VIEWS_STD[:channels])
-    return tuple(view.astype(dtype) for view in views)
-
-  return jax.jit(views_of_step, out_shardings=(batch_sharding,) * len(view_shapes(config)))
+def _held_source(config, size: int, channels: int, num_held: int):
+  """The split `--device_views` holds: random uint8 images, as a TensorFlow-free Source
+  (the GPU machine has no TensorFlow)."""
+  images = np.random.default_rng(config.seed + 1).integers(
+      0, 256, (num_held, size, size, channels), dtype=np.uint8)
+  return data.array_source('random', {config.train_split: (images, np.zeros(num_held, np.int32))},
+                           _VIEWS_MEAN[:channels], _VIEWS_STD[:channels], num_classes=1)
 
 
 def time_device_views(bench: _Bench, steps: int, warmup: int, log) -> dict:
   """report['device_views']: the step with its views made on the devices, both timed.
 
   A split of HELD_BATCHES x batch random uint8 images of `fake_image_size` px (the
-  source images the views are cropped from) is put on the devices; each timed step runs
-  the views program (`make_views_fn`) and then the train step on its views, blocked on
-  at the end.  Also: the views program alone, its compile time and XLA plan, and the
-  device's peak memory after this mode (peak_bytes_in_use only grows, so it is the
-  larger of the two modes' peaks).
+  source images the views are cropped from) is held on the devices, split over them,
+  and read through the library's own front door (`data.train_iterator`, the 'held'
+  placement): each timed step gathers its batch across the devices, makes its views and
+  runs the train step, blocked on at the end.  Also: the views alone, the gather (the
+  exchange between the devices) alone, the first batch (holding the split and
+  compiling), and the device's peak memory after this mode (peak_bytes_in_use only
+  grows, so it is the larger of the two modes' peaks).
   """
-  config, mesh = bench.config, bench.mesh
+  config, mesh = bench.config.copy_and_resolve_references(), bench.mesh
   size = int(config.get('fake_image_size', config.crops_size[0]))
   channels = view_shapes(config)[0][-1]
   num_held = HELD_BATCHES * int(config.batch_size)
-  images = np.random.default_rng(config.seed + 1).integers(
-      0, 256, (num_held, size, size, channels), dtype=np.uint8)
-  images = jax.device_put(images, NamedSharding(mesh, P()))  # replicated, as device_input's
-  views_fn = make_views_fn(config, mesh)
-  counter = iter(range(10**9))
-  compiled, _, compile_s = timing.compile_timed(views_fn, (images, np.int32(0)), log,
-                                                'views program')
-  views_only = timing.time_calls(views_fn, lambda: (images, np.int32(next(counter))), steps,
-                                 max(warmup, 1))
+  source = _held_source(config, size, channels, num_held)
+  config.augment_on, config.device_memory_budget_mb = 'device', float('inf')
+  start = time.perf_counter()
+  batches = data.train_iterator(config, mesh, source=source)
+  timing.block(next(batches))
+  first_batch_s = time.perf_counter() - start
+  views_only = timing.time_calls(lambda: next(batches), lambda: (), steps, max(warmup, 1))
+  held = data_device.hold_split(source, config.train_split, num_held, mesh)
+  gather = jax.jit(data_device.gather_rows(mesh, data_device.block_rows(num_held, mesh.size)))
+  ids = np.random.default_rng(0).permutation(num_held)[:config.batch_size].astype(np.int32)
+  exchange = timing.time_calls(gather, lambda: (held, ids), steps, max(warmup, 1))
   timed = timing.time_without_recompiling(
-      lambda step: bench.run_step(views_fn(images, step)),
-      lambda: (np.int32(next(counter)),), steps, warmup, [bench.step_fn, views_fn])
+      lambda: bench.run_step(next(batches)['views']), lambda: (), steps, warmup,
+      [bench.step_fn])
   median_s = statistics.median(timed['times'])
-  out = dict(source_image_size=size, held_examples=num_held, views_compile_s=compile_s,
-             views_median_s=statistics.median(views_only), step_median_s=median_s,
+  out = dict(source_image_size=size, held_examples=num_held, views_compile_s=first_batch_s,
+             views_median_s=statistics.median(views_only),
+             exchange_median_s=statistics.median(exchange), step_median_s=median_s,
              step_mean_s=statistics.fmean(timed['times']),
              images_per_s=config.batch_size / median_s,
              warmup_compilations=timed['warmup_compilations'],
-             recompilations=timed['recompilations'], memory=timing.memory_report(compiled))
+             recompilations=timed['recompilations'], memory=timing.memory_report())
   log(f'views on the device + step: median {median_s:.4f} s ({out["images_per_s"]:.1f} '
-      f'images/s); the views alone {out["views_median_s"] * 1e3:.2f} ms; peak memory '
+      f'images/s); the views alone {out["views_median_s"] * 1e3:.2f} ms, of which the '
+      f'exchange {out["exchange_median_s"] * 1e3:.2f} ms; peak memory '
       f'{out["memory"]["peak_bytes"] / 2**30:.2f} GiB ({out["memory"]["peak_kind"]})')
   return out
 

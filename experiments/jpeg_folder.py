@@ -21,15 +21,16 @@ from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from resa_jax import local_data  # noqa: E402
+from resa_jax.data import local_files  # noqa: E402
 
 
 def write_folder(root: str, num: int, width: int, height: int) -> None:
-  images, labels = local_data.load_cifar10_jpeg(local_data.cifar10_jpeg_path(None))['train']
+  snapshot = local_files.load_cifar10_jpeg(local_files.cifar10_jpeg_path(None))
+  images, labels = snapshot.rows('train', 0, len(snapshot.labels['train']))
   rng = np.random.default_rng(0)
   for split, count in (('train', num), ('val', max(10, num // 10))):
     for i in range(count):
-      label = local_data.CIFAR10_CLASSES[labels[i]]
+      label = local_files.CIFAR10_CLASSES[labels[i]]
       folder = os.path.join(root, split, label)
       os.makedirs(folder, exist_ok=True)
       big = Image.fromarray(images[i]).resize((width, height), Image.BICUBIC)

@@ -1,7 +1,7 @@
 """The training loop: resume, train, log, evaluate periodically, checkpoint, report.
 
 `train_and_evaluate(config, workdir)` is everything `python -m resa_jax.main` does.
-One batch travels: `input_pipeline.create_train_iterator` (an image -> its views as
+One batch travels: `data.train_iterator` (an image -> its views as
 global arrays, made on the host or the devices) -> `step.make_train_step` (the pure, jit-compiled ReSA step) ->
 `MetricsLog` (device metrics fetched every `log_every_steps`, checked for NaN/Inf,
 averaged, written through clu and printed as the progress line).  Every
@@ -41,6 +41,9 @@ from resa_jax import workdir as workdir_lib
 from resa_jax.evaluate import training_knn
 
 
+# How the start line names each `data.placement`.
+_PLACEMENT_WORDS = {'host': 'on the host', 'held': 'on the devices (split held there)',
+                    'streamed': 'on the host (crops) and the devices (colour)'}
 # results.json / history.json names of each kNN metric's curve.
 _KNN_CURVES = {'knn_top1': 'knn', 'knn5_euclidean_top1': 'knn5_euclidean'}
 
@@ -57,7 +60,8 @@ class _Run:
   config: Any
   workdir: pathlib.Path
   mesh: Any
-  source: Any  # datasets.Source, opened once
+  source: Any  # data.Source, opened once
+  placement: str  # data.placement: where the views are made
   info: Any
   steps_per_epoch: int
   total_steps: int
@@ -105,16 +109,14 @@ def num_total_steps(config, steps_per_epoch: int) -> int:
 def _set_up(config, workdir: pathlib.Path, take_lock) -> _Run:
   """Builds the networks and the optimizer, takes the workdir's lock (`take_lock()`, the
   first write), restores the newest checkpoint."""
-  from resa_jax import datasets, input_pipeline, models  # pylint: disable=g-import-not-at-top
-  source = datasets.open_source(config)  # DatasetNotFoundError before any write
-  info = datasets.dataset_info(config, source)
-  if info.num_train_examples < 1:
-    raise ValueError(f'{config.dataset} split {config.train_split!r} has no examples')
-  if info.num_train_examples < config.batch_size:  # before the baselines and any write
-    raise ValueError(f'{config.dataset} split {config.train_split!r} has {info.num_train_examples}'
-                     f' examples, fewer than one batch of {config.batch_size}: lower it')
+  from resa_jax import data, models  # pylint: disable=g-import-not-at-top
+  source = data.open_source(config)  # DatasetNotFoundError before any write
+  info = data.dataset_info(config, source)
   mesh = sharding.create_mesh()
-  steps_per_epoch = input_pipeline.steps_per_epoch(config, source)
+  # Refusals of the data (fewer than one batch, a placement that cannot work) before
+  # the baselines and any write.
+  steps_per_epoch = data.steps_per_epoch(config, source)
+  placement = data.placement(config, source, mesh)
   total_steps = num_total_steps(config, steps_per_epoch)
   online_net, momentum_net = models.create_networks(config)
   schedule = step_lib.learning_rate_schedule(config, steps_per_epoch, total_steps)
@@ -135,7 +137,8 @@ def _set_up(config, workdir: pathlib.Path, take_lock) -> _Run:
     raise
   start_step = int(restored_step or 0)
   history = _restored_history(workdir / 'history.json', start_step, steps_per_epoch)
-  return _Run(config=config, workdir=workdir, mesh=mesh, source=source, info=info,
+  return _Run(config=config, workdir=workdir, mesh=mesh, source=source, placement=placement,
+              info=info,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               online_net=online_net, momentum_net=momentum_net, schedule=schedule, tx=tx,
               initial_state=initial_state, checkpoints=checkpoints, history=history,
@@ -215,13 +218,13 @@ def _train(run: _Run, writer, features_of) -> tuple[int, MetricsLog, list[float]
   Returns (last step, its MetricsLog, checkpoint blocking seconds).  SIGTERM or
   SIGINT (resa_jax/interrupts.py) saves and raises SystemExit(143 or 130).
   """
-  from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from resa_jax import data  # pylint: disable=g-import-not-at-top
   config, history = run.config, run.history
   step_fn = step_lib.make_train_step(config, online_net=run.online_net,
                                      momentum_net=run.momentum_net, tx=run.tx, mesh=run.mesh,
                                      lr_schedule=run.schedule, total_steps=run.total_steps)
-  train_iter = input_pipeline.create_train_iterator(config, run.mesh, start_step=run.start_step,
-                                                   source=run.source)
+  train_iter = data.train_iterator(config, run.mesh, start_step=run.start_step,
+                                   source=run.source)
   log = MetricsLog(writer=writer, history=history, batch_size=config.batch_size,
                    total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
                    checkpoint_dir=run.workdir / 'checkpoints')
@@ -315,8 +318,9 @@ def _train_and_report(run: _Run, changes: dict) -> dict:
     workdir_lib.record_config(run.workdir, config, run.start_step, changes)
   writer = train_metrics.metric_writer(run.workdir, run.is_chief)
   print(f'ReSA: {config.arch} on {config.dataset}, global batch {config.batch_size} over '
-        f'{run.mesh.size} device(s) ({jax.devices()[0].platform}), {run.steps_per_epoch} '
-        f'steps/epoch, {run.total_steps} steps'
+        f'{run.mesh.size} device(s) ({jax.devices()[0].platform}), views made '
+        f'{_PLACEMENT_WORDS[run.placement]}, {run.steps_per_epoch} steps/epoch, '
+        f'{run.total_steps} steps'
         + (f'; resumed at step {run.start_step}' if run.start_step else ''), flush=True)
   features_of = _momentum_encoder_features(run)
   if (run.info.num_classes > 0 and config.knn_every_epochs > 0

@@ -52,17 +52,15 @@ def validate_config(config) -> None:
 # Compute dtypes.  float64: for checking numerics (runs compared across meshes or
 # processes), under JAX x64 (JAX_ENABLE_X64=1); never for speed.
 DTYPES = ('float32', 'bfloat16', 'float16', 'float64')
-# Where the training views are made (input_pipeline.placement).
-AUGMENT_ON = ('auto', 'host', 'device')
 
 
 def _validate_input(config) -> None:
   """The fields of the input: dataset, crop groups, probabilities, dtype, placement."""
-  from resa_jax import datasets  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  from resa_jax import data  # pylint: disable=g-import-not-at-top
   from resa_jax import sharding  # pylint: disable=g-import-not-at-top
-  if config.dataset not in datasets.DATASETS:
-    raise ValueError(f'unknown dataset {config.dataset!r}; known: {", ".join(datasets.DATASETS)}')
+  if config.dataset not in data.DATASETS:
+    raise ValueError(f'unknown dataset {config.dataset!r}; known: {", ".join(data.DATASETS)}')
   groups = {name: tuple(config[name]) for name in (
       'crops_nmb', 'crops_size', 'crops_min_scale', 'crops_max_scale',
       'gaussian_prob', 'solarization_prob')}
@@ -96,6 +94,12 @@ def _validate_input(config) -> None:
     raise ValueError('dtype float64 needs JAX x64: set JAX_ENABLE_X64=1 (float64 is for '
                      'checking numerics, not for training)')
   augment_on = config.get('augment_on', 'auto')
-  if augment_on not in AUGMENT_ON:
-    raise ValueError(f"augment_on must be one of {', '.join(AUGMENT_ON)}, got {augment_on!r}")
+  if augment_on not in data.AUGMENT_ON:
+    raise ValueError(f"augment_on must be one of {', '.join(data.AUGMENT_ON)}, got "
+                     f"{augment_on!r}")
+  for name in ('host_memory_budget_mb', 'device_memory_budget_mb'):
+    if not 0 <= config[name] < math.inf:
+      raise ValueError(f'{name} must be >= 0 and finite (0: never hold a split in memory), '
+                       f'got {config[name]!r}')
   sharding.check_batch_size(config.batch_size, jax.device_count())
+  data.order.num_input_shards(config, jax.process_count())

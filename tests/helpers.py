@@ -27,12 +27,16 @@ COMMANDS = {'resa_jax.main': 'resa_jax.main', 'resa_jax.evaluate': 'resa_jax.eva
             'resa_jax.convert': 'resa_jax.convert.__main__'}
 
 
-def tiny_config():
-  """tests/configs/tiny.py's config, loaded from its path as --config=TINY does."""
+def tiny_config(**overrides):
+  """tests/configs/tiny.py's config, loaded from its path as --config=TINY does, with
+  `overrides` set: the one config of the whole suite."""
   spec = importlib.util.spec_from_file_location('tiny_config', TINY)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  config = module.get_config()
+  for key, value in overrides.items():
+    config[key] = value
+  return config
 
 
 # ------------------------------------------------------------------ images ----
@@ -46,31 +50,6 @@ def natural_image(rng, size, channels):
     planes.append(60 * (xx - yy) + 70 * np.sin(a * xx + phase) * np.cos(b * yy - phase))
   image = 128 + np.stack(planes, -1) + rng.normal(0, 20, (size, size, channels))
   return np.clip(np.round(image), 0, 255).astype(np.uint8)
-
-
-def small_config(**overrides):
-  """Fake 32x32 data, a weak + a strong 32 px view and a 16 px view, batch 16."""
-  from resa_jax.configs import default  # pylint: disable=g-import-not-at-top
-  config = default.get_config()
-  config.dataset = 'fake'
-  config.eval_split = 'test'
-  config.fake_image_size = 32
-  config.fake_num_examples = 48
-  config.fake_num_classes = 10
-  config.crops_nmb = (1, 1)
-  config.crops_size = (32, 16)
-  config.crops_min_scale = (0.2, 0.05)
-  config.crops_max_scale = (1.0, 0.2)
-  config.gaussian_prob = (0.5, 0.5)
-  config.solarization_prob = (0.2, 0.0)
-  config.batch_size = 16
-  config.dtype = 'float32'
-  config.shuffle_buffer = 64
-  config.prefetch = 1
-  config.eval_resize = 36
-  for key, value in overrides.items():
-    config[key] = value
-  return config
 
 
 def seed(i):
@@ -261,16 +240,16 @@ def tensorboard_scalars(workdir) -> dict[str, list]:
 
 
 # The training command, paused before the batch of step k + 1: it wraps
-# input_pipeline.create_train_iterator, prints 'PAUSED after step k' and waits for a file.
+# resa_jax.data.train_iterator, prints 'PAUSED after step k' and waits for a file.
 PAUSE_DRIVER = r'''
 import os, runpy, sys, time
 pause_after = int(os.environ['RESA_TEST_PAUSE_AFTER_STEP'])
 go_file = os.environ['RESA_TEST_GO_FILE']
-from resa_jax import input_pipeline
-create_train_iterator = input_pipeline.create_train_iterator
+from resa_jax import data
+train_iterator = data.train_iterator
 
 def paused_train_iterator(config, mesh, *, start_step=0, source=None):
-  batches = create_train_iterator(config, mesh, start_step=start_step, source=source)
+  batches = train_iterator(config, mesh, start_step=start_step, source=source)
   done = start_step  # steps taken when the next batch is asked for
   while True:
     if done == pause_after:
@@ -280,7 +259,7 @@ def paused_train_iterator(config, mesh, *, start_step=0, source=None):
     yield next(batches)
     done += 1
 
-input_pipeline.create_train_iterator = paused_train_iterator
+data.train_iterator = paused_train_iterator
 sys.argv = ['resa_jax.main'] + sys.argv[1:]
 runpy.run_module('resa_jax.main', run_name='__main__', alter_sys=True)
 '''

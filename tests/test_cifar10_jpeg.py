@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 
 from resa_jax.configs import cifar10_jpeg
-from resa_jax import datasets, input_pipeline, local_data, sharding
+from resa_jax import data, sharding
+from resa_jax.data import local_files
 
 ARCHIVE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'datasets' / 'cifar10_jpeg.tar.gz'
 pytestmark = [pytest.mark.data,
@@ -43,14 +44,21 @@ def config_for(path):
   return config
 
 
+def whole(snapshot, split):
+  return snapshot.rows(split, 0, len(snapshot.labels[split]))
+
+
 def test_slice_matches_the_files_and_class_order(slice_dir):
-  arrays = local_data.load_cifar10_jpeg(str(slice_dir))
+  snapshot = local_files.load_cifar10_jpeg(str(slice_dir))
   for split, per_class in PER_CLASS.items():
-    images, labels = arrays[split]
+    images, labels = whole(snapshot, split)
+    part, part_labels = snapshot.rows(split, 3, 7)  # a range alone: the same rows
+    np.testing.assert_array_equal(part, images[3:7])
+    np.testing.assert_array_equal(part_labels, labels[3:7])
     assert images.shape == (10 * per_class, 32, 32, 3) and images.dtype == np.uint8
     np.testing.assert_array_equal(labels, np.repeat(np.arange(10), per_class))
     for index in (0, len(labels) - 1):
-      class_name = local_data.CIFAR10_CLASSES[labels[index]]
+      class_name = local_files.CIFAR10_CLASSES[labels[index]]
       folder = slice_dir / split / class_name
       name = sorted(os.listdir(folder))[index % per_class]
       expected = tf.io.decode_jpeg((folder / name).read_bytes(), channels=3).numpy()
@@ -61,14 +69,16 @@ def test_slice_matches_the_files_and_class_order(slice_dir):
 
 def test_source_info_and_pipelines(slice_dir):
   config = config_for(slice_dir)
-  info = datasets.dataset_info(config)
+  info = data.dataset_info(config)
   assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (40, 20, 10)
   assert info.mean == (0.4914, 0.4822, 0.4465)  # CIFAR-10's statistics, as the authors'
   mesh = sharding.create_mesh()
-  batch = next(input_pipeline.create_train_iterator(config, mesh))
-  assert [v.shape for v in batch['views']] == [(8, 32, 32, 3)] * 2
-  first = next(input_pipeline.create_eval_iterator(config, mesh, 'test', batch_size=8))
-  images, labels = local_data.load_cifar10_jpeg(str(slice_dir))['test']
+  for augment_on in ('host', 'device'):
+    config.augment_on = augment_on
+    batch = next(data.train_iterator(config, mesh))
+    assert [v.shape for v in batch['views']] == [(8, 32, 32, 3)] * 2
+  first = next(data.eval_iterator(config, mesh, 'test', batch_size=8))
+  images, labels = whole(local_files.load_cifar10_jpeg(str(slice_dir)), 'test')
   expected = (images[:8] / 255.0 - np.asarray(info.mean)) / np.asarray(info.std)
   np.testing.assert_allclose(np.asarray(first['image']), expected, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(first['label']), labels[:8])
@@ -79,28 +89,64 @@ def test_archive_and_folder_give_the_same_arrays(slice_dir, tmp_path):
   with tarfile.open(archive, 'w:gz') as tar:
     for split in PER_CLASS:
       tar.add(slice_dir / split, arcname=split)
-  from_folder = local_data.load_cifar10_jpeg(str(slice_dir))
-  from_archive = local_data.load_cifar10_jpeg(str(archive))
+  from_folder = local_files.load_cifar10_jpeg(str(slice_dir))
+  from_archive = local_files.load_cifar10_jpeg(str(archive))
   for split in PER_CLASS:
-    for a, b in zip(from_folder[split], from_archive[split]):
+    for a, b in zip(whole(from_folder, split), whole(from_archive, split)):
       np.testing.assert_array_equal(a, b)
 
 
-def test_missing_snapshot_is_a_one_line_error(tmp_path, monkeypatch):
-  monkeypatch.setenv(local_data.CIFAR10_JPEG_ENV, str(tmp_path / 'nothing'))
-  monkeypatch.setattr(local_data, 'cifar10_jpeg_path', lambda data_dir: (_ for _ in ()).throw(
-      FileNotFoundError('the CIFAR-10 JPEG snapshot was not found')))
-  with pytest.raises(datasets.DatasetNotFoundError, match='not found') as error:
-    datasets.dataset_info(config_for(tmp_path / 'nothing'))
-  assert '\n' not in str(error.value)
+def test_a_path_given_is_used_or_refused_never_replaced(slice_dir, tmp_path, monkeypatch):
+  """--config.data_dir, else $RESA_CIFAR10_JPEG, else the default: the first given is
+  used, or refused with one line naming it; never another copy found elsewhere."""
+  monkeypatch.setenv(local_files.CIFAR10_JPEG_ENV, str(slice_dir))
+  assert local_files.cifar10_jpeg_path(None) == str(slice_dir)
+  for given, env in ((tmp_path / 'typo', str(slice_dir)), (None, str(tmp_path / 'typo'))):
+    monkeypatch.setenv(local_files.CIFAR10_JPEG_ENV, env)
+    with pytest.raises(data.DatasetNotFoundError,
+                       match=r"typo \((--config.data_dir|\$RESA_CIFAR10_JPEG)\) is neither"
+                       ) as error:
+      data.dataset_info(config_for(given) if given else
+                        cifar10_jpeg.get_config())
+    assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'not_gzip', 'not_a_jpeg'])
+def test_a_damaged_snapshot_is_one_line_naming_it(damage, slice_dir, tmp_path):
+  archive = tmp_path / 'slice.tar.gz'
+  with tarfile.open(archive, 'w:gz') as tar:
+    for split in PER_CLASS:
+      tar.add(slice_dir / split, arcname=split)
+  if damage == 'truncated':
+    archive.write_bytes(archive.read_bytes()[:len(archive.read_bytes()) // 2])
+  elif damage == 'not_gzip':
+    archive.write_bytes(b'this is not an archive' * 100)
+  else:
+    folder = tmp_path / 'folder'
+    for split in PER_CLASS:
+      (folder / split).mkdir(parents=True)
+      for class_dir in (slice_dir / split).iterdir():
+        (folder / split / class_dir.name).mkdir()
+        for f in class_dir.iterdir():
+          (folder / split / class_dir.name / f.name).write_bytes(f.read_bytes())
+    broken = sorted((folder / 'train' / 'cat').iterdir())[0]
+    broken.write_bytes(b'not a jpeg at all')
+    archive = folder
+  with pytest.raises(data.DatasetNotFoundError) as error:
+    source = data.open_source(config_for(archive))
+    source.rows('train', 0, 40)
+  message = str(error.value) if error.type is data.DatasetNotFoundError else ''
+  assert '\n' not in message and str(archive) in message
+  assert ('damaged or truncated' in message if damage != 'not_a_jpeg'
+          else 'train/cat/' in message and 'is not a JPEG file' in message), message
 
 
 def test_whole_archive_statistics():
   """The full snapshot: 5,000 / 1,000 images per class, and its README's pixel means."""
-  arrays = local_data.load_cifar10_jpeg(str(ARCHIVE))
-  train_images, train_labels = arrays['train']
+  snapshot = local_files.load_cifar10_jpeg(str(ARCHIVE))
+  train_images, train_labels = whole(snapshot, 'train')
   assert np.bincount(train_labels).tolist() == [5000] * 10
-  assert np.bincount(arrays['test'][1]).tolist() == [1000] * 10
+  assert np.bincount(snapshot.labels['test']).tolist() == [1000] * 10
   mean = train_images.reshape(-1, 3).mean(axis=0) / 255.0
   np.testing.assert_allclose(mean, (0.4868, 0.4822, 0.4414), atol=6e-4)
 
@@ -119,8 +165,9 @@ def test_training_reports_the_authors_5nn_metric(slice_dir, tmp_path):
   for name in ('knn5_euclidean_top1', 'knn5_euclidean_top1_raw_pixels',
                'knn5_euclidean_top1_random_init', 'knn_top1', 'knn_top1_raw_pixels'):
     assert 0.0 <= results[name] <= 100.0, name
-  info = datasets.dataset_info(config)
-  arrays = local_data.load_cifar10_jpeg(str(slice_dir))
+  info = data.dataset_info(config)
+  snapshot = local_files.load_cifar10_jpeg(str(slice_dir))
+  arrays = {split: whole(snapshot, split) for split in PER_CLASS}
   pixels = {split: ((images / 255.0 - np.asarray(info.mean)) / np.asarray(info.std)
                     ).reshape(len(images), -1).astype(np.float32)
             for split, (images, _) in arrays.items()}

@@ -21,7 +21,7 @@ from helpers import run_in_process, tiny_config
 from resa_jax import checkpoints as checkpoints_lib
 from resa_jax import convert
 from resa_jax import evaluate
-from resa_jax import input_pipeline
+from resa_jax import data
 from resa_jax import models
 from resa_jax import sharding
 from resa_jax import step as step_lib
@@ -66,7 +66,7 @@ def eval_images(config, split):
   """All images and labels of `split`, un-augmented, in order (one device)."""
   mesh = sharding.create_mesh(jax.devices()[:1])
   images, labels = [], []
-  for batch in input_pipeline.create_eval_iterator(config, mesh, split, batch_size=16):
+  for batch in data.eval_iterator(config, mesh, split, batch_size=16):
     mask = np.asarray(batch['mask'])
     images.append(np.asarray(batch['image'])[mask])
     labels.append(np.asarray(batch['label'])[mask])
@@ -152,7 +152,7 @@ def test_imagenet_linear_protocol_and_semi_supervised(run, tmp_path):
 
   semi = json.loads((tmp_path / 'semi.json').read_text())
   _, train_labels = eval_images(config, 'train')
-  assert semi['num_labelled'] == len(evaluate.semi_supervised.balanced_subset(train_labels, 0.25))
+  assert semi['num_labelled'] == len(data.balanced_subset(train_labels, 0.25))
   assert semi['steps'] == 1 and math.isfinite(semi['train_loss'])
   assert 0 <= semi['top1_last'] <= semi['top5_last'] <= 100
   assert semi['top1_best'] == semi['top1_last']  # one epoch
@@ -256,17 +256,17 @@ def test_converted_checkpoints(run, tmp_path):
 
 def test_subsets_and_schedules():
   labels = np.repeat(np.arange(5), [10, 20, 30, 1, 39])
-  subset = evaluate.semi_supervised.balanced_subset(labels, 0.1, seed=3)
-  assert np.array_equal(subset, evaluate.semi_supervised.balanced_subset(labels, 0.1, seed=3))
+  subset = data.balanced_subset(labels, 0.1, seed=3)
+  assert np.array_equal(subset, data.balanced_subset(labels, 0.1, seed=3))
   assert np.bincount(labels[subset]).tolist() == [1, 2, 3, 1, 4]
   assert np.all(np.diff(subset) > 0)
 
-  one, ten = (evaluate.semi_supervised.imagenet_subset_file_names(f) for f in (0.01, 0.1))
+  one, ten = (data.imagenet_subset_file_names(f) for f in (0.01, 0.1))
   assert (len(one), len(ten)) == (12811, 128116) and len(set(one)) == len(one)
   assert all(n.endswith('.JPEG') and n.startswith('n') for n in one[:100])
-  with pytest.raises(evaluate.EvaluationError, match='1% and 10%'):
-    evaluate.semi_supervised.imagenet_subset_file_names(0.05)
-  keep = evaluate.semi_supervised.file_name_filter(one)
+  with pytest.raises(ValueError, match='1% and 10%'):
+    data.imagenet_subset_file_names(0.05)
+  keep = data.subsets.file_name_filter(one)
   records = tf.data.Dataset.from_tensor_slices(
       {'file_name': [one[0], 'n01440764_0.JPEG', one[-1], 'x.JPEG'], 'label': [0, 1, 2, 3]})
   kept = [int(r['label']) for r in records.filter(keep).as_numpy_iterator()]

@@ -12,26 +12,32 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'resa_jax'
 
-# Bottom first.  Each module may import only the modules before it.
+# Bottom first.  Each module may import only the modules before it.  The groups are the
+# rows of README's layout table, in its order (test_readme_layout_table_follows_the_layers).
 LAYERS = (
     'resa_jax',  # __init__: the version only
-    'resa_jax.sinkhorn', 'resa_jax.reporting', 'resa_jax.progress', 'resa_jax.plots',
-    'resa_jax.interrupts', 'resa_jax.losses', 'resa_jax.sharding',
-    'resa_jax.views', 'resa_jax.augment_device',
+    'resa_jax.sinkhorn',
+    'resa_jax.reporting', 'resa_jax.progress', 'resa_jax.plots', 'resa_jax.interrupts',
+    'resa_jax.losses',
+    'resa_jax.sharding',
+    'resa_jax.cli',
+    # The input: one package, its front door (resa_jax.data) last.
+    'resa_jax.data.views', 'resa_jax.data.order', 'resa_jax.data.sources',
+    'resa_jax.data.views_jax', 'resa_jax.data.local_files', 'resa_jax.data.tfds_sources',
+    'resa_jax.data.views_tf', 'resa_jax.data.host', 'resa_jax.data.device',
+    'resa_jax.data.subsets', 'resa_jax.data',
     'resa_jax.models.layers', 'resa_jax.models.resnet', 'resa_jax.models.vit',
-    'resa_jax.models.heads',
-    'resa_jax.models', 'resa_jax.augment', 'resa_jax.local_data', 'resa_jax.sources',
-    'resa_jax.tfds_sources', 'resa_jax.datasets', 'resa_jax.device_input', 'resa_jax.host_input',
-    'resa_jax.input_pipeline', 'resa_jax.step', 'resa_jax.checkpoints',
-    'resa_jax.workdir',
-    'resa_jax.validation', 'resa_jax.convert.state_dict', 'resa_jax.convert.architecture',
-    'resa_jax.convert.files', 'resa_jax.convert', 'resa_jax.cli',
+    'resa_jax.models.heads', 'resa_jax.models',
+    'resa_jax.step',
+    'resa_jax.checkpoints', 'resa_jax.workdir', 'resa_jax.validation',
+    'resa_jax.convert.state_dict', 'resa_jax.convert.architecture', 'resa_jax.convert.files',
+    'resa_jax.convert', 'resa_jax.convert.__main__',
     'resa_jax.evaluate.common', 'resa_jax.evaluate.features', 'resa_jax.evaluate.knn',
     'resa_jax.evaluate.kmeans', 'resa_jax.evaluate.clustering', 'resa_jax.evaluate.linear',
-    'resa_jax.evaluate.semi_supervised', 'resa_jax.evaluate.model', 'resa_jax.evaluate.checkpoint_config',
-    'resa_jax.evaluate.run', 'resa_jax.evaluate.training_knn',
-    'resa_jax.evaluate', 'resa_jax.train_metrics', 'resa_jax.train', 'resa_jax.main', 'resa_jax.evaluate.__main__',
-    'resa_jax.convert.__main__',
+    'resa_jax.evaluate.model', 'resa_jax.evaluate.checkpoint_config',
+    'resa_jax.evaluate.run', 'resa_jax.evaluate.training_knn', 'resa_jax.evaluate',
+    'resa_jax.evaluate.__main__',
+    'resa_jax.train_metrics', 'resa_jax.train', 'resa_jax.main',
 )
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
@@ -133,3 +139,27 @@ def test_module_and_function_sizes(name):
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
       length = node.end_lineno - node.lineno + 1
       assert length <= MAX_FUNCTION_LINES, f'{name}.{node.name}: {length} lines'
+
+
+def test_readme_layout_table_follows_the_layers():
+  """README's rule, "a module imports only the modules of the rows above its own, or
+  before it in its own row", is LAYERS' rule: every module has a row, and the rows come
+  in LAYERS' order."""
+  readme = (PACKAGE.parent / 'README.md').read_text()
+  table = readme.split('\n## Layout\n', 1)[1].split('\n## ', 1)[0]
+  rows = [line.split('|')[1] for line in table.splitlines()
+          if line.startswith('| `resa_jax')]
+  paths = []
+  for row in rows:  # a name after the row's first path is in the first path's folder
+    first, *rest = [p.rstrip('/') for p in row.split('`')[1::2]]
+    paths.append([first] + [f'{first.rsplit("/", 1)[0]}/{p}' for p in rest])
+
+  def row_of(module):
+    path = module.replace('.', '/')
+    matches = [(len(p), i) for i, row in enumerate(paths) for p in row
+               if path in (p, p.removesuffix('.py')) or path.startswith(p + '/')]
+    assert matches, f'{module} has no row in README\'s layout table'
+    return max(matches)[1]
+
+  ranks = [row_of(module) for module in LAYERS[1:]]
+  assert ranks == sorted(ranks), [m for m, r, n in zip(LAYERS[1:], ranks, ranks[1:]) if r > n]

@@ -6,7 +6,7 @@ tests/test_reliability.py's (`slow`)."""
 import json
 
 from helpers import checkpoint_steps, tiny_config
-from resa_jax import datasets, train
+from resa_jax import data, train
 
 
 def test_train_stop_resume_to_the_end(tmp_path, capsys, monkeypatch):
@@ -14,8 +14,8 @@ def test_train_stop_resume_to_the_end(tmp_path, capsys, monkeypatch):
   config = tiny_config()
   config.run_steps = 5
   opened = []  # the data source is opened once per run (the baselines, the loop, the kNN)
-  open_source = datasets.open_source
-  monkeypatch.setattr(datasets, 'open_source',
+  open_source = data.open_source
+  monkeypatch.setattr(data, 'open_source',
                       lambda config: opened.append(config.dataset) or open_source(config))
   first = train.train_and_evaluate(config, workdir)
   assert opened == ['fake']

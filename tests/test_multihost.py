@@ -10,10 +10,12 @@ batches in one go.  The final TrainStates, read back from both checkpoint
 directories, must agree in float64 (every leaf to 1e-10 of its scale, 1e-12 as a
 whole), and so must the kNN results; only process 0 prints progress.
 
-The 8-device reference reads the 2-process data stream: its host batches are the
-concatenation of what processes 0 and 1 of 2 read (input_pipeline's per-process
-stream depends on the process count, by design).  All three processes compile
-into one persistent cache, so the resuming invocation does not compile again.
+The host's training stream is cut into `input_shards` readers (2 here, one per process
+of the multi-process run), so the one process with 8 devices reads the same global
+batches (resa_jax/data/order.py).  All three processes compile into one persistent
+cache, so the resuming invocation does not compile again.  A second test reads the
+input alone through `resa_jax.data`'s front door, every placement, on 2 processes and
+on 1.
 """
 
 import json
@@ -38,35 +40,8 @@ NUM_STEPS = 4  # one epoch of the tiny config: kNN before training and at its en
 # depending on the CPU; float64 leaves that order at the 1e-12 level and anything else
 # in plain view.
 OVERRIDES = {'num_train_steps': NUM_STEPS, 'checkpoint_every_steps': NUM_STEPS,
-             'dtype': 'float64'}
+             'dtype': 'float64', 'input_shards': 2}
 TIMEOUT = 300
-
-# Runs train_and_evaluate on 8 devices with the training stream that 2 processes read.
-REFERENCE = textwrap.dedent('''
-    import importlib.util, json, sys
-    import jax
-    import numpy as np
-    from resa_jax import datasets, host_input, input_pipeline, train
-
-    spec = importlib.util.spec_from_file_location('tiny', sys.argv[1])
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    config = tiny.get_config()
-    config.update(json.loads(sys.argv[3]))
-
-    def two_process_stream(config, mesh, *, start_step=0, source=None):
-      source = source or datasets.open_source(config)
-      hosts = [host_input._host_batches(
-          config, source, config.train_split, batch_size=config.batch_size,
-          start_step=start_step, make_example=host_input._train_example_fn(config, source),
-          salt='train', process_index=i, process_count=2) for i in range(2)]
-      batches = (jax.tree.map(lambda *parts: np.concatenate(parts), *both)
-                 for both in zip(*hosts))
-      return input_pipeline._to_mesh(mesh, batches, config.prefetch)
-
-    input_pipeline.create_train_iterator = two_process_stream
-    train.train_and_evaluate(config, sys.argv[2])
-''')
 
 
 def _env(devices: int, cache_dir) -> dict:
@@ -155,8 +130,9 @@ def _restore(checkpoint_dir: pathlib.Path, step: int) -> dict:
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   multi, single = tmp_path / 'multi', tmp_path / 'single'
-  reference = _start([sys.executable, '-c', REFERENCE, TINY, str(single), json.dumps(OVERRIDES)],
-                     8, tmp_path, 'single')
+  flags = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+  reference = _start([sys.executable, '-m', 'resa_jax.main', f'--config={TINY}',
+                      f'--workdir={single}', *flags], 8, tmp_path, 'single')
   try:
     # Preemption: SIGTERM to process 1 alone, once both are past start-up (the kNN
     # baselines gather across processes) and before training.  JAX's preemption
@@ -218,6 +194,76 @@ def test_two_processes_match_one_process(tmp_path):
 def _relative_difference(a: dict, b: dict, keys) -> float:
   diff = np.sqrt(sum(np.sum((a[k] - b[k]).astype(np.float64) ** 2) for k in keys))
   return float(diff / np.sqrt(sum(np.sum(b[k].astype(np.float64) ** 2) for k in keys)))
+
+
+# ------------------------------------------------ the input, 2 processes vs 1 ----
+
+# Reads the input through the front door, as the trainer and the evaluators do, and
+# saves (process 0) what every placement gives: 5 training steps (into epoch 1) gathered
+# across the processes, and one pass over the test split.
+DATA_DRIVER = textwrap.dedent('''
+    import importlib.util, sys
+    import numpy as np
+    tiny_path, out, num_processes, process_id, address = sys.argv[1:6]
+    from resa_jax import sharding
+    if int(num_processes) > 1:
+      sharding.initialize_distributed(address, int(num_processes), int(process_id))
+    import jax
+    from jax.experimental import multihost_utils
+    from resa_jax import data
+    spec = importlib.util.spec_from_file_location('tiny', tiny_path)
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    mesh = sharding.create_mesh()
+    saved = {}
+    for kind, overrides in (('host', dict(augment_on='host')),
+                            ('held', dict(augment_on='device')),
+                            ('streamed', dict(augment_on='device', device_memory_budget_mb=0.0))):
+      config = tiny.get_config()
+      config.update(dict(input_shards=2, fake_num_examples=44, **overrides))
+      assert data.placement(config, data.open_source(config), mesh) == kind
+      batches = data.train_iterator(config, mesh)
+      for step in range(5):
+        for v, view in enumerate(next(batches)['views']):
+          saved[f'{kind}_{step}_{v}'] = multihost_utils.process_allgather(view, tiled=True)
+    for key, part in enumerate(data.eval_iterator(config, mesh, 'test')):
+      for name, value in part.items():
+        saved[f'eval_{key}_{name}'] = multihost_utils.process_allgather(value, tiled=True)
+    if jax.process_index() == 0:
+      np.savez(out, **saved)
+''')
+
+
+@pytest.mark.slow
+def test_two_processes_read_the_input_of_one(tmp_path):
+  """Each placement gives 2 processes x 4 devices the global batches 1 process x 8 reads
+  (the host's stream with input_shards=2 on both); evaluation covers the split once."""
+  port = _free_port()
+  procs = {f'two{i}': _start([sys.executable, '-c', DATA_DRIVER, TINY, str(tmp_path / 'two.npz'),
+                              '2', str(i), f'localhost:{port}'], 4, tmp_path, f'two{i}')
+           for i in range(2)}
+  procs['one'] = _start([sys.executable, '-c', DATA_DRIVER, TINY, str(tmp_path / 'one.npz'),
+                         '1', '0', ''], 8, tmp_path, 'one')
+  _finish(procs, tmp_path)
+  two, one = np.load(tmp_path / 'two.npz'), np.load(tmp_path / 'one.npz')
+  assert sorted(two.files) == sorted(one.files)
+  for key in (k for k in one.files if not k.startswith('eval')):
+    # The host's bytes are the same; the views made on 4 devices against 8 differ by the
+    # float rounding of their resampling sums at most.
+    atol = 0.0 if key.startswith('host') else 1e-4
+    np.testing.assert_allclose(two[key], one[key], rtol=0, atol=atol, err_msg=key)
+  assert not np.allclose(two['held_0_0'], two['held_4_0'])  # the stream moves on
+
+  def evaluated(saved):  # (label, image) of every example, in some order
+    rows = []
+    for key in (k for k in saved.files if k.endswith('_mask')):
+      mask, prefix = saved[key], key[:-len('mask')]
+      rows += [(int(label), image.tobytes()) for label, image in
+               zip(saved[prefix + 'label'][mask], saved[prefix + 'image'][mask])]
+    return sorted(rows)
+
+  # Evaluation: each process its share, so the order differs; the examples do not.
+  assert evaluated(two) == evaluated(one) and len(evaluated(one)) == 44  # the test split
 
 
 # ---------------------------------------------- when jax.distributed starts ----

@@ -56,9 +56,9 @@ def test_same_seed_same_metrics_and_state(env, reference, template, tmp_path):
   arrays = assert_bit_identical(a, b)
   print(f'\n[reliability] same seed twice: {len(history[0]["loss"])} logged losses equal, '
         f'final_loss {results[0]["final_loss"]!r} equal, {arrays} state arrays bit-identical')
-  # The data order and augmentation are a function of (seed, step) only, not of the
-  # number of tf.data threads: tests/test_input_pipeline.py::
-  # test_result_does_not_depend_on_thread_count and test_resume_reproduces_the_continuation.
+  # The data order and augmentation are a function of (seed, step) only (resa_jax/data/
+  # order.py): tests/test_data.py (resume at a step, 1 device against 8, every placement)
+  # and tests/test_multihost.py::test_two_processes_read_the_input_of_one.
 
 
 # -------------------------------------------------------- health counters ----

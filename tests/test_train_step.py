@@ -2,23 +2,12 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from resa_jax.configs import default
+from helpers import tiny_config
 from resa_jax import models
 from resa_jax import step as step_lib
-
-
-def tiny_config(**overrides):
-  config = default.get_config()
-  config.update(ml_collections.ConfigDict(dict(
-      arch='resnet18', width_per_group=4, stem='cifar', zero_init_residual=False,
-      mlp_layers=3, mlp_dim=32, emb_dim=16, predictor=True, dtype='float32', batch_size=16,
-      base_lr=0.3, weight_decay=1e-4, warmup_epochs=1, num_epochs=2)))
-  config.update(ml_collections.ConfigDict(overrides))
-  return config
 
 
 def _views(batch, seed=0, sizes=(16, 16, 8), dtype=jnp.float32):  # weak, strong, small crop
@@ -152,7 +141,7 @@ def test_vit_drop_path_draws_per_step_the_same_on_any_mesh(monkeypatch):
 
 
 def test_step_metrics_and_learning_signal():
-  config = tiny_config(batch_size=8)
+  config = tiny_config(batch_size=8, warmup_epochs=1)  # 2 steps of warm-up
   state, hist = _run(config, jax.devices()[:2], num_steps=3)
   for m in hist:
     assert np.isfinite(m['loss']) and m['loss'] > 0

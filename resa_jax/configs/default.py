@@ -58,13 +58,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_resize = 256  # ImageNet-sized eval: resize then centre-crop crops_size[0]
   config.shuffle_buffer = 16_384
   config.prefetch = 2
-  # Where the training views are made: 'host' (tf.data on the CPU cores; every dataset)
-  # or 'device' (the decoded train split held on every accelerator, the views made there
-  # by resa_jax/device_input.py; only the datasets of one image size: fashion_mnist,
-  # cifar10, cifar10_jpeg, cifar100, stl10, fake).  The two draw different views of one
-  # seed (JAX's RNG, TensorFlow's) and blur slightly differently (augment_device.py).
-  # 'auto': 'device' on GPUs and TPUs where the dataset allows it, else 'host'.
+  # Where the training views are made (resa_jax.data.placement; docs/data.md): 'host'
+  # (tf.data on the CPU cores), or 'device': views made on the accelerators, from the
+  # train split held there when each device's share of it, decoded, is at most
+  # device_memory_budget_mb, else from crops the host makes of the files.  The two draw
+  # different views of one seed (JAX's RNG, TensorFlow's) and blur slightly differently
+  # (resa_jax/data/views_jax.py).  'auto': 'device' on GPUs and TPUs, else 'host'.
   config.augment_on = 'auto'
+  config.device_memory_budget_mb = 4096.0
+  # The host placement keeps a split decoded in memory when each process's share is at
+  # most this, else streams it from its files.
+  config.host_memory_budget_mb = 512.0
+  # The readers the host's training stream is cut into: -1, one per process.  The stream
+  # is a function of (seed, step, input_shards); set a multiple of every process count
+  # a run may resume with (e.g. 8) to keep it when that count changes.
+  config.input_shards = -1
   # dataset='fake': random uint8 images (3 channels), no TFDS; for benchmarks/tests.
   config.fake_image_size = 224
   config.fake_num_classes = 1000

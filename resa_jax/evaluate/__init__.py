@@ -16,11 +16,12 @@ none imports the trainer):
   kmeans.py           k-means in JAX (greedy k-means++, Lloyd)
   clustering.py       silhouette, ARI, NMI, `clustering_metrics`,
                       `clustering_analysis` and its figures
-  semi_supervised.py  the 1% / 10% subsets and their augmented input
   model.py            `load_model`: a workdir's or a converted checkpoint's encoder
   checkpoint_config.py  `config_for_checkpoint`: the model the checkpoint records,
                       the data and the rest from --config
   run.py              `Options`, `run_evaluations`: the protocols on one checkpoint
+                      (their inputs, the semi-supervised subsets included, come
+                      from the front door of resa_jax/data)
   __main__.py         the flags
 
 The first five work on arrays computed once and know nothing of checkpoints or

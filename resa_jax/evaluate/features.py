@@ -129,12 +129,11 @@ def extract_split(config, mesh: Mesh, feature_fn, split: str, *, batch_size: int
   """`extract_features` over one pass of `split` (the evaluation pipeline), with progress.
 
   ImageNet-sized images are resized with `resize_method` (bicubic, as the authors' kNN).
-  `source`: the open `datasets.Source` (opened again when None).
+  `source`: the open `data.Source` (opened again when None).
   """
-  from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  iterator = input_pipeline.create_eval_iterator(config, mesh, split, batch_size=batch_size,
-                                                 resize_method=resize_method, source=source)
-  processes = jax.process_count()  # every process pads its share to the same batches
-  num_batches = -(-(-(-num_examples // processes)) // (batch_size // processes))
+  from resa_jax import data  # pylint: disable=g-import-not-at-top
+  iterator = data.eval_iterator(config, mesh, split, batch_size=batch_size,
+                                resize_method=resize_method, source=source)
+  num_batches = data.eval_num_batches(num_examples, batch_size, jax.process_count())
   progress = progress_lib.Progress(f'features of {split!r}', num_batches)
   return extract_features(feature_fn, iterator, label_keys=label_keys, progress=progress)

@@ -1,6 +1,6 @@
 """Linear classifiers: the CIFAR probe on fixed features, and a linear head trained on
 the encoder (the ImageNet probe with the encoder frozen; fine-tuning for the
-semi-supervised protocol, `semi_supervised.py`).
+semi-supervised protocol, whose subsets are `resa_jax/data/subsets.py`'s).
 
 Linear probe on fixed features (`linear_probe_features`; docs/method.md, 'Evaluation
 protocols', CIFAR)

@@ -20,6 +20,7 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
+from resa_jax import data
 from resa_jax import models
 from resa_jax import progress as progress_lib
 from resa_jax import reporting
@@ -31,7 +32,6 @@ from resa_jax.evaluate import features as features_lib
 from resa_jax.evaluate import knn
 from resa_jax.evaluate import linear
 from resa_jax.evaluate import model as model_lib
-from resa_jax.evaluate import semi_supervised
 
 
 # --dtype value: the dtype the checkpoint was trained with (its config's).
@@ -171,7 +171,7 @@ class _Evaluation:
   def __init__(self, config, mesh: Mesh, model: model_lib.Model, info, options: Options, output,
                dataset):
     self.config, self.mesh, self.model, self.info = config, mesh, model, info
-    self.dataset = dataset  # the datasets.Source of config.dataset, opened once
+    self.dataset = dataset  # the data.Source of config.dataset, opened once
     self.options, self.output = options, pathlib.Path(output)
     self.batch_size = options.batch_size or int(config.batch_size)
     self.label_keys = ('label', 'coarse_label') if info.num_coarse_classes else ('label',)
@@ -200,9 +200,8 @@ class _Evaluation:
     return self._features[which]
 
   def _eval_batches(self):
-    from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-    return input_pipeline.create_eval_iterator(self.config, self.mesh, self.config.eval_split,
-                                               batch_size=self.batch_size, source=self.dataset)
+    return data.eval_iterator(self.config, self.mesh, self.config.eval_split,
+                              batch_size=self.batch_size, source=self.dataset)
 
   def knn(self) -> dict:
     (train, train_labels), (test, test_labels) = self.features('train'), self.features('test')
@@ -249,7 +248,6 @@ class _Evaluation:
   def _linear_imagenet(self) -> dict:
     """docs/method.md, 'Evaluation protocols', ImageNet: frozen encoder, augmented
     images, SGD, steps at 60/80."""
-    from resa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
     options, config = self.options, self.config
     epochs = options.linear_epochs if options.linear_epochs > 0 else 100
     batch_size = options.linear_batch_size if options.linear_batch_size > 0 else 256
@@ -259,15 +257,12 @@ class _Evaluation:
     base_lr = recipe['base_lr']
     encode = ('encode' if recipe['n_last_blocks'] is None else
               linear.vit_probe_input(recipe['n_last_blocks'], recipe['avgpool_patchtokens']))
-    steps_per_epoch = self.info.num_eval_train_examples // batch_size
-    if steps_per_epoch < 1:
-      raise common.EvaluationError(f'{config.eval_train_split} has fewer examples than one batch of '
-                            f'{batch_size}; lower --linear_batch_size')
+    steps_per_epoch = data.epoch_steps(self.info.num_eval_train_examples, batch_size,
+                                       repr(config.eval_train_split), 'lower --linear_batch_size')
     result = linear.train_classifier(
         self.model, self.mesh,
-        input_pipeline.create_linear_probe_train_iterator(config, self.mesh,
-                                                          batch_size=batch_size,
-                                                          source=self.dataset),
+        data.linear_probe_iterator(config, self.mesh, batch_size=batch_size,
+                                   source=self.dataset),
         self._eval_batches, num_classes=self.info.num_classes,
         steps_per_epoch=steps_per_epoch, epochs=epochs,
         head_lr=base_lr * batch_size / 256, schedule='step', seed=options.seed,
@@ -289,8 +284,9 @@ class _Evaluation:
       cache_dir = str(self.output / f'.semi_cache_{jax.process_index()}')
       os.makedirs(cache_dir, exist_ok=True)
     try:
-      batches, subset_size = semi_supervised.create_subset_train_iterator(
-          config, self.mesh, options.semi_fraction, batch_size=options.semi_batch_size,
+      batches, subset_size = data.subset_train_iterator(
+          config, self.mesh, self.dataset, options.semi_fraction,
+          batch_size=options.semi_batch_size,
           seed=options.seed, cache_file=os.path.join(cache_dir, 'records') if cache_dir else '')
       reporting.say(f'semi-supervised: {subset_size} labelled examples '
            f'({100 * options.semi_fraction:g}% of {config.eval_train_split!r})')
@@ -355,10 +351,9 @@ def run_evaluations(config, checkpoint, output, options: Options, mesh: Mesh | N
   if options.dtype != AS_TRAINED and options.dtype != config.dtype:
     config = config.copy_and_resolve_references()
     config.dtype = options.dtype
-  from resa_jax import datasets  # pylint: disable=g-import-not-at-top
   mesh = sharding.create_mesh() if mesh is None else mesh
-  dataset = datasets.open_source(config)
-  info = datasets.dataset_info(config, dataset)
+  dataset = data.open_source(config)
+  info = data.dataset_info(config, dataset)
   if info.num_classes <= 0:
     raise common.EvaluationError(f'{config.dataset} has no labels to evaluate with')
   bank = info.num_eval_train_examples
@@ -367,7 +362,7 @@ def run_evaluations(config, checkpoint, output, options: Options, mesh: Mesh | N
         f'--knn_ks={",".join(map(str, options.knn_ks))}: every k exceeds the {bank} examples '
         f'of the kNN memory bank ({config.eval_train_split!r}); use k <= {bank}')
   if 'semi' in evaluations and config.dataset == 'imagenet2012':
-    semi_supervised.imagenet_subset_file_names(options.semi_fraction)  # fail now on a fraction without list
+    data.imagenet_subset_file_names(options.semi_fraction)  # fail now on a fraction without list
   start = time.time()
   model = model_lib.load_model(config, checkpoint, mesh, encoder=options.encoder,
                      image_channels=int(info.image_shape[-1]) if info.image_shape else 3)

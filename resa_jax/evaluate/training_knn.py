@@ -30,15 +30,15 @@ def knn_accuracies(config, mesh, feature_fn, num_classes: int,
   The memory bank is config.eval_train_split (its first knn_max_train_examples
   examples when that is > 0), the queries config.eval_split, both without
   augmentation.  `feature_fn` maps a global image batch to (B, D) features.  `source`:
-  the open `datasets.Source` of config.dataset (opened here when None).
+  the open `data.Source` of config.dataset (opened here when None).
   """
   # Imported here: importing this module (train.py does) must not import JAX's data
   # path, so that the workdir's refusals come first.
-  from resa_jax import datasets, input_pipeline  # pylint: disable=g-import-not-at-top
+  from resa_jax import data  # pylint: disable=g-import-not-at-top
   from resa_jax.evaluate import features, knn  # pylint: disable=g-import-not-at-top
-  source = source or datasets.open_source(config)
-  bank_batches = input_pipeline.create_eval_iterator(config, mesh, config.eval_train_split,
-                                                    resize_method='bicubic', source=source)
+  source = source or data.open_source(config)
+  bank_batches = data.eval_iterator(config, mesh, config.eval_train_split,
+                                    resize_method='bicubic', source=source)
   limit = config.knn_max_train_examples
   if limit > 0:  # stop reading the split once the bank is full
     bank_batches = itertools.islice(bank_batches, -(-limit // config.batch_size))
@@ -46,12 +46,12 @@ def knn_accuracies(config, mesh, feature_fn, num_classes: int,
   if limit > 0:
     bank, bank_labels = bank[:limit], bank_labels[:limit]
   queries, query_labels = features.extract_features(
-      feature_fn, input_pipeline.create_eval_iterator(config, mesh, config.eval_split,
-                                                      resize_method='bicubic', source=source))
+      feature_fn, data.eval_iterator(config, mesh, config.eval_split, resize_method='bicubic',
+                                     source=source))
   result = knn.knn_weighted(bank, bank_labels, queries, query_labels, num_classes,
                             ks=(config.knn_k,), temperature=config.knn_temperature)
   accuracies = {'knn_top1': float(result[f'top1_k{config.knn_k}'])}
-  if config.dataset in datasets.CIFAR_DATASETS:
+  if config.dataset in data.CIFAR_DATASETS:
     accuracies['knn5_euclidean_top1'] = knn.knn_majority(bank, bank_labels, queries,
                                                          query_labels, num_classes, k=5)
   return accuracies

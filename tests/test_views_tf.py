@@ -7,7 +7,7 @@ import tensorflow as tf
 from PIL import Image, ImageFilter
 
 from helpers import natural_image
-from resa_jax import augment
+from resa_jax.data import views_tf as augment
 
 # The authors' range is U[0.1, 2]; round values are where float32 would mis-round ties.
 SIGMAS = (0.1, 0.5, 1.0, 1.5, 2.0, 0.3137, 0.777, 1.234, 1.9001)
@@ -62,3 +62,14 @@ def test_gaussian_blur_rejects_sigma_above_its_static_bound():
   with pytest.raises(tf.errors.InvalidArgumentError):
     augment.gaussian_blur(image, tf.constant(2.5))
   augment.gaussian_blur(image, tf.constant(2.5), max_sigma=3.0)  # a larger static bound
+
+
+def test_eval_resize_method():
+  """ImageNet-sized eval images: bicubic (the authors' kNN) differs from bilinear, and
+  equals TF's own antialiased bicubic resize of the shorter side, centre-cropped."""
+  image = tf.constant(np.random.default_rng(3).integers(0, 256, (50, 70, 3)), tf.uint8)
+  bicubic = augment.resize_shorter_and_center_crop(image, 32, 28, method='bicubic').numpy()
+  bilinear = augment.resize_shorter_and_center_crop(image, 32, 28).numpy()
+  assert np.abs(bicubic - bilinear).mean() > 1e-3
+  resized = tf.image.resize(image, (32, 44), method='bicubic', antialias=True).numpy()
+  np.testing.assert_allclose(bicubic, np.clip(resized[2:30, 8:36] / 255.0, 0, 1), atol=1e-6)

@@ -1,4 +1,4 @@
-"""The device views (augment_device.py, JAX) against the host views (augment.py, TensorFlow)
+"""The device views (data/views_jax.py, JAX) against the host views (data/views_tf.py, TensorFlow)
 op by op with injected parameters, the distributions of their random choices, and
 `device_views` itself: shapes, determinism, the same views on 1 and 8 devices."""
 
@@ -15,11 +15,11 @@ import scipy.ndimage
 import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from helpers import natural_image, seed, small_config
+from helpers import natural_image, seed, tiny_config
 
-from resa_jax import augment
-from resa_jax import augment_device as ad
-from resa_jax.views import ViewSpec
+from resa_jax.data import views_tf as augment
+from resa_jax.data import views_jax as ad
+from resa_jax.data.views import ViewSpec
 
 LEVEL = 1 / 255
 
@@ -185,7 +185,9 @@ def test_drawn_parameters_rates_and_ranges():
 
 
 def test_device_views_shapes_determinism_and_sharding():
-  config = small_config(crops_nmb=(1, 2))  # weak + strong 32 px, two strong 16 px
+  config = tiny_config(crops_nmb=(1, 2), crops_size=(32, 16), crops_min_scale=(0.2, 0.05),
+                       crops_max_scale=(1.0, 0.2), gaussian_prob=(0.5, 0.5),
+                       solarization_prob=(0.2, 0.0))  # weak + strong 32 px, two strong 16 px
   mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
   rng = np.random.default_rng(0)
   images = np.stack([natural_image(rng, 32, 3) for _ in range(16)])
@@ -225,13 +227,30 @@ def test_device_views_shapes_determinism_and_sharding():
   for a, b in zip(raw + normed, sharded_raw + sharded_normed):
     assert b.sharding.is_equivalent_to(batch, b.ndim)
     np.testing.assert_allclose(a, b, atol=1e-5)
-  assert augment.device_views is ad.device_views
+
+
+@pytest.mark.parametrize('images, match', [
+    (np.zeros((2, 8, 8, 3), np.float32), 'uint8 images'),  # floats in [0, 1]
+    (np.zeros((8, 8, 3), np.uint8), 'uint8 images'),  # one image, no batch axis
+    (np.zeros((2, 8, 8, 4), np.uint8), 'C 1 or 3'),  # RGBA
+])
+def test_device_views_refuses_what_it_cannot_read(images, match):
+  config = tiny_config()
+  with pytest.raises(ValueError, match=match) as error:
+    ad.device_views(jax.random.key(0), images, config, mean=(0.5,) * 3, std=(0.5,) * 3)
+  assert '\n' not in str(error.value)
+  with pytest.raises(ValueError, match='per-channel'):
+    ad.device_views(jax.random.key(0), np.zeros((2, 8, 8, 3), np.uint8), config,
+                    mean=(0.5,), std=(0.5,))
+  with pytest.raises(ValueError, match='takes the 2 views'):
+    ad.colour_views(jax.random.key(0), [np.zeros((2, 16, 16, 3), np.uint8)], config,
+                    mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
 @pytest.mark.slow
-def test_augment_device_imports_without_tensorflow():
-  code = ("import sys; sys.modules['tensorflow'] = None; import resa_jax.augment_device; "
-          "import resa_jax.views; assert 'tensorflow' not in [m.split('.')[0] for m in "
+def test_the_data_package_imports_without_tensorflow():
+  code = ("import sys; sys.modules['tensorflow'] = None; import resa_jax.data; "
+          "assert 'tensorflow' not in [m.split('.')[0] for m in "
           "sys.modules if sys.modules[m] is not None]")
   subprocess.run([sys.executable, '-c', code], check=True, timeout=120,
                  cwd=pathlib.Path(__file__).resolve().parents[1])

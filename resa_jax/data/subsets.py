@@ -1,11 +1,12 @@
-"""Semi-supervised fine-tuning (docs/method.md, 'Evaluation protocols'): the labelled
-subsets and their input.
+"""The labelled subsets of semi-supervised fine-tuning (docs/method.md, 'Evaluation
+protocols') and their input.
 
 The subsets are the 1% and 10% ImageNet lists of SimCLR / SwAV / the ReSA authors
 (shipped in resa_jax/data, matched on TFDS's `file_name`), or a seeded class-balanced
-subset of any other dataset.  `create_subset_train_iterator` streams augmented
-batches of a subset (`augment.classifier_view`); the fine-tuning itself is
-`linear.train_classifier` with an encoder learning rate (`run.py` puts them together).
+subset of any other dataset.  `subset_train_batches` streams augmented batches of a
+subset (`views_tf.classifier_view`); the fine-tuning itself is
+`evaluate.linear.train_classifier` with an encoder learning rate (`evaluate/run.py`
+puts them together).  TensorFlow is imported only by the functions that read data.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from jax.sharding import Mesh
 import numpy as np
 
 from resa_jax import sharding
-from resa_jax.evaluate import common
+from resa_jax.data import sources
 
 _SUBSET_FILES = {0.01: '1percent.txt', 0.1: '10percent.txt'}
 
@@ -29,7 +30,7 @@ def imagenet_subset_file_names(fraction: float) -> list[str]:
   """
   import importlib.resources  # pylint: disable=g-import-not-at-top
   if fraction not in _SUBSET_FILES:
-    raise common.EvaluationError(f'the ImageNet subsets are 1% and 10% (--semi_fraction=0.01 '
+    raise ValueError(f'the ImageNet subsets are 1% and 10% (--semi_fraction=0.01 '
                           f'or 0.1), not {fraction}')
   text = importlib.resources.files('resa_jax').joinpath(
       'data', _SUBSET_FILES[fraction]).read_text()
@@ -60,8 +61,8 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.nd
   return np.sort(np.concatenate(chosen))
 
 
-def _subset_records(config, fraction: float, seed: int):
-  """(records, size, source): the labelled subset of config.eval_train_split.
+def _subset_records(config, source: sources.Source, fraction: float, seed: int):
+  """(records, size): the labelled subset of config.eval_train_split.
 
   records: tf.data.Dataset of {'image': encoded, 'label': int32} over the whole
   subset (every process), in file order.  ImageNet (imagenet2012): the shipped
@@ -70,8 +71,7 @@ def _subset_records(config, fraction: float, seed: int):
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from resa_jax import datasets, tfds_sources  # pylint: disable=g-import-not-at-top
-  source = datasets.open_source(config)
+  from resa_jax.data import tfds_sources  # pylint: disable=g-import-not-at-top
   split = config.eval_train_split
   if config.dataset == 'imagenet2012':
     names = imagenet_subset_file_names(fraction)
@@ -80,7 +80,7 @@ def _subset_records(config, fraction: float, seed: int):
                                  decoders={'image': tfds.decode.SkipDecoding()})
     records = records.filter(file_name_filter(names)).map(
         lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)})
-    return records, len(names), source
+    return records, len(names)
   records = source.read(split, 0, 1, None, True)
   labels = np.concatenate(list(
       records.map(lambda r: r['label']).batch(8192).as_numpy_iterator()))
@@ -90,11 +90,11 @@ def _subset_records(config, fraction: float, seed: int):
                                           tf.ones([len(keep)], tf.int32)), default_value=0)
   records = records.enumerate().filter(lambda i, r: table.lookup(i) > 0).map(
       lambda i, r: {'image': r['image'], 'label': r['label']})
-  return records, len(keep), source
+  return records, len(keep)
 
 
-def create_subset_train_iterator(config, mesh: Mesh, fraction: float, *, batch_size: int,
-                                 seed: int = 0, cache_file: str = ''):
+def subset_train_batches(config, mesh: Mesh, source: sources.Source, fraction: float, *,
+                         batch_size: int, seed: int = 0, cache_file: str = ''):
   """(endless iterator, subset size): augmented labelled batches of a subset.
 
   The subset of `_subset_records`; each process takes every process_count-th
@@ -106,12 +106,12 @@ def create_subset_train_iterator(config, mesh: Mesh, fraction: float, *, batch_s
   sharded over the mesh.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from resa_jax import augment  # pylint: disable=g-import-not-at-top
+  from resa_jax.data import views_tf  # pylint: disable=g-import-not-at-top
   sharding.check_batch_size(batch_size, mesh.size)
-  records, size, source = _subset_records(config, fraction, seed)
+  records, size = _subset_records(config, source, fraction, seed)
   process_count, process_index = jax.process_count(), jax.process_index()
   if size < batch_size:
-    raise common.EvaluationError(f'the {fraction:g} subset has {size} examples, fewer than one '
+    raise ValueError(f'the {fraction:g} subset has {size} examples, fewer than one '
                           f'batch of {batch_size}; lower --semi_batch_size')
   if process_count > 1:
     records = records.shard(process_count, process_index)
@@ -120,10 +120,10 @@ def create_subset_train_iterator(config, mesh: Mesh, fraction: float, *, batch_s
   base_seed = tf.constant([seed, 7919 * (process_index + 1)], tf.int64)
 
   def make_example(counter, record):
-    view = augment.classifier_view(source.decode(record['image']),
+    view = views_tf.classifier_view(source.decode(record['image']),
                                    tf.random.experimental.stateless_fold_in(base_seed, counter),
                                    crop)
-    return {'image': tf.cast(augment.normalize(view, *source.eval_mean_std), dtype),
+    return {'image': tf.cast(views_tf.normalize(view, *source.eval_mean_std), dtype),
             'label': record['label']}
 
   ds = records.cache(cache_file)

@@ -1,8 +1,10 @@
 """What each view is: the constants of the authors' transforms, and `ViewSpec` /
 `view_specs` from the config (no TensorFlow, no JAX).
 
-Shared by the host views (`augment.py`, TensorFlow) and the device views
-(`augment_device.py`, JAX), so either can be imported without the other's framework.
+Shared by the host views (`views_tf.py`, TensorFlow) and the device views
+(`views_jax.py`, JAX), so either can be imported without the other's framework; the
+rules both follow are stated here once (the resize of each view kind:
+`ViewSpec.resize_method`; the un-augmented evaluation image: `EVAL_RESIZE_METHOD`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 CROP_ATTEMPTS = 10  # RandomResizedCrop tries 10 boxes, then falls back to a central one
 BLUR_SIGMA_RANGE = (0.1, 2.0)  # the authors' blur sigma ~ U[0.1, 2]
 SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize: levels >= 128 inverted
+# An evaluation image of another side than crops_size[0] (small fixed-size data) is
+# resized with this kernel, antialiased; ImageNet-sized ones are resized then
+# centre-cropped with the method the evaluation asks for.
+EVAL_RESIZE_METHOD = 'bilinear'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +39,12 @@ class ViewSpec:
   grayscale_prob: float = 0.2
   gaussian_prob: float = 0.5
   solarization_prob: float = 0.2
+
+  @property
+  def resize_method(self) -> str:
+    """The crop's resampling kernel: bilinear for the weak view (torchvision's default in
+    the authors' weak transform), bicubic for the strong ones (theirs, explicitly)."""
+    return 'bilinear' if self.weak else 'bicubic'
 
 
 def view_specs(config) -> list[ViewSpec]:

@@ -6,9 +6,12 @@ has TFDS's own builder prepare `fashion_mnist` from them.
 
 CIFAR-10 (JPEG snapshot): 60,000 32x32 JPEG files in `train|test/<class>/NNNN.jpg`,
 as a .tar.gz or unpacked (../shared/datasets/cifar10_jpeg.tar.gz; lossy copies of
-CIFAR-10, quality about 75).  `load_cifar10_jpeg` decodes them once per process into
-uint8 arrays with the standard splits and CIFAR-10's label order.  Numbers measured
-on it are "CIFAR-10 (JPEG snapshot)", not CIFAR-10.
+CIFAR-10, quality about 75).  `load_cifar10_jpeg` reads them once per process and
+decodes the ranges asked for into uint8 arrays, with the standard splits and CIFAR-10's
+label order; `cifar10_jpeg_source` is its `Source`.  Numbers measured on it are
+"CIFAR-10 (JPEG snapshot)", not CIFAR-10.
+
+Nothing here imports TensorFlow at import time.
 """
 
 from __future__ import annotations
@@ -19,8 +22,12 @@ import pathlib
 import tarfile
 import tempfile
 import urllib.parse
+import zlib
 
 import numpy as np
+
+from resa_jax import reporting
+from resa_jax.data import sources
 
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 _FASHION_MNIST_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
@@ -101,27 +108,34 @@ def prepare_fashion_mnist(local_dir: str, data_dir: str | None) -> None:
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
                    'ship', 'truck')  # alphabetical, which is also CIFAR-10's label order
 CIFAR10_JPEG_ENV = 'RESA_CIFAR10_JPEG'
-_CIFAR10_JPEG_SPLITS = {'train': 50_000, 'test': 10_000}
+_CIFAR10_JPEG_SPLITS = ('train', 'test')
+_ARCHIVE_NAME = 'cifar10_jpeg.tar.gz'
+_JPEG_START = b'\xff\xd8'  # every JPEG file's first two bytes (SOI)
 
 
 def cifar10_jpeg_path(data_dir: str | None) -> str:
-  """Where the CIFAR-10 JPEG snapshot is: `data_dir` (the .tar.gz, or a folder with
-  train/ and test/, or a folder holding cifar10_jpeg.tar.gz), else $RESA_CIFAR10_JPEG,
-  else ../shared/datasets/cifar10_jpeg.tar.gz beside the repository."""
-  repository = pathlib.Path(__file__).resolve().parents[1]
-  candidates = [data_dir, os.environ.get(CIFAR10_JPEG_ENV),
-                str(repository.parent / 'shared' / 'datasets' / 'cifar10_jpeg.tar.gz')]
-  for candidate in candidates:
+  """Where the CIFAR-10 JPEG snapshot is: `data_dir` (the .tar.gz, a folder with train/
+  and test/, or a folder holding cifar10_jpeg.tar.gz) if given, else $RESA_CIFAR10_JPEG
+  if set, else ../shared/datasets/cifar10_jpeg.tar.gz beside the repository.  The first
+  of these that is given is used or refused (FileNotFoundError naming it), never
+  replaced by a copy found elsewhere."""
+  repository = pathlib.Path(__file__).resolve().parents[2]
+  for what, candidate in (('--config.data_dir', data_dir),
+                          (f'${CIFAR10_JPEG_ENV}', os.environ.get(CIFAR10_JPEG_ENV)),
+                          ('the default', str(repository.parent / 'shared' / 'datasets' /
+                                              _ARCHIVE_NAME))):
     if not candidate:
       continue
     path = pathlib.Path(candidate)
-    if path.is_dir() and (path / 'cifar10_jpeg.tar.gz').is_file():
-      path = path / 'cifar10_jpeg.tar.gz'
+    if path.is_dir() and (path / _ARCHIVE_NAME).is_file():
+      path = path / _ARCHIVE_NAME
     if path.is_file() or (path / 'train').is_dir():
       return str(path)
-  raise FileNotFoundError(
-      'the CIFAR-10 JPEG snapshot was not found: pass --config.data_dir=PATH (the '
-      f'cifar10_jpeg.tar.gz archive or its unpacked folder) or set ${CIFAR10_JPEG_ENV}')
+    hint = ('' if what != 'the default' else ': pass --config.data_dir=PATH (the '
+            f'{_ARCHIVE_NAME} archive or its unpacked folder) or set ${CIFAR10_JPEG_ENV}')
+    raise FileNotFoundError(f'{candidate} ({what}) is neither the CIFAR-10 JPEG snapshot '
+                            f'archive nor a folder holding train/ and test/{hint}')
+  raise AssertionError('unreachable: the default path is always a candidate')
 
 
 def _jpeg_files(path: str):
@@ -141,35 +155,81 @@ def _jpeg_files(path: str):
         yield parts[0], parts[1], parts[2], archive.extractfile(member).read()
 
 
-@functools.lru_cache(maxsize=2)
-def load_cifar10_jpeg(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{'train': (images uint8 (50000, 32, 32, 3), labels int32 (50000,)), 'test': ...}.
+class Cifar10Jpeg:
+  """The snapshot's files, read once and kept encoded (19 MB); decoded on demand.
 
-  Decoded once per process and kept; examples ordered by class, then file name;
-  labels in CIFAR-10's class order.  Decoded by `_decode_jpegs`: TensorFlow's decoder
-  where TensorFlow is installed, else PIL's.
+  `labels[split]`: int32 (N,) in CIFAR-10's class order; examples are ordered by class,
+  then file name.  `rows(split, start, stop)` decodes examples [start, stop) only (what
+  one device holds, or one process's evaluation share), remembering the last few
+  ranges asked for (the periodic kNN reads the same two each time).
   """
-  files = {split: [] for split in _CIFAR10_JPEG_SPLITS}
-  for split, class_name, name, data in _jpeg_files(path):
-    if split not in files:
-      continue
-    if class_name not in CIFAR10_CLASSES:
-      raise ValueError(f'{path}: unknown class folder {split}/{class_name}')
-    files[split].append((CIFAR10_CLASSES.index(class_name), name, data))
-  arrays = {}
-  for split, found in files.items():
-    if not found:
-      raise ValueError(f'{path} holds no {split}/<class>/*.jpg files')
-    found.sort(key=lambda f: f[:2])
+
+  def __init__(self, path: str):
+    self.path = path
+    files = {split: [] for split in _CIFAR10_JPEG_SPLITS}
     try:
-      images = _decode_jpegs([f[2] for f in found])
+      for split, class_name, name, data in _jpeg_files(path):
+        if split not in files:
+          continue
+        if class_name not in CIFAR10_CLASSES:
+          raise ValueError(f'{path}: unknown class folder {split}/{class_name}')
+        if not data.startswith(_JPEG_START):  # found now, not when its block is decoded
+          raise ValueError(f'{path}: {split}/{class_name}/{name} is not a JPEG file')
+        files[split].append((CIFAR10_CLASSES.index(class_name), name, data))
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+      raise ValueError(f'{path}: damaged or truncated ({type(e).__name__}: {e})') from e
+    for split, found in files.items():
+      if not found:
+        raise ValueError(f'{path} holds no {split}/<class>/*.jpg files')
+      found.sort(key=lambda f: f[:2])
+    self._encoded = {split: [f[2] for f in found] for split, found in files.items()}
+    self.labels = {split: np.asarray([f[0] for f in found], np.int32)
+                   for split, found in files.items()}
+    self.rows = functools.lru_cache(maxsize=4)(self._decode_rows)
+
+  def _decode_rows(self, split: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    if split not in self.labels:
+      raise ValueError(f'cifar10_jpeg has splits {sorted(self.labels)}, not {split!r}')
+    try:
+      images = _decode_jpegs(self._encoded[split][start:stop])
     except ValueError as e:  # undecodable or mixed sizes
-      raise ValueError(f'{path}: {split} holds a file that is not a 32x32 JPEG '
-                       f'({type(e).__name__})') from e
+      raise sources.DatasetNotFoundError(
+          f'cifar10_jpeg: {self.path}: {split} holds a file that is not a 32x32 JPEG '
+          f'({type(e).__name__})') from e
     if images.shape[1:] != (32, 32, 3):
-      raise ValueError(f'{path}: {split} images are {images.shape[1:]}, not 32x32x3')
-    arrays[split] = (images, np.asarray([f[0] for f in found], np.int32))
-  return arrays
+      raise sources.DatasetNotFoundError(
+          f'cifar10_jpeg: {self.path}: {split} images are {images.shape[1:]}, not 32x32x3')
+    return images, self.labels[split][start:stop]
+
+
+@functools.lru_cache(maxsize=2)
+def load_cifar10_jpeg(path: str) -> Cifar10Jpeg:
+  """The snapshot at `path` (an archive or a folder), read once per process."""
+  return Cifar10Jpeg(path)
+
+
+def cifar10_jpeg_source(config):
+  """CIFAR-10 (JPEG snapshot) as a `Source` of splits 'train' and 'test', with no
+  TensorFlow (but where tf.data reads it).  Normalised with CIFAR-10's statistics (the
+  authors' values), not the snapshot's own."""
+  try:
+    snapshot = load_cifar10_jpeg(cifar10_jpeg_path(config.data_dir))
+  except (OSError, ValueError) as e:
+    raise sources.DatasetNotFoundError(f'cifar10_jpeg: {reporting.one_line(e, 300)}') from e
+
+  def read(split, shard_index, shard_count, shuffle_seed, exact_shards):
+    del shuffle_seed, exact_shards  # file order; the pipeline shuffles in memory
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (the host pipeline's)
+    images, labels = snapshot.rows(split, 0, len(snapshot.labels[split]))
+    ds = tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
+    return ds.shard(shard_count, shard_index)
+
+  mean, std = sources.MEAN_STD['cifar10']
+  return sources.Source(
+      name='cifar10_jpeg', read=read, decode=lambda image: image,
+      known_num_examples=lambda split: len(snapshot.labels.get(split, ())) or None,
+      num_classes=len(CIFAR10_CLASSES), image_shape=(32, 32, 3), mean=mean, std=std,
+      rows=snapshot.rows, needs_tensorflow=False)
 
 
 def _decode_jpegs(files: list[bytes]) -> np.ndarray:

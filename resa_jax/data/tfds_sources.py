@@ -1,7 +1,9 @@
 """The datasets read through TensorFlow Datasets: the TFDS catalogue (Fashion-MNIST,
 CIFAR-10/100, STL-10, ImageNet), ImageNet-100, image folders and fake data, as
-`sources.Source`s whose `read` and `decode` are tf.data's.  `datasets.open_source` calls
-`open_tfds_source`; importing this module starts TensorFlow (kept off the accelerators).
+`sources.Source`s whose `read` and `decode` are tf.data's.  `resa_jax.data.open_source`
+calls `open_tfds_source`; importing this module starts TensorFlow (kept off the
+accelerators).  `decoded_arrays` fills numpy arrays from a tf.data stream of records,
+for the `rows` of the sources of one image size and the host's in-memory shares.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ import importlib.resources
 import os
 
 import jax
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from resa_jax import local_data
 from resa_jax import reporting
-from resa_jax.sources import DatasetNotFoundError, IMAGENET_MEAN_STD, MEAN_STD, Source, salt
+from resa_jax.data import local_files
+from resa_jax.data.order import salt
+from resa_jax.data.sources import (DatasetNotFoundError, IMAGENET_MEAN_STD, MEAN_STD,
+                                   Source)
 
-local_data.hide_accelerators_from_tf()
+local_files.hide_accelerators_from_tf()
 
 # Sizes of the ImageNet-100 subset listed in data/imagenet100_classes.txt.
 _IMAGENET100_SIZES = {'train': 126_689, 'validation': 5_000}
@@ -27,7 +32,7 @@ _IMAGENET100_SIZES = {'train': 126_689, 'validation': 5_000}
 def _prepare_hint(name: str, data_dir: str, manual_dir: str) -> str:
   if name == 'fashion_mnist':
     return ('install the Debian package dataset-fashion-mnist (files in '
-            f'{local_data.DEBIAN_FASHION_MNIST_DIR}), or run `tfds build fashion_mnist '
+            f'{local_files.DEBIAN_FASHION_MNIST_DIR}), or run `tfds build fashion_mnist '
             f'--data_dir={data_dir}` where there is internet access')
   if name == 'imagenet2012':
     return ('put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) '
@@ -53,13 +58,13 @@ def prepared_builder(name: str, config) -> tfds.core.DatasetBuilder:
   hint = _prepare_hint(name, data_dir, manual_dir)
   if jax.process_count() > 1:  # Concurrent preparation would race: do it once, before.
     raise DatasetNotFoundError(f'{name} is not prepared in {data_dir}: {hint}')
-  local_dir = local_data.fashion_mnist_dir(config.manual_dir) if name == 'fashion_mnist' else None
+  local_dir = local_files.fashion_mnist_dir(config.manual_dir) if name == 'fashion_mnist' else None
   if not local_dir and not config.get('tfds_download', True):
     raise DatasetNotFoundError(
         f'{name} is not prepared in {data_dir} (config.tfds_download is off): {hint}')
   try:
     if local_dir:
-      local_data.prepare_fashion_mnist(local_dir, config.data_dir)
+      local_files.prepare_fashion_mnist(local_dir, config.data_dir)
     else:
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
           manual_dir=config.manual_dir, try_download_gcs=False))
@@ -84,14 +89,14 @@ def _tfds_read(builder, *, label_keys=('label',), label_map=None):
       ds = ds.filter(lambda ex: ex['label'] >= 0)
     return ds
 
-  def read(split, process_index, process_count, shuffle_seed, exact_shards):
+  def read(split, shard_index, shard_count, shuffle_seed, exact_shards):
     decoders = {'image': tfds.decode.SkipDecoding()}
-    if label_map is not None and exact_shards and process_count > 1:
+    if label_map is not None and exact_shards and shard_count > 1:
       # Filtering after splitting would make the shares uneven: filter, then shard.
       ds = relabel(builder.as_dataset(split=split, decoders=decoders))
-      return ds.shard(process_count, process_index)
+      return ds.shard(shard_count, shard_index)
     subsplit = tfds.split_for_jax_process(
-        split, process_index=process_index, process_count=process_count)
+        split, process_index=shard_index, process_count=shard_count)
     read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
     ds = builder.as_dataset(split=subsplit, shuffle_files=shuffle_seed is not None,
                             read_config=read_config, decoders=decoders)
@@ -121,10 +126,10 @@ def _tfds_source(config) -> Source:
   shape = tuple(features['image'].shape)
   mean, std = MEAN_STD.get(name, IMAGENET_MEAN_STD)
   coarse = ('coarse_label',) if 'coarse_label' in features else ()
+  read = _tfds_read(builder, label_keys=('label',) + coarse)
+  decode = _fixed_shape(_decode_image(shape[-1]), shape)
   return Source(
-      name=name,
-      read=_tfds_read(builder, label_keys=('label',) + coarse),
-      decode=_fixed_shape(_decode_image(shape[-1]), shape),
+      name=name, read=read, decode=decode, rows=_rows(read, decode),
       known_num_examples=functools.partial(_split_sizes, builder),
       num_classes=features['label'].num_classes,
       image_shape=shape, mean=mean, std=std, extra_labels=coarse,
@@ -170,20 +175,20 @@ def _image_folder_source(config) -> Source:
   builder = tfds.folder_dataset.ImageFolder(root)
   for split in dict.fromkeys((config.train_split, config.eval_train_split, config.eval_split)):
     if split in builder.info.splits:  # pipelines skip undecodable files: none would hang
-      local_data.check_some_decode(
+      local_files.check_some_decode(
           (ex['image'] for ex in builder.as_dataset(
               split=split, shuffle_files=False,
               decoders={'image': tfds.decode.SkipDecoding()}).take(32)),
           os.path.join(root, split), error=DatasetNotFoundError)
 
-  def read(split, process_index, process_count, shuffle_seed, exact_shards):
+  def read(split, shard_index, shard_count, shuffle_seed, exact_shards):
     del shuffle_seed, exact_shards  # ImageFolder's own file shuffle is unseeded.
     if split not in builder.info.splits:
       raise ValueError(f'image_folder has splits {sorted(builder.info.splits)}, '
                        f'not {split!r}')
     ds = builder.as_dataset(split=split, shuffle_files=False,
                             decoders={'image': tfds.decode.SkipDecoding()})
-    ds = ds.shard(process_count, process_index)
+    ds = ds.shard(shard_count, shard_index)
     return ds.map(lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)})
 
   return Source(
@@ -204,7 +209,7 @@ def _fake_source(config) -> Source:
   size, num_classes = int(config.fake_image_size), int(config.fake_num_classes)
   split_size = int(config.fake_num_examples)
 
-  def read(split, process_index, process_count, shuffle_seed, exact_shards):
+  def read(split, shard_index, shard_count, shuffle_seed, exact_shards):
     del shuffle_seed, exact_shards
     split_salt = salt(split)
     label_seed = tf.constant([split_salt, 0], tf.int64)
@@ -215,7 +220,7 @@ def _fake_source(config) -> Source:
           tf.int32)
       return {'image': tf.stack([tf.constant(split_salt, tf.int64), i]), 'label': label}
 
-    return tf.data.Dataset.range(split_size).shard(process_count, process_index).map(record)
+    return tf.data.Dataset.range(split_size).shard(shard_count, shard_index).map(record)
 
   def decode(salt_and_index):  # (2,) int64 -> uint8 (size, size, 3)
     image_seed = tf.random.experimental.stateless_fold_in(
@@ -224,9 +229,44 @@ def _fake_source(config) -> Source:
         [size, size, 3], image_seed, 0, 256, tf.int32), tf.uint8)
 
   return Source(
-      name='fake', read=read, decode=decode,
+      name='fake', read=read, decode=decode, rows=_rows(read, decode),
       known_num_examples=lambda split: split_size, num_classes=num_classes,
       image_shape=(size, size, 3), mean=IMAGENET_MEAN_STD[0], std=IMAGENET_MEAN_STD[1])
+
+
+def _rows(read, decode):
+  """`Source.rows` of a source read through tf.data: examples [start, stop) of the
+  file order (the records before `start` are read, not decoded)."""
+  def rows(split, start, stop):
+    ds = read(split, 0, 1, None, False).skip(start).take(stop - start)
+    return decoded_arrays(ds, decode, stop - start, f'split {split!r} [{start}:{stop}]')
+  return rows
+
+
+def decoded_arrays(records: tf.data.Dataset, decode, expected: int,
+                   what: str) -> tuple[np.ndarray, np.ndarray]:
+  """The images of `records` decoded and their labels: uint8 (n, H, W, C), int32 (n,),
+  filled batch by batch into arrays of `expected` rows (so that the split is held
+  once, not also as a list of batches and their concatenation); ValueError naming
+  `what` if there are none."""
+  ds = records.map(lambda r: {'image': decode(r['image']), 'label': r['label']},
+                   num_parallel_calls=tf.data.AUTOTUNE)
+  images = labels = None
+  n = 0
+  for part in ds.batch(1024).as_numpy_iterator():
+    k = len(part['label'])
+    if images is None:
+      images = np.empty((max(expected, k),) + part['image'].shape[1:], part['image'].dtype)
+      labels = np.empty((len(images),), part['label'].dtype)
+    if n + k > len(images):  # more than counted (a source whose count is a guess): grow
+      images = np.concatenate([images[:n], part['image']])
+      labels = np.concatenate([labels[:n], part['label']])
+    else:
+      images[n:n + k], labels[n:n + k] = part['image'], part['label']
+    n += k
+  if not n:
+    raise ValueError(f'{what} has no examples')
+  return images[:n], labels[:n]
 
 
 def _fixed_shape(decode, shape):

@@ -1,6 +1,6 @@
 """ReSA's views as pure JAX functions on a uint8 batch, made on the accelerator.
 
-The same views as the host pipeline (`augment.py`, TensorFlow; docs/method.md, section
+The same views as the host pipeline (`views_tf.py`, TensorFlow; docs/method.md, section
 1.2 "Views"): view 0 is *weak* (RandomResizedCrop, bilinear, + horizontal flip); every
 *strong* view is RandomResizedCrop (bicubic), colour jitter with probability
 `color_jitter_prob`, grayscale, Gaussian blur, solarisation (each with its probability),
@@ -14,56 +14,35 @@ split over devices (or hosts, with `indices`) gets the views it would get on one
 given choices to one image; `device_views` is draw, then apply, both vmapped over the
 batch.  Tests inject choices into `apply_view` to compare each op with the host's.
 
-What each op follows (torchvision on the authors' PIL images, as `augment.py`):
+What each op follows (torchvision on the authors' PIL images, as `views_tf.py`):
 
-* crop box: torchvision's `RandomResizedCrop.get_params`: 10 attempts of area fraction
-  ~ U[scale] and log aspect ratio ~ U[log 3/4, log 4/3], rounded sides, the first that
-  fits; else the centred crop of the whole image with the ratio clamped.
-* resize of the box: our own separable resampling matrices, (size, H) and (size, W)
-  per example, applied as two matmuls.  The kernels and their normalisation are
-  TensorFlow's `ScaleAndTranslate` (which `jax.image.scale_and_translate` ports):
-  triangle (bilinear) and Keys cubic with a = -0.5 (bicubic, PIL's; torchvision's
-  tensor bicubic uses -0.75), widened by the shrink factor when antialiasing (PIL's
-  and the host's behaviour, on by default; torchvision on tensors does not
-  antialias), weights renormalised over the pixels *inside the box*.  That last point
-  is why this is our own code: `jax.image.scale_and_translate` resamples the whole
-  image, so its kernel would read pixels just outside the box at the box's edges,
-  where a crop-then-resize (torchvision, PIL, the host) renormalises within it.
-  Bicubic overshoot is clipped to [0, 1].
-* flip, brightness (multiplicative, clip(f x)), contrast (blend with the mean luma,
-  a scalar), saturation (blend with the luma image), hue (rotation in HSV, with
-  torchvision's `_rgb2hsv` / `_hsv2rgb`), grayscale (luma 0.299, 0.587, 0.114,
-  replicated to 3 channels), solarisation: torchvision's formulas, our own few lines.
-  dm-pix (not a dependency) has these ops but follows TensorFlow's colour semantics:
-  additive brightness, contrast against the per-channel mean, saturation scaled in
-  HSV; its hue rotation (unclipped) and solarisation agree with torchvision, not
-  enough to take a dependency for.  Colour jitter draws the four factors and a random
-  order of the four ops per example (torchvision's ColorJitter); a zero strength
-  skips the op.
-* solarisation threshold: x >= 128/255, as PIL's `ImageOps.solarize` on the authors'
-  uint8 images and the host (torchvision's tensor RandomSolarize(0.5) would be 0.5).
-* Gaussian blur: a separable Gaussian of standard deviation sigma ~ U[0.1, 2],
-  truncated at radius floor(4 sigma + 0.5) (scipy.ndimage's rule; a static 17-tap
-  kernel with the taps beyond the radius zeroed), edge pixels extended (Pillow's
-  border), in float; equal to scipy.ndimage.gaussian_filter(mode='nearest') to 4e-7.
-  Our own: dm-pix's gaussian_blur pads with zeros (darker borders) and takes a fixed
-  kernel size.  This is NOT the host's blur: the host reproduces Pillow's
-  `GaussianBlur(radius=sigma)` exactly, three box blurs per axis of a fractional
-  radius, each rounded to uint8 levels.  Measured on noisy 24-96 px test images
-  (tests/test_device_augment.py): mean |difference| 0.38-0.94/255 for sigma in [0.5, 2],
-  0 at sigma 0.1 (both leave the image as it is), 2.6/255 at sigma 0.31, where
-  Pillow's rounding still returns the image unchanged and ours blurs; single pixels
-  differ by up to 15/255.
+* crop box: torchvision's `RandomResizedCrop.get_params` (10 attempts, else the centred
+  crop with the ratio clamped).
+* resize of the box: our own separable resampling matrices, (size, H) and (size, W) per
+  example, two matmuls; TensorFlow's `ScaleAndTranslate` kernels (triangle; Keys cubic,
+  a = -0.5, PIL's), widened by the shrink factor (antialiasing, as PIL and the host),
+  renormalised over the pixels *inside the box*: `jax.image.scale_and_translate` would
+  read pixels just outside it, where a crop-then-resize does not.  Overshoot clipped.
+* flip, brightness (clip(f x)), contrast (blend with the mean luma, a scalar),
+  saturation (blend with the luma image), hue (rotation in HSV, torchvision's
+  `_rgb2hsv` / `_hsv2rgb`), grayscale (luma 0.299, 0.587, 0.114), solarisation
+  (x >= 128/255, PIL's `ImageOps.solarize`): torchvision's formulas in a few lines of
+  our own (dm-pix follows TensorFlow's colour semantics: additive brightness, contrast
+  against the per-channel mean).  Colour jitter draws four factors and a random order
+  per example; a zero strength skips the op.
+* Gaussian blur: separable, sigma ~ U[0.1, 2], truncated at floor(4 sigma + 0.5) (a
+  static 17-tap kernel), edge pixels extended; scipy.ndimage.gaussian_filter(mode=
+  'nearest') to 4e-7.  NOT the host's blur, which is Pillow's three rounded box blurs
+  exactly: on noisy 24-96 px images (tests/test_device_augment.py) they differ by
+  0.38-0.94/255 on average for sigma in [0.5, 2], 0 at 0.1, 2.6/255 at 0.31 (where
+  Pillow's rounding leaves the image unchanged), up to 15/255 in single pixels.
 * One-channel images: saturation, hue and grayscale are no-ops (as on the host).
 
-Known differences from the host besides the blur: none by design; the random numbers
-differ (JAX's threefry here, TensorFlow's stateless RNG there), so the two pipelines
-give different views of the same seed, with the same distributions.
-
-Used by `device_input.py`: `device_views` makes every view of a split held on the
-devices; `colour_views` finishes views whose crop, resize and flip the host made from
-files.  The key is fold_in(seed's views key, step),
-so the views are a function of (seed, step, global index), the host pipeline's contract.
+Besides the blur the random numbers differ (threefry here, TensorFlow's stateless RNG
+there): one seed, different views, the same distributions.  `device.py` calls
+`device_views` (a split held on the devices) and `colour_views` (crops from the host)
+with the key fold_in(views key of the seed, step): views are a function of (seed, step,
+global index).  The public functions check their inputs: uint8 pixels of rank 4.
 """
 
 from __future__ import annotations
@@ -74,8 +53,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from resa_jax.views import (BLUR_SIGMA_RANGE, CROP_ATTEMPTS, CROP_RATIO, LUMA,
-                            SOLARIZE_THRESHOLD, ViewSpec, view_specs)
+from resa_jax.data.views import (BLUR_SIGMA_RANGE, CROP_ATTEMPTS, CROP_RATIO,
+                                 EVAL_RESIZE_METHOD, LUMA, SOLARIZE_THRESHOLD, ViewSpec,
+                                 view_specs)
 
 _BLUR_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
 _HIGHEST = jax.lax.Precision.HIGHEST  # no bf16/tf32 passes in the resampling matmuls
@@ -321,9 +301,8 @@ def apply_colour(view, params: dict, spec: ViewSpec) -> jax.Array:
 
 def apply_view(image, params: dict, spec: ViewSpec, antialias: bool = True) -> jax.Array:
   """uint8 (H, W, C) and one view's `params` -> float32 (spec.size, spec.size, C) in [0, 1]."""
-  method = 'bilinear' if spec.weak else 'bicubic'
-  view = apply_colour(resized_crop(image, params['box'], spec.size, method, antialias),
-                      params, spec)
+  view = apply_colour(resized_crop(image, params['box'], spec.size, spec.resize_method,
+                                   antialias), params, spec)
   if spec.flip_prob > 0:  # last, as the authors' transforms (it commutes with the rest)
     view = jnp.where(params['flip'], flip_left_right(view), view)
   return view
@@ -341,10 +320,37 @@ def _views_params(key, indices, config, height: int, width: int):
   return result
 
 
-def _normalized(view, normalize: bool, mean, std):
-  if not normalize:
-    return view
-  return (view - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+def normalize(images, mean, std):
+  """float (..., C) in [0, 1] -> (x - mean) / std, per channel, in float32: the one
+  normalisation of every input made on the devices."""
+  return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def unaugmented(images, size: int) -> jax.Array:
+  """uint8 (N, H, W, C) -> float32 (N, size, size, C) in [0, 1]: the evaluation image of
+  fixed-size data, the image itself, resized (EVAL_RESIZE_METHOD, antialiased) only when
+  its side is not `size` (the host's `views_tf.unaugmented`)."""
+  if images.shape[1:3] == (size, size):
+    return images.astype(jnp.float32) / 255.0
+  box = jnp.asarray([0, 0, images.shape[1], images.shape[2]], jnp.int32)
+  return jax.vmap(lambda image: resized_crop(image, box, size, EVAL_RESIZE_METHOD))(images)
+
+
+def _normalized(view, normalize_: bool, mean, std):
+  return normalize(view, mean, std) if normalize_ else view
+
+
+def _check_inputs(name: str, images, normalize_: bool, mean, std) -> None:
+  """The input domain of the view functions: uint8 pixels (N, H, W, C), C 1 or 3, and
+  with `normalize_` a positive std and a mean per channel."""
+  shape, dtype = getattr(images, 'shape', ()), getattr(images, 'dtype', None)
+  if len(shape) != 4 or dtype != jnp.uint8 or shape[-1] not in (1, 3):
+    raise ValueError(f'{name} takes uint8 images (N, H, W, C), C 1 or 3 (pixels 0-255), '
+                     f'got {dtype} {tuple(shape)}')
+  if normalize_ and (mean is None or std is None or len(mean) != shape[-1]
+                     or len(std) != shape[-1] or min(std) <= 0):
+    raise ValueError(f'{name}(normalize=True) needs {shape[-1]} per-channel means and '
+                     f'positive stds, got {mean} and {std}')
 
 
 def device_views(key, images, config, normalize: bool = True, mean=None, std=None,
@@ -357,8 +363,7 @@ def device_views(key, images, config, normalize: bool = True, mean=None, std=Non
   positions in the global batch (default arange(N): right for a global jax.Array,
   sharded or not; a host feeding its local rows passes their global positions).
   """
-  if normalize and (mean is None or std is None):
-    raise ValueError('device_views(normalize=True) needs the per-channel mean and std')
+  _check_inputs('device_views', images, normalize, mean, std)
   _, height, width, _ = images.shape
   if indices is None:
     indices = jnp.arange(images.shape[0])
@@ -372,13 +377,19 @@ def device_views(key, images, config, normalize: bool = True, mean=None, std=Non
 def colour_views(key, views, config, normalize: bool = True, mean=None, std=None,
                  indices=None) -> list[jax.Array]:
   """The device half of views whose crop, resize and flip the host made (streamed
-  datasets with `config.augment_on='device'`, host_input.py): V uint8 arrays
+  datasets with `config.augment_on='device'`, host.py): V uint8 arrays
   (N, S_v, S_v, C) -> V float32 arrays as `device_views` returns them, the colour
   jitter, grayscale, blur and solarisation chosen as `device_views` chooses them for
   the same key (the crop box and flip it would draw are the host's instead).
   """
-  if normalize and (mean is None or std is None):
-    raise ValueError('colour_views(normalize=True) needs the per-channel mean and std')
+  specs = view_specs(config)
+  if len(views) != len(specs):
+    raise ValueError(f'colour_views takes the {len(specs)} views of the config, got '
+                     f'{len(views)}')
+  for view, spec in zip(views, specs):
+    _check_inputs('colour_views', view, normalize, mean, std)
+    if view.shape[1:3] != (spec.size, spec.size) or view.shape[0] != views[0].shape[0]:
+      raise ValueError(f'colour_views: a view of {spec.size} px is {tuple(view.shape)}')
   if indices is None:
     indices = jnp.arange(views[0].shape[0])
   out = []

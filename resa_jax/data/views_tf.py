@@ -30,8 +30,7 @@ input (tests/test_augment.py).  It replaced SimCLR/BYOL's Gaussian of ~10% of th
 9 taps at 96 px, too short near sigma 2; the rounding is needed too: Pillow rounds a
 small-sigma pass back to the identity, a float box blur is ~1/255 off at sigma 0.1.
 
-The same views made on the accelerator, in JAX without TensorFlow: `augment_device.py`
-(`device_views`, also importable from here, lazily).
+The same views made on the accelerator, in JAX without TensorFlow: `views_jax.py`.
 """
 
 from __future__ import annotations
@@ -42,9 +41,8 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from resa_jax.views import ViewSpec, view_specs  # noqa: F401  (re-exported)
-from resa_jax.views import (BLUR_SIGMA_RANGE, CROP_ATTEMPTS, CROP_RATIO, LUMA,
-                            SOLARIZE_THRESHOLD)
+from resa_jax.data.views import (BLUR_SIGMA_RANGE, CROP_ATTEMPTS, CROP_RATIO,
+                                 EVAL_RESIZE_METHOD, LUMA, SOLARIZE_THRESHOLD, ViewSpec)
 
 
 # ---------------------------------------------------------------------------
@@ -297,10 +295,9 @@ def make_view(image: tf.Tensor, seed, spec: ViewSpec) -> tf.Tensor:
   """uint8 (H, W, C) -> float32 (spec.size, spec.size, C) in [0, 1]."""
   s_crop, s_jitter, s_jitter_apply, s_gray, s_blur, s_solar, s_flip = split_seed(seed, 7)
   scale = (spec.min_scale, spec.max_scale)
+  view = random_resized_crop(image, s_crop, spec.size, scale, method=spec.resize_method)
   if spec.weak:
-    view = random_resized_crop(image, s_crop, spec.size, scale, method='bilinear')
     return random_flip(view, s_flip, spec.flip_prob)
-  view = random_resized_crop(image, s_crop, spec.size, scale, method='bicubic')
   view = _maybe(s_jitter_apply, spec.color_jitter_prob,
                 lambda x: color_jitter(x, s_jitter, spec.brightness, spec.contrast,
                                        spec.saturation, spec.hue), view)
@@ -312,7 +309,7 @@ def make_view(image: tf.Tensor, seed, spec: ViewSpec) -> tf.Tensor:
 
 def cropped_view(image: tf.Tensor, seed, spec: ViewSpec, channels: int) -> tf.Tensor:
   """The host half of a view whose colour the device adds (`augment_on='device'` on a
-  streamed dataset; augment_device.colour_views): `make_view`'s crop, resize and flip,
+  streamed dataset; views_jax.colour_views): `make_view`'s crop, resize and flip,
   with the same seeds, rounded to uint8 (spec.size, spec.size, channels), as PIL's
   resize of the authors' uint8 images rounds.  `image`: uint8 (H, W, C), decoded once for
   all its views: decoding only each view's crop (`tf.image.decode_and_crop_jpeg`) was
@@ -320,7 +317,7 @@ def cropped_view(image: tf.Tensor, seed, spec: ViewSpec, channels: int) -> tf.Te
   throughput')."""
   s_crop, *_, s_flip = split_seed(seed, 7)
   crop = _crop(image, s_crop, (spec.min_scale, spec.max_scale), CROP_RATIO)
-  method, size = 'bilinear' if spec.weak else 'bicubic', (spec.size, spec.size)
+  method, size = spec.resize_method, (spec.size, spec.size)
   # Antialiasing changes nothing when neither side shrinks (bilinear: the same pixels;
   # bicubic: within 0.2/255), and TensorFlow's plain kernels are 2-3x faster there.
   grows = tf.reduce_all(tf.shape(crop)[:2] <= spec.size)
@@ -373,14 +370,6 @@ def unaugmented(image: tf.Tensor, size: int) -> tf.Tensor:
   resized (bilinear, antialiased) only when its side differs from `size`."""
   image = tf.cast(image, tf.float32)
   if image.shape[0] != size or image.shape[1] != size:
-    image = tf.image.resize(image, (size, size), method='bilinear', antialias=True)
+    image = tf.image.resize(image, (size, size), method=EVAL_RESIZE_METHOD, antialias=True)
   return tf.clip_by_value(image / 255.0, 0.0, 1.0)
 
-
-def __getattr__(name):
-  # `from resa_jax.augment import device_views` without importing JAX here eagerly;
-  # the TensorFlow-free module is `resa_jax.augment_device`.
-  if name == 'device_views':
-    from resa_jax import augment_device  # pylint: disable=import-outside-toplevel
-    return augment_device.device_views
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
