@@ -180,6 +180,12 @@ def _finite_json(x):
   return x
 
 
+def json_line(obj: Any) -> str:
+  """`obj` as one line of strict JSON for the console or a JSON-lines file: NaN and
+  infinities as null (as `write_json` writes them), never the invalid `NaN`."""
+  return json.dumps(_finite_json(obj), allow_nan=False)
+
+
 def write_json(path, obj: Any) -> None:
   """Writes `obj` as JSON to `path` atomically; numpy/JAX scalars and arrays become
   numbers and lists.  The parent folder is created if needed.  Local paths only.

@@ -17,13 +17,15 @@ refusal takes a fraction of a second and writes nothing.
   with a config that differs in a field that changes the training is refused unless
   `allow_config_change`; then `config.json` keeps the original and
   `config_history.json` records each change as `{step, changed: {field: [old, new]}}`.
-* **Finished.**  A finished run (its `results.json`) rerun with its own config prints
-  its results and changes nothing.
+* **Finished.**  A finished run (its `results.json`, at the step its config asks for)
+  rerun with its own config prints its results and changes nothing, whatever its
+  checkpoints folder holds.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import socket
@@ -237,16 +239,42 @@ def record_config(workdir, config, start_step: int, changes: dict) -> None:
         f'{k} {json.dumps(a)} -> {json.dumps(b)}' for k, (a, b) in changes.items())), flush=True)
 
 
-def finished_results(workdir) -> dict | None:
-  """results.json of a finished run whose newest checkpoint is its last step, else None.
-  (Call it after `config_changes` found no change.)"""
-  workdir = pathlib.Path(workdir)
+def num_total_steps(config, steps_per_epoch: int) -> int:
+  """The steps a run of `config` takes: num_train_steps if > 0, else
+  ceil(num_epochs * steps_per_epoch)."""
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return int(math.ceil(config.num_epochs * steps_per_epoch))
+
+
+def read_results(workdir) -> dict | None:
+  """results.json of a finished run; None if there is none (or it is unreadable)."""
   try:
-    results = json.loads((workdir / 'results.json').read_text())
+    results = json.loads((pathlib.Path(workdir) / 'results.json').read_text())
   except (OSError, ValueError):
     return None
-  steps = checkpoints_lib.checkpoint_steps(workdir / 'checkpoints')
-  if (not isinstance(results, dict) or not results.get('finished') or not steps
-      or results.get('step') != steps[-1]):
+  if not (isinstance(results, dict) and results.get('finished') is True
+          and isinstance(results.get('step'), int) and results['step'] > 0
+          and isinstance(results.get('epoch'), (int, float)) and results['epoch'] > 0):
     return None
+  return results
+
+
+def finished_results(workdir, config) -> dict | None:
+  """results.json of a finished run that `config` asks no more steps of, else None.
+  (Call it after `config_changes` found no change.)
+
+  Decided from results.json and the config alone, not from the checkpoints' steps: an
+  unreadable or half-written step folder newer than the final step does not make a
+  finished run train (and rewrite its files) again.  Checkpoints must exist: without
+  them there is no record the config was checked against.
+  """
+  workdir = pathlib.Path(workdir)
+  results = read_results(workdir)
+  if results is None or not checkpoints_lib.checkpoint_steps(workdir / 'checkpoints'):
+    return None
+  steps_per_epoch = (config.steps_per_epoch if config.steps_per_epoch > 0
+                     else round(results['step'] / results['epoch']))
+  if num_total_steps(config, steps_per_epoch) != results['step']:
+    return None  # a run continued to more steps (allow_config_change)
   return results
