@@ -17,6 +17,9 @@ refusal takes a fraction of a second and writes nothing.
   with a config that differs in a field that changes the training is refused unless
   `allow_config_change`; then `config.json` keeps the original and
   `config_history.json` records each change as `{step, changed: {field: [old, new]}}`.
+  The record is checked, not trusted: a workdir with checkpoints whose config.json is
+  missing or unreadable (or whose config_history.json is unreadable) is refused, since
+  no change could be told; `allow_config_change` then records --config as its config.
 * **Finished.**  A finished run (its `results.json`, at the step its config asks for)
   rerun with its own config prints its results and changes nothing, whatever its
   checkpoints folder holds.
@@ -180,37 +183,97 @@ def _as_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def trained_config(workdir) -> dict | None:
-  """The config the workdir was trained with: config.json with the changes of
-  config_history.json applied; None without config.json or without checkpoints."""
-  workdir = pathlib.Path(workdir)
-  if not checkpoints_lib.checkpoint_steps(workdir / 'checkpoints'):
-    return None
+class UnreadableRecord(ValueError):
+  """config.json or config_history.json exists but is not what this project writes."""
+
+
+# Fields every config.json this project has written holds: a JSON object without them
+# is not a config record (an emptied or foreign file), whose fields would all be
+# "unknown" to the check below, and so never changed.
+_RECORD_FIELDS = ('dataset', 'arch', 'batch_size', 'base_lr', 'num_epochs', 'seed')
+# The key of `config_changes` when --config replaces an unreadable record (no config
+# field has a dot in its name).
+REPLACED = 'config.json'
+
+
+def _read_json(path: pathlib.Path, valid, what: str):
   try:
-    stored = json.loads((workdir / 'config.json').read_text())
-  except (OSError, ValueError):
+    value = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise UnreadableRecord(f'{path} is unreadable ({type(e).__name__}: '
+                           f'{reporting.one_line(e, 100)})') from None
+  if not valid(value):
+    raise UnreadableRecord(f'{path} is not {what}')
+  return value
+
+
+def _is_change_record(record) -> bool:
+  return (isinstance(record, dict) and isinstance(record.get('step'), int)
+          and isinstance(record.get('changed', {}), dict)
+          and all(isinstance(v, list) and len(v) == 2 for v in record.get('changed', {}).values()))
+
+
+def _read_record(workdir: pathlib.Path) -> dict | None:
+  """config.json with the changes of config_history.json applied; None without
+  config.json.  UnreadableRecord (naming the file and what is wrong) if either exists
+  and cannot be read as this project writes it."""
+  if not (workdir / 'config.json').exists():
     return None
-  try:
-    history = json.loads((workdir / HISTORY_NAME).read_text())
-  except (OSError, ValueError):
-    history = []
+  stored = _read_json(workdir / 'config.json',
+                      lambda v: isinstance(v, dict) and all(k in v for k in _RECORD_FIELDS),
+                      f'a config (a JSON object with {", ".join(_RECORD_FIELDS)})')
+  history = []
+  if (workdir / HISTORY_NAME).exists():
+    history = _read_json(workdir / HISTORY_NAME,
+                         lambda v: isinstance(v, list) and all(map(_is_change_record, v)),
+                         'a list of {step, changed: {field: [old, new]}} records')
   for record in history:
     stored.update({name: new for name, (_, new) in record.get('changed', {}).items()})
   return stored
 
 
+def trained_config(workdir) -> dict | None:
+  """The config the workdir was trained with: config.json with the changes of
+  config_history.json applied; None without checkpoints, or without a readable
+  config.json (evaluation then needs --config)."""
+  workdir = pathlib.Path(workdir)
+  if not checkpoints_lib.checkpoint_steps(workdir / 'checkpoints'):
+    return None
+  try:
+    return _read_record(workdir)
+  except UnreadableRecord:
+    return None
+
+
 def config_changes(workdir, config) -> dict:
   """{field: [trained value, new value]} of the training-changing fields that differ
   from the workdir's config ({} for a new workdir).  Raises ValueError (one line naming
-  the fields) unless config.allow_config_change."""
-  stored = trained_config(workdir)
-  if stored is None:
+  the fields) unless config.allow_config_change.
+
+  A workdir with checkpoints has its config checked, never trusted: a config.json that
+  is missing or unreadable, or an unreadable config_history.json, is refused unless
+  config.allow_config_change, which records --config as its config from here on
+  ({REPLACED: [what was wrong, ...]}; `record_config`)."""
+  workdir = pathlib.Path(workdir)
+  if not checkpoints_lib.checkpoint_steps(workdir / 'checkpoints'):
     return {}
+  allowed = config.get('allow_config_change', False)
+  try:
+    stored = _read_record(workdir)
+    if stored is None:
+      raise UnreadableRecord(f'{workdir / "config.json"} is missing')
+  except UnreadableRecord as e:
+    if not allowed:
+      raise ValueError(f'the workdir {workdir} has checkpoints but {e}, so a changed config '
+                       'cannot be told: restore it, use a new --workdir, or pass '
+                       '--config.allow_config_change=True to record --config as its config '
+                       'from here on') from None
+    return {REPLACED: [str(e), 'replaced by --config']}
   new = _as_json(config)
   changes = {name: [stored[name], new[name]] for name in sorted(new)
              if name not in TRAINING_NEUTRAL_FIELDS and name in stored
              and stored[name] != new[name]}
-  if changes and not config.get('allow_config_change', False):
+  if changes and not allowed:
     def listing(i):
       return ', '.join(f'{name}={json.dumps(values[i])}' for name, values in changes.items())
     raise ValueError(f'the workdir {workdir} was trained with {listing(0)}; --config has '
@@ -221,20 +284,29 @@ def config_changes(workdir, config) -> dict:
 
 def record_config(workdir, config, start_step: int, changes: dict) -> None:
   """config.json of a new run; for a resumed run with changes, a config_history.json
-  record (config.json keeps the original)."""
+  record (config.json keeps the original).  A record --config replaces (`REPLACED`)
+  is kept beside the new one as `<name>.unreadable`."""
   workdir = pathlib.Path(workdir)
+  history_path = workdir / HISTORY_NAME
+  if REPLACED in changes:
+    for path in (workdir / 'config.json', history_path):
+      if path.exists():
+        os.replace(path, path.with_name(path.name + '.unreadable'))
+    reporting.write_json(workdir / 'config.json', _as_json(config))
+    reporting.write_json(history_path, [{'step': int(start_step),
+                                         'replaced': changes[REPLACED][0]}])
+    print(f'config recorded at step {start_step} from --config: {changes[REPLACED][0]} '
+          '(the old files are kept as *.unreadable)', flush=True)
+    return
   if not start_step or not (workdir / 'config.json').exists():
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-    if (workdir / HISTORY_NAME).exists():  # of an earlier run that left no checkpoint
-      (workdir / HISTORY_NAME).unlink()
+    reporting.write_json(workdir / 'config.json', _as_json(config))
+    if history_path.exists():  # of an earlier run that left no checkpoint
+      history_path.unlink()
     return
   if changes:
-    try:
-      history = json.loads((workdir / HISTORY_NAME).read_text())
-    except (OSError, ValueError):
-      history = []
+    history = json.loads(history_path.read_text()) if history_path.exists() else []
     history.append({'step': int(start_step), 'changed': changes})
-    reporting.write_json(workdir / HISTORY_NAME, history)
+    reporting.write_json(history_path, history)
     print('config changed at step {}: {}'.format(start_step, ', '.join(
         f'{k} {json.dumps(a)} -> {json.dumps(b)}' for k, (a, b) in changes.items())), flush=True)
 

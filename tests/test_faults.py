@@ -327,3 +327,33 @@ def test_read_only_file_system_workdir_is_refused_before_tensorflow(env, tmp_pat
   assert f'--workdir={disk}/run cannot be created: {disk} is on a read-only file system' \
       in line, line
   print(f'\n[faults] read-only file system: exit 2 in {proc.seconds:.1f} s: {line}')
+
+
+def test_an_unreadable_config_record_is_replaced_only_when_allowed(tiny_checkpoints, tmp_path):
+  """Refused (tests/test_refusals.py) unless allow_config_change, which records --config
+  as the workdir's config, keeps the unreadable files and makes the check work again."""
+  from helpers import tiny_config
+  from resa_jax import workdir as workdir_lib
+  workdir = tmp_path / 'run'
+  shutil.copytree(tiny_checkpoints / 'workdir', workdir)
+  (workdir / 'config.json').write_text('{"arch": "resnet18", "ba')
+  (workdir / 'config_history.json').write_text('[]')
+  config = tiny_config()
+  config.base_lr = 4.8
+  with pytest.raises(ValueError, match='config.json is unreadable'):
+    workdir_lib.config_changes(workdir, config)
+  assert workdir_lib.trained_config(workdir) is None  # evaluation: needs --config
+  config.allow_config_change = True
+  changes = workdir_lib.config_changes(workdir, config)
+  assert list(changes) == [workdir_lib.REPLACED] and 'JSONDecodeError' in changes['config.json'][0]
+  workdir_lib.record_config(workdir, config, 8, changes)
+  assert (workdir / 'config.json.unreadable').read_text() == '{"arch": "resnet18", "ba'
+  assert (workdir / 'config_history.json.unreadable').read_text() == '[]'
+  history = strict_json((workdir / 'config_history.json').read_text())
+  assert len(history) == 1 and history[0]['step'] == 8 and 'unreadable' in history[0]['replaced']
+  assert workdir_lib.trained_config(workdir)['base_lr'] == 4.8
+  config.allow_config_change = False  # the guard is on again, against the new record
+  assert workdir_lib.config_changes(workdir, config) == {}
+  config.base_lr = 0.3
+  with pytest.raises(ValueError, match='was trained with base_lr=4.8; --config has base_lr=0.3'):
+    workdir_lib.config_changes(workdir, config)

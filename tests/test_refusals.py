@@ -140,6 +140,36 @@ def test_training_a_workdir_of_another_architecture_is_refused(saved, tmp_path, 
     assert snapshot(workdir) == before
 
 
+# The records of a workdir with checkpoints, damaged: (id, damage(workdir), words).  The
+# changed-config check needs them, so each is refused rather than trusted or skipped.
+RECORDS = [
+    ('config_truncated', lambda w: (w / 'config.json').write_text('{"arch": "resnet18", "ba'),
+     'config.json is unreadable (JSONDecodeError: '),
+    ('config_emptied', lambda w: (w / 'config.json').write_text('{}'),
+     'config.json is not a config (a JSON object with dataset, arch'),
+    ('config_missing', lambda w: (w / 'config.json').unlink(), 'config.json is missing'),
+    ('history_corrupt', lambda w: (w / 'config_history.json').write_text('[{"step": 4}, 7]'),
+     'config_history.json is not a list of {step, changed: {field: [old, new]}} records'),
+]
+
+
+@pytest.mark.parametrize('name,damage,words', RECORDS, ids=[c[0] for c in RECORDS])
+def test_training_a_workdir_with_unreadable_records_is_refused(name, damage, words, saved,
+                                                              tmp_path, monkeypatch, capsys):
+  del name
+  workdir = tmp_path / 'run'
+  shutil.copytree(saved / 'workdir', workdir)
+  damage(workdir)
+  before = snapshot(workdir)
+  outcome = run_in_process('resa_jax.main', f'--config={TINY}', f'--workdir={workdir}',
+                           '--config.base_lr=4.8', monkeypatch=monkeypatch, capsys=capsys)
+  assert outcome.code == 2, outcome
+  line = error_line(outcome)
+  assert f'the workdir {workdir} has checkpoints but {workdir}/' in line and words in line, line
+  assert 'pass --config.allow_config_change=True to record --config' in line, line
+  assert snapshot(workdir) == before
+
+
 # -------------------------------------------------------------- evaluation ----
 
 # (id, arguments ({saved} is the `saved` fixture's folder, {tmp} the test's), words).
