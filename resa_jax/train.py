@@ -79,8 +79,9 @@ class _Run:
 
 
 def _set_up(config, workdir: pathlib.Path, take_lock) -> _Run:
-  """Builds the networks and the optimizer, takes the workdir's lock (`take_lock()`, the
-  first write), restores the newest checkpoint."""
+  """Opens the data and checks what only it tells (its sizes against the batch and the
+  kNN's k), builds the networks and the optimizer, takes the workdir's lock
+  (`take_lock()`, the first write), restores the newest checkpoint."""
   from resa_jax import datasets, input_pipeline, models  # pylint: disable=g-import-not-at-top
   source = datasets.open_source(config)  # DatasetNotFoundError before any write
   info = datasets.dataset_info(config, source)
@@ -89,6 +90,11 @@ def _set_up(config, workdir: pathlib.Path, take_lock) -> _Run:
   if info.num_train_examples < config.batch_size:  # before the baselines and any write
     raise ValueError(f'{config.dataset} split {config.train_split!r} has {info.num_train_examples}'
                      f' examples, fewer than one batch of {config.batch_size}: lower it')
+  bank = info.num_eval_train_examples  # validation.py checked the bounds the config sets
+  if info.num_classes > 0 and config.knn_every_epochs > 0 and config.knn_k > bank:
+    raise ValueError(f'knn_k ({config.knn_k}) exceeds the kNN memory bank: split '
+                     f'{config.eval_train_split!r} of {config.dataset} has {bank} examples; '
+                     'lower --config.knn_k')
   mesh = sharding.create_mesh()
   steps_per_epoch = input_pipeline.steps_per_epoch(config, source)
   total_steps = workdir_lib.num_total_steps(config, steps_per_epoch)
