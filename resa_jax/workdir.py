@@ -3,7 +3,8 @@
 Everything here runs before TensorFlow, data loading or a device is touched, so a
 refusal takes a fraction of a second and writes nothing.
 
-* **Lock.**  `<workdir>/.lock` holds `pid@host` of the run that trains there, under
+* **Lock.**  `<workdir>/.lock` holds `pid@host` of the run that trains there (or, by
+  the same rule, of the `python -m resa_jax.evaluate` that writes its `--output`), under
   the `filelock` library's advisory lock (`flock`).  A second run on a live workdir is
   refused (`WorkdirLocked`, naming the holder).  The kernel drops the flock when its
   process dies, so the lock of a killed run (`kill -9`, OOM) is stale at once and the
@@ -93,11 +94,12 @@ def _note_takeover(holder: str, path: pathlib.Path) -> None:
         flush=True)
 
 
-def _locked_message(workdir, holder: str) -> str:
+def _locked_message(folder, holder: str, flag: str) -> str:
   pid, _, host = holder.partition('@')
-  return (f'the workdir {workdir} is in use by another run (pid {pid or "?"} on host '
+  what = 'the workdir' if flag == '--workdir' else f'the {flag} folder'
+  return (f'{what} {folder} is in use by another run (pid {pid or "?"} on host '
           f'{host or "?"}, see {LOCK_NAME}); wait for it to end or stop it, or use '
-          'another --workdir')
+          f'another {flag}')
 
 
 def _file_lock(path: pathlib.Path):
@@ -107,8 +109,8 @@ def _file_lock(path: pathlib.Path):
   return filelock.FileLock(path, timeout=1.0, mode=0o644, thread_local=False)
 
 
-def refuse_if_locked(workdir) -> None:
-  """Raises WorkdirLocked if a live run holds `workdir`.  A free lock is taken and
+def refuse_if_locked(workdir, flag: str = '--workdir') -> None:
+  """Raises WorkdirLocked if a live run holds `workdir` (the folder of `flag`).  A free lock is taken and
   released at once, which changes nothing but a dead run's marker (no flock), removed; a
   lock file this process may not open is left to `require_writable` and `Lock.acquire`,
   which say why."""
@@ -121,7 +123,7 @@ def refuse_if_locked(workdir) -> None:
   try:
     probe.acquire()
   except filelock.Timeout:
-    raise WorkdirLocked(_locked_message(workdir, _holder(path))) from None
+    raise WorkdirLocked(_locked_message(workdir, _holder(path), flag)) from None
   except OSError:
     return
   probe.release()
@@ -137,8 +139,9 @@ class Lock:
     self._marker = _is_marker(lock)  # no flock: filelock's marker, which it removes
 
   @classmethod
-  def acquire(cls, workdir) -> 'Lock':
-    """Creates the workdir if needed and takes its lock; WorkdirLocked if held."""
+  def acquire(cls, workdir, flag: str = '--workdir') -> 'Lock':
+    """Creates the workdir (the folder of `flag`) if needed and takes its lock;
+    WorkdirLocked if held."""
     import filelock  # pylint: disable=g-import-not-at-top
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +151,7 @@ class Lock:
     try:
       lock.acquire()
     except filelock.Timeout:
-      raise WorkdirLocked(_locked_message(workdir, _holder(path))) from None
+      raise WorkdirLocked(_locked_message(workdir, _holder(path), flag)) from None
     if previous and previous != _me():
       _note_takeover(previous, path)
     held = cls(path, lock)

@@ -339,6 +339,31 @@ def test_evaluation_refusals(name, args, words, saved, tmp_path, monkeypatch, ca
   assert snapshot(saved) == before and not (tmp_path / 'out').exists()
 
 
+def test_a_second_evaluation_of_one_output_is_refused(saved, tmp_path, monkeypatch, capsys):
+  """The training workdir's lock, on --output: while a live process holds it, one line
+  naming the holder; nothing written there.  Released, the evaluation runs."""
+  from resa_jax import workdir  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'out'
+  held = workdir.Lock.acquire(out, '--output')  # as a first evaluation holds it
+  try:
+    before = snapshot(out)
+    outcome = run_in_process('resa_jax.evaluate', f'--checkpoint={saved}/workdir', '--eval=knn',
+                             '--batch_size=16', f'--output={out}', monkeypatch=monkeypatch,
+                             capsys=capsys)
+    assert outcome.code == 2, outcome
+    line = error_line(outcome)
+    assert (f'the --output folder {out} is in use by another run (pid {os.getpid()} on host'
+            in line and line.endswith('or use another --output')), line
+    assert snapshot(out) == before
+  finally:
+    held.release()
+  outcome = run_in_process('resa_jax.evaluate', f'--checkpoint={saved}/workdir', '--eval=knn',
+                           '--batch_size=16', f'--output={out}', monkeypatch=monkeypatch,
+                           capsys=capsys)
+  assert outcome.code == 0, outcome
+  assert sorted(p.name for p in out.iterdir()) == ['knn.json', 'summary.json']  # no .lock
+
+
 # -------------------------------------------------------------- conversion ----
 
 @pytest.fixture(scope='module')
