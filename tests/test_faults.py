@@ -198,15 +198,34 @@ def test_refused_writes_are_recognised_through_causes_and_errno_codes_in_text():
   tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "params/0" ... Failed to write '
                            "2319 bytes to file 8: No space left on device [os_error_code='28']")
   assert reporting.refused_write(tensorstore).errno == errno.ENOSPC
-  logged = Exception("Failed to save: [Errno 122] Disk quota exceeded: '/w/x'")  # a log line
-  assert reporting.refused_write(logged).errno == errno.EDQUOT
-  # By the code, not the words: the words alone, or a code other than a full disk, is not.
+  logged = "Failed to save: [Errno 122] Disk quota exceeded: '/w/x'"  # a log record's message
+  assert reporting.refused_write_in_text(logged).errno == errno.EDQUOT
+  assert reporting.refused_write_in_text(str(tensorstore)).errno == errno.ENOSPC
+  assert reporting.refused_write_in_text('[Errno 2] No such file') is None
+  # By the code, not the words: the words alone, or a code other than a full disk, is not;
+  # a code in a text only where TensorStore puts it (its ValueError), not in any error.
+  assert reporting.refused_write(Exception(str(logged))) is None
+  assert reporting.refused_write(RuntimeError(str(tensorstore))) is None
   assert reporting.refused_write(ValueError('No space left on device')) is None
   assert reporting.refused_write(ValueError("Permission denied [os_error_code='13']")) is None
   assert reporting.refused_write(PermissionError(errno.EACCES, 'Permission denied')).errno \
       == errno.EACCES
   assert reporting.refused_write(ValueError('bad value')) is None
   assert reporting.refused_write(FileNotFoundError(errno.ENOENT, 'No such file')) is None
+
+
+def test_a_real_tensorstore_write_to_a_full_disk_is_recognised(tmp_path):
+  """The installed TensorStore's error for ENOSPC, from a real write to a full 64 KB
+  tmpfs: recognised by its status text, the only place it carries the errno."""
+  import numpy as np
+  import tensorstore as ts
+  from resa_jax import reporting
+  with tmpfs(tmp_path / 'disk', 'size=64k') as disk:
+    array = ts.open({'driver': 'zarr', 'kvstore': {'driver': 'file', 'path': str(disk / 'a')}},
+                    create=True, dtype=ts.float32, shape=[100_000]).result()
+    with pytest.raises(Exception) as raised:
+      array.write(np.random.default_rng(0).random(100_000, np.float32)).result()  # 400 KB
+  assert reporting.refused_write(raised.value).errno == errno.ENOSPC, repr(raised.value)
 
 
 def test_late_callbacks_into_a_closed_event_loop_are_dropped():

@@ -133,3 +133,15 @@ def test_module_and_function_sizes(name):
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
       length = node.end_lineno - node.lineno + 1
       assert length <= MAX_FUNCTION_LINES, f'{name}.{node.name}: {length} lines'
+
+
+def test_the_reliability_page_names_tests_that_exist():
+  """docs/reliability.md's table names the test of each promise: each must exist."""
+  import re  # pylint: disable=g-import-not-at-top
+  tests = PACKAGE.parent / 'tests'
+  text = (PACKAGE.parent / 'docs' / 'reliability.md').read_text()
+  named = set(re.findall(r'`(test_\w+\.py)::(test_\w+)(?:\[[^\]]*\])?`', text))
+  assert len(named) > 40, len(named)
+  for file, name in sorted(named):
+    source = (tests / file).read_text()
+    assert re.search(rf'^def {name}\(', source, re.M), f'{file}::{name}'

@@ -24,6 +24,8 @@ from helpers import TINY, error_line, run_in_process, snapshot
 # --config=TINY and --workdir={tmp}/run are added unless the case gives its own.
 MAIN = [
     ('unknown_config_field', ['--config.not_a_field=1'], "no field 'not_a_field'"),
+    ('misspelt_config_field', ['--config.batch_siz=1'],
+     "--config.batch_siz: the config has no field 'batch_siz' (did you mean batch_size? "),
     ('missing_config_file', ['--config={tmp}/missing.py'], 'No such file'),
     ('config_syntax_error', ['--config={tmp}/broken.py'], 'SyntaxError'),
     ('bad_value_type', ['--config.batch_size=sixteen'], 'batch_size'),
