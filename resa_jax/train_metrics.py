@@ -145,6 +145,8 @@ def restored_history(path: pathlib.Path, start_step: int, steps_per_epoch: int) 
   history.update(stored)
   for curve in STEP_CURVES:
     history[curve] = [p for p in history.get(curve, []) if p[0] <= start_step]
+  if history.get('last_loss') and history['last_loss'][0] > start_step:
+    del history['last_loss']
   for curve in KNN_CURVES.values():
     if curve in history:
       history[curve] = [p for p in history[curve] if p[1] is not None and
