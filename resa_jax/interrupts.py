@@ -103,6 +103,9 @@ def polling(install_handlers: bool = True):
   fallback = {}
   if (install_handlers and not _state['watching']
       and threading.current_thread() is threading.main_thread()):
+    # Library use: a stop seen by an earlier loop of this process is not this one's.
+    _state['requested'] = None
+    _acknowledged.clear()
     fallback = {s: signal.signal(s, lambda signum, _: _request(signum)) for s in SIGNALS}
   _state['polling'] = True
   try:

@@ -50,29 +50,39 @@ _REFUSED = {
     errno.EPERM: ('operation not permitted', False, 'check its permissions or use another path'),
 }
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-# The errno of an error that carries it only in its text: TensorStore's status payload
-# ("[os_error_code='28']") and an OSError's string in a log record ("[Errno 28] ...").
-_ERRNO_IN_TEXT = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
+# Where an errno is only in a text, these are the forms that carry it: TensorStore's
+# status payload (`[os_error_code='28']`; tensorstore 0.1.86 raises a plain ValueError
+# with no attribute for it: tests/test_faults.py writes to a real full disk through it)
+# and Python's OSError string as a log record quotes it (`[Errno 28] ...`).
+_TENSORSTORE_ERRNO = re.compile(r"\[os_error_code='?(\d+)'?\]")
+_ERRNO_IN_TEXT = re.compile(r"\[os_error_code='?(\d+)'?\]|\[Errno (\d+)\]")
 
 
 def refused_write(error: BaseException | None) -> OSError | None:
   """The OSError of an access the system refused (a full disk or quota, a read-only file
   system: writes; a permission) that `error` is or was caused by; None if none.
 
-  TensorStore (orbax's array writer) raises ValueErrors that carry the errno in their
-  status payload only ('... [os_error_code=\'28\']'): a full disk or quota there counts
-  as the OSError."""
+  By its errno: an OSError's attribute; for TensorStore's errors (orbax's array writer),
+  ValueErrors that carry it only in their status text, that text (a full disk or quota
+  only)."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
     if isinstance(error, OSError) and error.errno in _REFUSED:
       return error
-    match = _ERRNO_IN_TEXT.search(str(error))
-    code = int(match.group(1) or match.group(2)) if match else None
-    if code in DISK_FULL_ERRNOS:
-      return OSError(code, os.strerror(code))
+    match = _TENSORSTORE_ERRNO.search(str(error)) if isinstance(error, ValueError) else None
+    if match and int(match.group(1)) in DISK_FULL_ERRNOS:
+      return OSError(int(match.group(1)), os.strerror(int(match.group(1))))
     error = error.__cause__ or error.__context__
   return None
+
+
+def refused_write_in_text(text: str) -> OSError | None:
+  """`refused_write` of an error known only by its text (a log record's message that
+  quotes it): a full disk or quota, by the errno the text carries."""
+  match = _ERRNO_IN_TEXT.search(text)
+  code = int(match.group(1) or match.group(2)) if match else None
+  return OSError(code, os.strerror(code)) if code in DISK_FULL_ERRNOS else None
 
 
 def refused_write_line(error: OSError) -> str:
@@ -178,6 +188,12 @@ def _finite_json(x):
   if isinstance(x, float) and not math.isfinite(x):
     return None
   return x
+
+
+def json_line(obj: Any) -> str:
+  """`obj` as one line of strict JSON for the console or a JSON-lines file: NaN and
+  infinities as null (as `write_json` writes them), never the invalid `NaN`."""
+  return json.dumps(_finite_json(obj), allow_nan=False)
 
 
 def write_json(path, obj: Any) -> None:

@@ -18,8 +18,6 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import pathlib
 import signal
 import time
@@ -27,7 +25,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from resa_jax import checkpoints as checkpoints_lib
 from resa_jax import interrupts
@@ -44,8 +41,6 @@ from resa_jax.evaluate import training_knn
 # How the start line names each `data.placement`.
 _PLACEMENT_WORDS = {'host': 'on the host', 'held': 'on the devices (split held there)',
                     'streamed': 'on the host (crops) and the devices (colour)'}
-# results.json / history.json names of each kNN metric's curve.
-_KNN_CURVES = {'knn_top1': 'knn', 'knn5_euclidean_top1': 'knn5_euclidean'}
 
 
 TrainingDivergedError = train_metrics.TrainingDivergedError
@@ -84,40 +79,29 @@ class _Run:
   def history_path(self) -> pathlib.Path:
     return self.workdir / 'history.json'
 
-
-def _restored_history(path: pathlib.Path, start_step: int, steps_per_epoch: int) -> dict:
-  """history.json of the run, cut back to `start_step` (the checkpoint resumed from)."""
-  history = {'loss': [], 'knn': [], 'wall_time': 0.0}
-  if start_step and path.exists():
-    history.update(json.loads(path.read_text()))
-    history['loss'] = [p for p in history['loss'] if p[0] <= start_step]
-    for curve in _KNN_CURVES.values():
-      if curve in history:
-        history[curve] = [p for p in history[curve] if p[1] is not None and
-                          p[0] <= start_step / steps_per_epoch + 1e-9]
-  return history
-
-
-def num_total_steps(config, steps_per_epoch: int) -> int:
-  """The steps a run of `config` takes: num_train_steps if > 0, else
-  ceil(num_epochs * steps_per_epoch)."""
-  if config.num_train_steps > 0:
-    return int(config.num_train_steps)
-  return int(math.ceil(config.num_epochs * steps_per_epoch))
+  @property
+  def measures_knn(self) -> bool:
+    return self.info.num_classes > 0 and self.config.knn_every_epochs > 0
 
 
 def _set_up(config, workdir: pathlib.Path, take_lock) -> _Run:
-  """Builds the networks and the optimizer, takes the workdir's lock (`take_lock()`, the
-  first write), restores the newest checkpoint."""
+  """Opens the data and checks what only it tells (its sizes against the batch and the
+  kNN's k, where the views can be made), builds the networks and the optimizer, takes
+  the workdir's lock (`take_lock()`, the first write), restores the newest checkpoint."""
   from resa_jax import data, models  # pylint: disable=g-import-not-at-top
   source = data.open_source(config)  # DatasetNotFoundError before any write
   info = data.dataset_info(config, source)
   mesh = sharding.create_mesh()
-  # Refusals of the data (fewer than one batch, a placement that cannot work) before
-  # the baselines and any write.
+  # The data's refusals (fewer than one batch, a placement that cannot work, a k over
+  # the bank) before the baselines and any write.
   steps_per_epoch = data.steps_per_epoch(config, source)
   placement = data.placement(config, source, mesh)
-  total_steps = num_total_steps(config, steps_per_epoch)
+  bank = info.num_eval_train_examples  # validation.py checked the bounds the config sets
+  if info.num_classes > 0 and config.knn_every_epochs > 0 and config.knn_k > bank:
+    raise ValueError(f'knn_k ({config.knn_k}) exceeds the kNN memory bank: split '
+                     f'{config.eval_train_split!r} of {config.dataset} has {bank} examples; '
+                     'lower --config.knn_k')
+  total_steps = workdir_lib.num_total_steps(config, steps_per_epoch)
   online_net, momentum_net = models.create_networks(config)
   schedule = step_lib.learning_rate_schedule(config, steps_per_epoch, total_steps)
   tx = step_lib.create_optimizer(config, schedule)
@@ -136,7 +120,7 @@ def _set_up(config, workdir: pathlib.Path, take_lock) -> _Run:
       lock.release()
     raise
   start_step = int(restored_step or 0)
-  history = _restored_history(workdir / 'history.json', start_step, steps_per_epoch)
+  history = train_metrics.restored_history(workdir / 'history.json', start_step, steps_per_epoch)
   return _Run(config=config, workdir=workdir, mesh=mesh, source=source, placement=placement,
               info=info,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
@@ -194,29 +178,34 @@ def _measure_baselines(run: _Run, features_of) -> None:
 # ----------------------------------------------------------------- loop ----
 
 def _periodic_knn(run: _Run, writer, features_of, step: int) -> None:
-  """The loop's kNN of the momentum encoder after `step`, into history and TensorBoard;
-  a stop signal during it ends it (the loop then saves `step`)."""
-  epoch = step / run.steps_per_epoch
+  """The loop's `_measure_knn`; a stop signal during it ends it (the loop then saves
+  `step`, and a run stopped at its last step measures it when resumed)."""
   try:
     with interrupts.not_polling():
-      accuracies = training_knn.knn_accuracies(training_knn.eval_config(run.config), run.mesh,
-                                               features_of(run.state), run.info.num_classes,
-                                               source=run.source)
+      _measure_knn(run, writer, features_of, step)
   except interrupts.Stopped:
     return
+
+
+def _measure_knn(run: _Run, writer, features_of, step: int) -> None:
+  """The kNN of the momentum encoder after `step`, into history and TensorBoard."""
+  epoch = step / run.steps_per_epoch
+  accuracies = training_knn.knn_accuracies(training_knn.eval_config(run.config), run.mesh,
+                                           features_of(run.state), run.info.num_classes,
+                                           source=run.source)
   for name, accuracy in accuracies.items():
-    run.history.setdefault(_KNN_CURVES[name], []).append((epoch, accuracy))
+    run.history.setdefault(train_metrics.KNN_CURVES[name], []).append((epoch, accuracy))
   writer.write_scalars(step, accuracies)
   print(f'epoch {epoch:.2f}: kNN top-1 {accuracies["knn_top1"]:.2f}% (k={run.config.knn_k})'
         + (f', 5-NN Euclidean {accuracies["knn5_euclidean_top1"]:.2f}%'
            if 'knn5_euclidean_top1' in accuracies else ''), flush=True)
 
 
-def _train(run: _Run, writer, features_of) -> tuple[int, MetricsLog, list[float]]:
+def _train(run: _Run, writer, features_of) -> int:
   """Steps from run.start_step until the end, run_steps or a stop signal.
 
-  Returns (last step, its MetricsLog, checkpoint blocking seconds).  SIGTERM or
-  SIGINT (resa_jax/interrupts.py) saves and raises SystemExit(143 or 130).
+  Returns the last step.  SIGTERM or SIGINT (resa_jax/interrupts.py) saves and raises
+  SystemExit(143 or 130).
   """
   from resa_jax import data  # pylint: disable=g-import-not-at-top
   config, history = run.config, run.history
@@ -228,19 +217,18 @@ def _train(run: _Run, writer, features_of) -> tuple[int, MetricsLog, list[float]
   log = MetricsLog(writer=writer, history=history, batch_size=config.batch_size,
                    total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
                    checkpoint_dir=run.workdir / 'checkpoints')
-  has_labels = run.info.num_classes > 0 and config.knn_every_epochs > 0
   # Multi-host: saving is collective, so all processes stop at one step (SIGTERM: JAX's
   multihost = jax.process_count() > 1  # preemption service picks it)
   run_start, prior_wall_time = time.time(), float(history.get('wall_time', 0.0))
-  checkpoint_seconds = []
 
   def save(step):
     log.flush(step)  # never checkpoint a state we have not checked
-    checkpoint_seconds.append(run.checkpoints.save(step, run.state))
-    writer.write_scalars(step, {'checkpoint_save_sec': checkpoint_seconds[-1]})
     history['wall_time'] = prior_wall_time + time.time() - run_start
-    if run.is_chief:
+    if run.is_chief:  # first: history.json is never behind the newest checkpoint
       reporting.write_json(run.history_path, history)
+    seconds = run.checkpoints.save(step, run.state)
+    history.setdefault('checkpoint_save_sec', []).append((step, seconds))
+    writer.write_scalars(step, {'checkpoint_save_sec': seconds})
 
   step = run.start_step
   stop_at = (run.total_steps if config.run_steps <= 0
@@ -256,7 +244,7 @@ def _train(run: _Run, writer, features_of) -> tuple[int, MetricsLog, list[float]
             or step == run.total_steps:  # the first step compiles: time from its end
           log.flush(step)
         epoch_done = step % run.steps_per_epoch == 0 or step == run.total_steps
-        if (has_labels and epoch_done and (round(step / run.steps_per_epoch)
+        if (run.measures_knn and epoch_done and (round(step / run.steps_per_epoch)
                                            % config.knn_every_epochs == 0
                                            or step == run.total_steps)):
           log.flush(step)
@@ -279,7 +267,7 @@ def _train(run: _Run, writer, features_of) -> tuple[int, MetricsLog, list[float]
   if step < run.total_steps and run.checkpoints.manager.latest_step() != step:
     save(step)  # config.run_steps reached: checkpoint and leave
   history['wall_time'] = prior_wall_time + time.time() - run_start
-  return step, log, checkpoint_seconds
+  return step
 
 
 def train_and_evaluate(config, workdir) -> dict:
@@ -296,20 +284,27 @@ def train_and_evaluate(config, workdir) -> dict:
   if chief:
     workdir_lib.refuse_if_locked(workdir)  # before TensorFlow: a refusal takes no time
   changes = workdir_lib.config_changes(workdir, config)
-  done = None if changes else workdir_lib.finished_results(workdir)
+  done = None if changes else workdir_lib.finished_results(workdir, config)
   if done is None:
     reporting.require_writable(workdir, '--workdir')  # before TensorFlow, too
   validation.validate_config(config)  # a bad config fails before any write
   if done is not None:
-    print(f'{workdir} finished at step {done["step"]}; nothing to do. results: '
-          + json.dumps(done), flush=True)
-    return done
+    return _nothing_to_do(workdir, done)
   run = _set_up(config, workdir, lambda: workdir_lib.Lock.acquire(workdir) if chief else None)
   try:
+    done = workdir_lib.read_results(workdir)
+    if done is not None and done['step'] == run.start_step >= run.total_steps:
+      return _nothing_to_do(workdir, done)  # e.g. a changed config that adds no step
     return _train_and_report(run, changes)
   finally:
     if run.lock is not None:
       run.lock.release()
+
+
+def _nothing_to_do(workdir, results: dict) -> dict:
+  print(f'{workdir} finished at step {results["step"]}; nothing to do. results: '
+        + reporting.json_line(results), flush=True)
+  return results
 
 
 def _train_and_report(run: _Run, changes: dict) -> dict:
@@ -323,60 +318,40 @@ def _train_and_report(run: _Run, changes: dict) -> dict:
         f'{run.total_steps} steps'
         + (f'; resumed at step {run.start_step}' if run.start_step else ''), flush=True)
   features_of = _momentum_encoder_features(run)
-  if (run.info.num_classes > 0 and config.knn_every_epochs > 0
-      and run.history.get('knn_top1_random_init') is None):
+  if run.measures_knn and run.history.get('knn_top1_random_init') is None:
     _measure_baselines(run, features_of)
   run.initial_state = None
-  step, log, checkpoint_seconds = _train(run, writer, features_of)
+  step = _train(run, writer, features_of)
   run.checkpoints.close()
-  writer.flush()
   if step < run.total_steps:
+    writer.flush()
     print(f'stopped after {step - run.start_step} steps (run_steps) at step '
           f'{step}/{run.total_steps}; run the same command again to continue', flush=True)
     return {'step': step, 'finished': False}
-  return _write_results(run, step, log, checkpoint_seconds)
+  final_knn = train_metrics.at_epoch(run.history['knn'], step / run.steps_per_epoch)
+  if run.measures_knn and final_knn is None:
+    # Stopped at its last step before its kNN was measured: measure it now (a stop
+    # signal during it ends the command without results).
+    _measure_knn(run, writer, features_of, step)
+  writer.flush()
+  return _write_results(run, step)
 
 
-def _write_results(run: _Run, step: int, log: MetricsLog, checkpoint_seconds) -> dict:
+def _write_results(run: _Run, step: int) -> dict:
   """results.json, history.json and training_curves.png of a finished run."""
-  history = run.history
-  results = {
-      'finished': True,
-      'step': step,
-      'epoch': step / run.steps_per_epoch,
-      'final_loss': log.last_loss,
-      'knn_top1': history['knn'][-1][1] if history['knn'] else None,
-      'knn_top1_raw_pixels': history.get('knn_top1_raw_pixels'),
-      'knn_top1_random_init': history.get('knn_top1_random_init'),
-      'knn_k': run.config.knn_k,
-      **_cifar_results(history),
-      'images_per_sec': log.images_per_sec,
-      'wall_time_sec': history.get('wall_time', 0.0),
-      'checkpoint_save_sec_mean': (float(np.mean(checkpoint_seconds))
-                                   if checkpoint_seconds else None),
-      'devices': run.mesh.size,
-      'platform': jax.devices()[0].platform,
-  }
+  results = train_metrics.results(
+      run.history, step=step, steps_per_epoch=run.steps_per_epoch,
+      batch_size=run.config.batch_size, knn_k=run.config.knn_k, devices=run.mesh.size,
+      platform=jax.devices()[0].platform)
   if run.is_chief:
-    reporting.write_json(run.history_path, history)
+    reporting.write_json(run.history_path, run.history)
     reporting.write_json(run.workdir / 'results.json', results)
     if not plots.available():
       print('matplotlib is not installed: no training_curves.png', flush=True)
     else:
-      plots.plot_training_curves(history, run.workdir / 'training_curves.png')
-  print('results: ' + json.dumps(results), flush=True)
+      plots.plot_training_curves(run.history, run.workdir / 'training_curves.png')
+  print('results: ' + reporting.json_line(results), flush=True)
   return results
-
-
-def _cifar_results(history: dict) -> dict:
-  """The 5-NN Euclidean majority vote (the authors' CIFAR metric) and its baselines,
-  where the run measured it."""
-  if 'knn5_euclidean_top1_raw_pixels' not in history and not history.get('knn5_euclidean'):
-    return {}
-  curve = history.get('knn5_euclidean') or []
-  return {'knn5_euclidean_top1': curve[-1][1] if curve else None,
-          'knn5_euclidean_top1_raw_pixels': history.get('knn5_euclidean_top1_raw_pixels'),
-          'knn5_euclidean_top1_random_init': history.get('knn5_euclidean_top1_random_init')}
 
 
 def _reached_preemption_sync_point(step: int) -> bool:

@@ -1,10 +1,10 @@
 """The training loop's metrics: fetched from the device in groups, checked for NaN/Inf,
-averaged, written through a clu metric writer and printed as the progress line."""
+averaged, written through a clu metric writer and printed as the progress line; kept in
+the run's history (history.json), from which alone results.json is computed."""
 
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import time
 from typing import Any, Callable
@@ -13,6 +13,13 @@ import jax
 import numpy as np
 
 from resa_jax import progress as progress_lib
+from resa_jax import reporting
+
+
+# results.json / history.json names of each kNN metric's curve (points (epoch, value)).
+KNN_CURVES = {'knn_top1': 'knn', 'knn5_euclidean_top1': 'knn5_euclidean'}
+# history.json's curves of points (step, ...): losses, timed intervals, checkpoint saves.
+STEP_CURVES = ('loss', 'timed', 'checkpoint_save_sec')
 
 
 class TrainingDivergedError(RuntimeError):
@@ -30,6 +37,12 @@ class MetricsLog:
   state is not finite, then writes their mean through `writer`, appends the loss
   to `history['loss']` and prints the progress line.
 
+  What results.json reports is kept in `history` (history.json), so that a run resumed
+  at any step, its last included, reports what an uninterrupted run does:
+  `history['last_loss']` is (step, loss) of the newest step alone (the mean of a
+  logging window would depend on where a run was resumed), `history['timed']` holds
+  (step, steps, seconds) of each timed interval.
+
   Rates follow `progress.Rate` over steps: the first flush starts the clock (the first
   step's compilation is never timed) and `restart_clock()` (after a kNN evaluation)
   leaves the evaluation out.  The progress line, TensorBoard's `images_per_sec` and the
@@ -45,7 +58,6 @@ class MetricsLog:
     self.batch_size, self.total_steps = batch_size, total_steps
     self.steps_per_epoch, self.checkpoint_dir = steps_per_epoch, checkpoint_dir
     self.pending: list[tuple[int, Any]] = []
-    self.last_loss = math.nan
     self.rate = progress_lib.Rate(clock, window)  # steps per second
     self._last_step = 0
 
@@ -73,10 +85,14 @@ class MetricsLog:
       return None
     fetched = jax.device_get([m for _, m in self.pending])
     self._check(fetched)
-    self.pending.clear()
     mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-    self.last_loss = mean['loss']
+    self.history['last_loss'] = (self.pending[-1][0], float(fetched[-1]['loss']))
+    self.pending.clear()
+    timed_before = (self.rate.units, self.rate.seconds)
     steps_per_sec, rate = self.rate.measure(step), ''
+    if self.rate.units > timed_before[0]:
+      self.history.setdefault('timed', []).append(
+          (step, self.rate.units - timed_before[0], self.rate.seconds - timed_before[1]))
     if steps_per_sec:
       mean['images_per_sec'] = steps_per_sec * self.batch_size
       rate = (f' | {mean["images_per_sec"]:.1f} img/s | ETA '
@@ -90,9 +106,90 @@ class MetricsLog:
 
   @property
   def images_per_sec(self) -> float | None:
-    """Over the whole run (results.json); None before two flushes."""
-    steps_per_sec = self.rate.overall
-    return steps_per_sec * self.batch_size if steps_per_sec else None
+    """Over the whole run, every invocation of it (results.json); None before two
+    flushes."""
+    return images_per_sec(self.history, self.batch_size)
+
+
+def images_per_sec(history: dict, batch_size: int) -> float | None:
+  """Images per second over the timed intervals of `history` (MetricsLog's 'timed')."""
+  steps = sum(s for _, s, _ in history.get('timed', ()))
+  seconds = sum(t for _, _, t in history.get('timed', ()))
+  return steps * batch_size / seconds if seconds > 0 else None
+
+
+def final_loss(history: dict, step: int) -> float | None:
+  """The loss of step `step` alone, if it was the newest step logged; else None."""
+  last = history.get('last_loss')
+  return float(last[1]) if last is not None and int(last[0]) == step else None
+
+
+# ------------------------------------------------------------- history ----
+
+def restored_history(path: pathlib.Path, start_step: int, steps_per_epoch: int) -> dict:
+  """history.json of the run, cut back to `start_step` (the checkpoint resumed from):
+  it is written before each checkpoint, so it may be ahead of the newest readable one.
+  An unreadable one is reported, and its curves restart (the kNN baselines are then
+  measured again)."""
+  history = {'loss': [], 'knn': [], 'wall_time': 0.0}
+  if not start_step or not path.exists():
+    return history
+  try:
+    stored = json.loads(path.read_text())
+    if not isinstance(stored, dict):
+      raise ValueError('not a JSON object')
+  except (OSError, ValueError) as e:
+    print(f'warning: {path} is unreadable ({type(e).__name__}: {reporting.one_line(e, 200)}); '
+          f'its curves restart at step {start_step}', flush=True)
+    return history
+  history.update(stored)
+  for curve in STEP_CURVES:
+    history[curve] = [p for p in history.get(curve, []) if p[0] <= start_step]
+  if history.get('last_loss') and history['last_loss'][0] > start_step:
+    del history['last_loss']
+  for curve in KNN_CURVES.values():
+    if curve in history:
+      history[curve] = [p for p in history[curve] if p[1] is not None and
+                        p[0] <= start_step / steps_per_epoch + 1e-9]
+  return history
+
+
+def at_epoch(curve, epoch: float):
+  """The value of a kNN curve's point at `epoch`; None if it has none there."""
+  return next((value for e, value in reversed(curve or []) if abs(e - epoch) < 1e-9), None)
+
+
+def results(history: dict, *, step: int, steps_per_epoch: int, batch_size: int, knn_k: int,
+            devices: int, platform: str) -> dict:
+  """results.json of a run finished at `step`, from its history alone.
+
+  So a run resumed at any step, its last included, reports what an uninterrupted run
+  does: the loss of the final step, the kNN measured after it (None where none was),
+  the rates over every invocation's timed intervals and saves.
+  """
+  epoch = step / steps_per_epoch
+  saves = [seconds for _, seconds in history.get('checkpoint_save_sec', [])]
+  cifar = {}
+  if 'knn5_euclidean_top1_raw_pixels' in history or history.get('knn5_euclidean'):
+    cifar = {'knn5_euclidean_top1': at_epoch(history.get('knn5_euclidean'), epoch),
+             **{f'knn5_euclidean_top1_{baseline}': history.get(f'knn5_euclidean_top1_{baseline}')
+                for baseline in ('raw_pixels', 'random_init')}}
+  return {
+      'finished': True,
+      'step': step,
+      'epoch': epoch,
+      'final_loss': final_loss(history, step),
+      'knn_top1': at_epoch(history.get('knn'), epoch),
+      'knn_top1_raw_pixels': history.get('knn_top1_raw_pixels'),
+      'knn_top1_random_init': history.get('knn_top1_random_init'),
+      'knn_k': knn_k,
+      **cifar,  # the authors' CIFAR metric (5-NN Euclidean majority vote), where measured
+      'images_per_sec': images_per_sec(history, batch_size),
+      'wall_time_sec': history.get('wall_time', 0.0),
+      'checkpoint_save_sec_mean': float(np.mean(saves)) if saves else None,
+      'devices': devices,
+      'platform': platform,
+  }
 
 
 class _JsonLinesWriter:
@@ -104,7 +201,7 @@ class _JsonLinesWriter:
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if self._path is not None:
-      line = json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
+      line = reporting.json_line({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
       with open(self._path, 'a', encoding='utf-8') as f:
         f.write(line + '\n')
 

@@ -1,8 +1,8 @@
 """The datasets behind `resa_jax.data.open_source`: image folders, the TFDS catalogue on
 TFDS mock data (with the views made on the host and, for the fixed-size ones, on the
 devices from the split held there), ImageNet-100's classes, CIFAR-100's evaluation
-statistics, missing data, real Fashion-MNIST (the Debian package), and the config
-refusals of the input's fields."""
+statistics, missing data, real Fashion-MNIST (the Debian package); the input's config
+refusals are rows of tests/test_refusals.py."""
 
 import os
 import pathlib
@@ -34,27 +34,6 @@ def mesh():
 
 def take(iterator, num_steps):
   return [jax.tree.map(np.asarray, next(iterator)) for _ in range(num_steps)]
-
-
-@pytest.mark.parametrize('overrides, match', [
-    (dict(dataset='mnist_typo'), 'unknown dataset'),
-    (dict(crops_size=(32,)), 'equal lengths'),
-    (dict(crops_nmb=(0, 1)), 'at least one strong view'),
-    (dict(crops_nmb=(1, -1)), 'at least one strong view'),
-    (dict(crops_min_scale=(0.5, 0.05), crops_max_scale=(0.4, 0.2)), 'crops_min_scale'),
-    (dict(batch_size=12), 'multiple of the number of devices'),
-    (dict(grayscale_prob=1.5), 'probability'),
-    (dict(dtype='int8'), 'dtype'),
-    (dict(eval_resize=24), 'eval_resize'),
-    (dict(augment_on='tpu'), "augment_on must be one of auto, host, device, got 'tpu'"),
-    (dict(device_memory_budget_mb=-1.0), 'device_memory_budget_mb must be >= 0'),
-    (dict(input_shards=3), 'input_shards 3 must be a positive multiple'),
-])
-def test_validate_config_rejects(overrides, match):
-  with pytest.raises(ValueError, match=match) as error:
-    validation.validate_config(small_config(**overrides))
-  assert '\n' not in str(error.value)
-  assert not isinstance(error.value, data.DatasetNotFoundError)
 
 
 def test_validate_config_accepts_defaults():

@@ -132,6 +132,17 @@ def test_cli_knn_linear_clustering(run, tmp_path, monkeypatch, capsys):
   assert summary['devices'] == jax.device_count()
 
 
+def test_ks_above_the_bank_are_left_out_with_a_note(run, tmp_path, monkeypatch, capsys):
+  """Some k above the 64 examples of the bank: left out with a note line, the rest kept."""
+  workdir, _, _ = run
+  proc = run_in_process('resa_jax.evaluate', f'--checkpoint={workdir}', '--eval=knn',
+                        '--knn_ks=5,64,65,1000', '--batch_size=16', f'--output={tmp_path}/eval',
+                        monkeypatch=monkeypatch, capsys=capsys)
+  assert proc.code == 0, proc.stderr[-3000:]
+  assert 'note: k=65,1000 left out: more than the 64 examples of the memory bank' in proc.stdout
+  assert json.loads((tmp_path / 'eval' / 'knn.json').read_text())['weighted']['ks'] == [5, 64]
+
+
 def test_imagenet_linear_protocol_and_semi_supervised(run, tmp_path):
   workdir, config, state = run
   options = evaluate.Options(

@@ -198,15 +198,34 @@ def test_refused_writes_are_recognised_through_causes_and_errno_codes_in_text():
   tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "params/0" ... Failed to write '
                            "2319 bytes to file 8: No space left on device [os_error_code='28']")
   assert reporting.refused_write(tensorstore).errno == errno.ENOSPC
-  logged = Exception("Failed to save: [Errno 122] Disk quota exceeded: '/w/x'")  # a log line
-  assert reporting.refused_write(logged).errno == errno.EDQUOT
-  # By the code, not the words: the words alone, or a code other than a full disk, is not.
+  logged = "Failed to save: [Errno 122] Disk quota exceeded: '/w/x'"  # a log record's message
+  assert reporting.refused_write_in_text(logged).errno == errno.EDQUOT
+  assert reporting.refused_write_in_text(str(tensorstore)).errno == errno.ENOSPC
+  assert reporting.refused_write_in_text('[Errno 2] No such file') is None
+  # By the code, not the words: the words alone, or a code other than a full disk, is not;
+  # a code in a text only where TensorStore puts it (its ValueError), not in any error.
+  assert reporting.refused_write(Exception(str(logged))) is None
+  assert reporting.refused_write(RuntimeError(str(tensorstore))) is None
   assert reporting.refused_write(ValueError('No space left on device')) is None
   assert reporting.refused_write(ValueError("Permission denied [os_error_code='13']")) is None
   assert reporting.refused_write(PermissionError(errno.EACCES, 'Permission denied')).errno \
       == errno.EACCES
   assert reporting.refused_write(ValueError('bad value')) is None
   assert reporting.refused_write(FileNotFoundError(errno.ENOENT, 'No such file')) is None
+
+
+def test_a_real_tensorstore_write_to_a_full_disk_is_recognised(tmp_path):
+  """The installed TensorStore's error for ENOSPC, from a real write to a full 64 KB
+  tmpfs: recognised by its status text, the only place it carries the errno."""
+  import numpy as np
+  import tensorstore as ts
+  from resa_jax import reporting
+  with tmpfs(tmp_path / 'disk', 'size=64k') as disk:
+    array = ts.open({'driver': 'zarr', 'kvstore': {'driver': 'file', 'path': str(disk / 'a')}},
+                    create=True, dtype=ts.float32, shape=[100_000]).result()
+    with pytest.raises(Exception) as raised:
+      array.write(np.random.default_rng(0).random(100_000, np.float32)).result()  # 400 KB
+  assert reporting.refused_write(raised.value).errno == errno.ENOSPC, repr(raised.value)
 
 
 def test_late_callbacks_into_a_closed_event_loop_are_dropped():
@@ -327,3 +346,33 @@ def test_read_only_file_system_workdir_is_refused_before_tensorflow(env, tmp_pat
   assert f'--workdir={disk}/run cannot be created: {disk} is on a read-only file system' \
       in line, line
   print(f'\n[faults] read-only file system: exit 2 in {proc.seconds:.1f} s: {line}')
+
+
+def test_an_unreadable_config_record_is_replaced_only_when_allowed(tiny_checkpoints, tmp_path):
+  """Refused (tests/test_refusals.py) unless allow_config_change, which records --config
+  as the workdir's config, keeps the unreadable files and makes the check work again."""
+  from helpers import tiny_config
+  from resa_jax import workdir as workdir_lib
+  workdir = tmp_path / 'run'
+  shutil.copytree(tiny_checkpoints / 'workdir', workdir)
+  (workdir / 'config.json').write_text('{"arch": "resnet18", "ba')
+  (workdir / 'config_history.json').write_text('[]')
+  config = tiny_config()
+  config.base_lr = 4.8
+  with pytest.raises(ValueError, match='config.json is unreadable'):
+    workdir_lib.config_changes(workdir, config)
+  assert workdir_lib.trained_config(workdir) is None  # evaluation: needs --config
+  config.allow_config_change = True
+  changes = workdir_lib.config_changes(workdir, config)
+  assert list(changes) == [workdir_lib.REPLACED] and 'JSONDecodeError' in changes['config.json'][0]
+  workdir_lib.record_config(workdir, config, 8, changes)
+  assert (workdir / 'config.json.unreadable').read_text() == '{"arch": "resnet18", "ba'
+  assert (workdir / 'config_history.json.unreadable').read_text() == '[]'
+  history = strict_json((workdir / 'config_history.json').read_text())
+  assert len(history) == 1 and history[0]['step'] == 8 and 'unreadable' in history[0]['replaced']
+  assert workdir_lib.trained_config(workdir)['base_lr'] == 4.8
+  config.allow_config_change = False  # the guard is on again, against the new record
+  assert workdir_lib.config_changes(workdir, config) == {}
+  config.base_lr = 0.3
+  with pytest.raises(ValueError, match='was trained with base_lr=4.8; --config has base_lr=0.3'):
+    workdir_lib.config_changes(workdir, config)

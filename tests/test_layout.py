@@ -163,3 +163,15 @@ def test_readme_layout_table_follows_the_layers():
 
   ranks = [row_of(module) for module in LAYERS[1:]]
   assert ranks == sorted(ranks), [m for m, r, n in zip(LAYERS[1:], ranks, ranks[1:]) if r > n]
+
+
+def test_the_reliability_page_names_tests_that_exist():
+  """docs/reliability.md's table names the test of each promise: each must exist."""
+  import re  # pylint: disable=g-import-not-at-top
+  tests = PACKAGE.parent / 'tests'
+  text = (PACKAGE.parent / 'docs' / 'reliability.md').read_text()
+  named = set(re.findall(r'`(test_\w+\.py)::(test_\w+)(?:\[[^\]]*\])?`', text))
+  assert len(named) > 40, len(named)
+  for file, name in sorted(named):
+    source = (tests / file).read_text()
+    assert re.search(rf'^def {name}\(', source, re.M), f'{file}::{name}'

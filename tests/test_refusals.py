@@ -24,48 +24,22 @@ from helpers import TINY, error_line, run_in_process, snapshot
 # --config=TINY and --workdir={tmp}/run are added unless the case gives its own.
 MAIN = [
     ('unknown_config_field', ['--config.not_a_field=1'], "no field 'not_a_field'"),
+    ('misspelt_config_field', ['--config.batch_siz=1'],
+     "--config.batch_siz: the config has no field 'batch_siz' (did you mean batch_size? "),
     ('missing_config_file', ['--config={tmp}/missing.py'], 'No such file'),
     ('config_syntax_error', ['--config={tmp}/broken.py'], 'SyntaxError'),
     ('bad_value_type', ['--config.batch_size=sixteen'], 'batch_size'),
     ('no_workdir', ['--workdir='], '--workdir is required'),
     ('stray_argument', ['stray'], 'unexpected arguments: stray'),
-    ('unknown_architecture', ['--config.arch=resnet9'], 'unknown architecture'),
-    ('unknown_stem', ['--config.stem=vit'], 'unknown stem'),
-    ('unknown_optimizer', ['--config.optimizer=adam'], 'unknown optimizer'),
-    ('zero_batch_size', ['--config.batch_size=0'], 'batch_size must be positive'),
-    ('zero_lr', ['--config.base_lr=0'], 'base_lr must be positive'),
-    ('negative_lr', ['--config.base_lr=-0.1'], 'base_lr must be positive'),
-    ('infinite_lr', ['--config.base_lr=inf'], 'base_lr must be positive and finite'),
-    ('zero_epochs', ['--config.num_epochs=0'], 'num_epochs must be positive'),
-    ('zero_width', ['--config.width_per_group=0'], 'width_per_group must be positive'),
-    ('zero_temperature', ['--config.temperature=0'], 'temperature must be positive'),
-    ('negative_epsilon', ['--config.sinkhorn_epsilon=-0.05'],
-     'sinkhorn_epsilon must be positive'),
-    ('negative_weight_decay', ['--config.weight_decay=-1e-4'], 'weight_decay must be >= 0'),
-    ('ema_above_one', ['--config.ema_momentum=1.5'], 'ema_momentum must be in [0, 1]'),
-    # -1 is the documented "unset" of these fields; other non-positive values are refused.
-    ('negative_run_steps', ['--config.run_steps=-5'], 'run_steps must be positive, or -1'),
-    ('zero_run_steps', ['--config.run_steps=0'], 'run_steps must be positive, or -1'),
-    ('zero_train_steps', ['--config.num_train_steps=0'],
-     'num_train_steps must be positive, or -1'),
-    ('negative_steps_per_epoch', ['--config.steps_per_epoch=-2'],
-     'steps_per_epoch must be positive, or -1'),
-    ('zero_knn_bank', ['--config.knn_max_train_examples=0'],
-     'knn_max_train_examples must be positive, or -1'),
-    ('unknown_dataset', ['--config.dataset=mnist_typo'], 'unknown dataset'),
     ('batch_not_divisible', ['--config.batch_size=15'], 'multiple of the number of devices'),
     ('crop_lists_lengths', ['--config.crops_size=(16,8)'], 'equal lengths'),
-    ('probability_above_one', ['--config.grayscale_prob=1.5'],
-     'grayscale_prob must be a probability'),
     ('min_scale_above_max', ['--config.crops_min_scale=(0.9,)', '--config.crops_max_scale=(0.5,)'],
      'crops_min_scale <= crops_max_scale'),
-    ('bad_dtype', ['--config.dtype=float8'], 'dtype must be one of'),
     ('float64_without_x64', ['--config.dtype=float64'], 'dtype float64 needs JAX x64'),
     ('tfds_data_dir_missing', ['--config.dataset=cifar10', '--config.data_dir={tmp}/no_data',
                                '--config.tfds_download=False'], 'tfds build cifar10'),
     ('image_folder_missing', ['--config.dataset=image_folder', '--config.data_dir={tmp}/no_data'],
      'no train/ folder'),
-    ('empty_dataset', ['--config.fake_num_examples=0'], 'has no examples'),
     ('batch_larger_than_dataset', ['--config.batch_size=128'],
      'has 64 examples, fewer than one batch of 128'),
     ('nested_override', ['--config.arch.name=resnet18'],
@@ -73,6 +47,96 @@ MAIN = [
     ('unknown_shipped_config', ['--config=cifar11'], 'no shipped config of that name'),
     ('drop_path_on_a_resnet', ['--config.drop_path=0.1'], 'drop_path is for ViT encoders'),
     ('workdir_is_a_file', ['--workdir={tmp}/a_file'], 'is not a directory'),
+    ('knn_k_above_the_fake_bank', ['--config.knn_k=65'],
+     'knn_k (65) exceeds the kNN memory bank: at most 64 examples (fake_num_examples=64)'),
+    ('knn_k_above_the_bank_limit', ['--config.knn_max_train_examples=4'],
+     'knn_k (5) exceeds the kNN memory bank: at most 4 examples (knn_max_train_examples=4)'),
+    ('input_shards_not_dividing_the_batch', ['--config.input_shards=3'],
+     'input_shards 3 must be a positive multiple of the number of processes (1) that '
+     'divides the batch size 16'),
+]
+
+# Every config field's domain (resa_jax/validation.py DOMAINS): (field, a value outside
+# it, words of the line).  Every field of configs/default.py has at least one row
+# (`test_every_config_field_has_a_domain_and_a_row`); a field whose domain is its type (a
+# boolean) is refused by the flag parser.
+_NOT_BOOLEAN = "('Non-boolean argument to boolean flag', 'maybe')"
+DOMAIN_CASES = [
+    ('seed', '18446744073709551616', 'seed must be an integer that fits 64 bits'),
+    ('seed', '-9223372036854775809', 'seed must be an integer that fits 64 bits'),
+    ('dataset', 'mnist_typo', "unknown dataset 'mnist_typo'; expected one of fashion_mnist, "
+     'cifar10, cifar10_jpeg'),
+    ('data_dir', '', "data_dir must be a path, or unset (None), got ''"),
+    ('manual_dir', ' ', "manual_dir must be a path, or unset (None), got ' '"),
+    ('tfds_download', 'maybe', _NOT_BOOLEAN),
+    ('train_split', '', "train_split must be a non-empty name, got ''"),
+    ('eval_train_split', '', "eval_train_split must be a non-empty name, got ''"),
+    ('eval_split', '', "eval_split must be a non-empty name, got ''"),
+    ('crops_nmb', '(0,)', 'crops_nmb must count the strong views of each crop group'),
+    ('crops_size', '(0,)', 'crops_size must be positive integers (pixels), got (0,)'),
+    ('crops_min_scale', '(0.0,)', 'crops_min_scale must be in (0, 1], got (0.0,)'),
+    ('crops_max_scale', '(1.5,)', 'crops_max_scale must be in (0, 1], got (1.5,)'),
+    ('gaussian_prob', '(1.5,)', 'gaussian_prob must be probabilities, got (1.5,)'),
+    ('solarization_prob', '(-0.1,)', 'solarization_prob must be probabilities, got (-0.1,)'),
+    ('color_jitter_prob', '1.2', 'color_jitter_prob must be a probability, got 1.2'),
+    ('brightness', '-0.4', 'brightness must be >= 0 and finite, got -0.4'),
+    ('contrast', '-0.1', 'contrast must be >= 0 and finite, got -0.1'),
+    ('saturation', 'inf', 'saturation must be >= 0 and finite, got inf'),
+    ('hue', '0.6', 'hue must be in [0, 0.5], got 0.6'),
+    ('hue', '-0.1', 'hue must be in [0, 0.5], got -0.1'),
+    ('grayscale_prob', '1.5', 'grayscale_prob must be a probability, got 1.5'),
+    ('flip_prob', '-0.5', 'flip_prob must be a probability, got -0.5'),
+    ('eval_resize', '0', 'eval_resize must be a positive integer, got 0'),
+    ('shuffle_buffer', '0', 'shuffle_buffer must be a positive integer, got 0'),
+    ('prefetch', '-1', 'prefetch must be an integer >= 0, got -1'),
+    ('augment_on', 'gpu', "augment_on must be one of auto, host, device, got 'gpu'"),
+    ('device_memory_budget_mb', '-1.0', 'device_memory_budget_mb must be >= 0 and finite'),
+    ('host_memory_budget_mb', 'inf', 'host_memory_budget_mb must be >= 0 and finite'),
+    ('input_shards', '0', 'input_shards must be positive, or -1'),
+    ('fake_image_size', '0', 'fake_image_size must be a positive integer, got 0'),
+    ('fake_num_classes', '0', 'fake_num_classes must be a positive integer, got 0'),
+    ('fake_num_examples', '0', 'fake_num_examples must be a positive integer, got 0'),
+    ('arch', 'resnet9', "unknown architecture 'resnet9'; expected one of resnet101, resnet18, "
+     'resnet200, resnet34, resnet50'),
+    ('width_per_group', '0', 'width_per_group must be a positive integer, got 0'),
+    ('stem', 'vit', "unknown stem 'vit'; expected one of imagenet, cifar"),
+    ('zero_init_residual', 'maybe', _NOT_BOOLEAN),
+    ('mlp_layers', '0', 'mlp_layers must be a positive integer, got 0'),
+    ('mlp_dim', '0', 'mlp_dim must be a positive integer, got 0'),
+    ('emb_dim', '-16', 'emb_dim must be a positive integer, got -16'),
+    ('predictor', 'maybe', _NOT_BOOLEAN),
+    ('drop_path', '1.0', 'drop_path must be in [0, 1), got 1.0'),
+    ('patch_size', '0', 'patch_size must be a positive integer, got 0'),
+    ('dtype', 'float8', "dtype must be one of float32, bfloat16, float16, float64, got 'float8'"),
+    ('temperature', '0', 'temperature must be positive and finite, got 0'),
+    ('sinkhorn_epsilon', '-0.05', 'sinkhorn_epsilon must be positive and finite, got -0.05'),
+    ('sinkhorn_iters', '0', 'sinkhorn_iters must be a positive integer, got 0'),
+    ('ema_momentum', '1.5', 'ema_momentum must be in [0, 1], got 1.5'),
+    ('optimizer', 'adam', "unknown optimizer 'adam'; expected one of sgd, adamw"),
+    ('base_lr', '0', 'base_lr must be positive and finite, got 0'),
+    ('base_lr', '-0.1', 'base_lr must be positive and finite, got -0.1'),
+    ('base_lr', 'inf', 'base_lr must be positive and finite, got inf'),
+    ('base_lr', 'nan', 'base_lr must be positive and finite, got nan'),
+    ('weight_decay', '-1e-4', 'weight_decay must be >= 0 and finite, got -0.0001'),
+    ('sgd_momentum', '1.0', 'sgd_momentum must be in [0, 1), got 1.0'),
+    ('warmup_epochs', '-1', 'warmup_epochs must be >= 0 and finite, got -1'),
+    ('final_lr_ratio', '-0.1', 'final_lr_ratio must be >= 0 and finite, got -0.1'),
+    ('num_epochs', '0', 'num_epochs must be positive and finite, got 0'),
+    ('batch_size', '0', 'batch_size must be a positive integer, got 0'),
+    ('grad_clip', '-1.0', 'grad_clip must be positive and finite, or unset (None), got -1.0'),
+    ('log_every_steps', '0', 'log_every_steps must be a positive integer, got 0'),
+    ('checkpoint_every_steps', '0', 'checkpoint_every_steps must be a positive integer, got 0'),
+    ('keep_checkpoints', '0', 'keep_checkpoints must be a positive integer, got 0'),
+    ('knn_every_epochs', '-1', 'knn_every_epochs must be an integer >= 0, got -1'),
+    ('knn_k', '0', 'knn_k must be a positive integer, got 0'),
+    ('knn_temperature', '0', 'knn_temperature must be positive and finite, got 0'),
+    # -1 is the documented "unset" of these fields; other non-positive values are refused.
+    ('knn_max_train_examples', '0', 'knn_max_train_examples must be positive, or -1 (unset)'),
+    ('steps_per_epoch', '-2', 'steps_per_epoch must be positive, or -1 (unset), got -2'),
+    ('num_train_steps', '0', 'num_train_steps must be positive, or -1 (unset), got 0'),
+    ('run_steps', '-5', 'run_steps must be positive, or -1 (unset), got -5'),
+    ('run_steps', '0', 'run_steps must be positive, or -1 (unset), got 0'),
+    ('allow_config_change', 'maybe', _NOT_BOOLEAN),
 ]
 
 
@@ -99,6 +163,60 @@ def test_training_refusals(name, args, words, tmp_path, monkeypatch, capsys):
   assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize('field,value,words', DOMAIN_CASES,
+                         ids=[f'{c[0]}={c[1]}' for c in DOMAIN_CASES])
+def test_a_config_value_outside_its_domain_is_refused(field, value, words, tmp_path, monkeypatch,
+                                                      capsys):
+  outcome = run_in_process('resa_jax.main', f'--config={TINY}', f'--config.{field}={value}',
+                           f'--workdir={tmp_path}/run', monkeypatch=monkeypatch, capsys=capsys)
+  assert outcome.code == 2, outcome
+  line = error_line(outcome)
+  assert words in line, line
+  assert not os.listdir(tmp_path)
+
+
+def test_every_config_field_has_a_domain_and_a_row():
+  """A new field of configs/default.py needs its domain (validation.DOMAINS) and a row
+  of DOMAIN_CASES; the shipped configs have no other fields and are inside them."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from resa_jax import validation  # pylint: disable=g-import-not-at-top
+  from resa_jax.configs import default  # pylint: disable=g-import-not-at-top
+  fields = set(default.get_config())
+  assert fields == set(validation.DOMAINS), (
+      f'no domain: {sorted(fields - set(validation.DOMAINS))}, '
+      f'no field: {sorted(set(validation.DOMAINS) - fields)}')
+  assert fields == {c[0] for c in DOMAIN_CASES}, sorted(fields ^ {c[0] for c in DOMAIN_CASES})
+  for path in sorted((helpers.ROOT / 'resa_jax' / 'configs').glob('[a-z]*.py')):
+    config = importlib.import_module(f'resa_jax.configs.{path.stem}').get_config()
+    assert set(config) <= fields, path.stem
+    for name, domain in validation.DOMAINS.items():
+      assert domain.refusal(name, config[name]) is None, (path.stem, name, config[name])
+
+
+def test_knn_k_above_the_bank_found_in_the_data_is_refused_before_any_write(
+    tmp_path, monkeypatch, capsys):
+  """An image folder whose eval_train_split has 3 images: known only once it is opened,
+  and refused then, naming what was found, before the workdir exists."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for split, count in (('train', 16), ('val', 3)):
+    for i in range(count):
+      folder = tmp_path / 'images' / split / f'class{i % 2}'
+      folder.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(helpers.natural_image(rng, 16, 3)).save(folder / f'{i}.png')
+  before = snapshot(tmp_path)
+  outcome = run_in_process('resa_jax.main', f'--config={TINY}', '--config.dataset=image_folder',
+                           f'--config.data_dir={tmp_path}/images', '--config.eval_split=val',
+                           '--config.eval_train_split=val', '--config.eval_resize=16',
+                           f'--workdir={tmp_path}/run', monkeypatch=monkeypatch, capsys=capsys)
+  assert outcome.code == 2, outcome
+  line = error_line(outcome)
+  assert ("knn_k (5) exceeds the kNN memory bank: split 'val' of image_folder has 3 examples; "
+          'lower --config.knn_k') in line, line
+  assert snapshot(tmp_path) == before
+
+
 def test_configs_load_from_any_directory_by_path_or_name(tmp_path, monkeypatch, capsys):
   """A config path outside the checkout, or a shipped config's name, from another
   directory (the configs import resa_jax.configs, not a top-level `configs`)."""
@@ -110,7 +228,7 @@ def test_configs_load_from_any_directory_by_path_or_name(tmp_path, monkeypatch, 
   for config, flags, words in ((helpers.ROOT / 'configs' / 'cifar10.py', ['--config.base_lr=-1'],
                                  'base_lr must be positive'),
                                 ('cifar10', ['--config.base_lr=-1'], 'base_lr must be positive'),
-                                (mine, [], 'batch_size must be positive')):
+                                (mine, [], 'batch_size must be a positive integer')):
     outcome = run_in_process('resa_jax.main', f'--config={config}', *flags,
                              f'--workdir={tmp_path}/run', monkeypatch=monkeypatch, capsys=capsys)
     assert outcome.code == 2 and words in error_line(outcome), outcome
@@ -138,6 +256,36 @@ def test_training_a_workdir_of_another_architecture_is_refused(saved, tmp_path, 
     line = error_line(outcome)
     assert all(w in line for w in words), line
     assert snapshot(workdir) == before
+
+
+# The records of a workdir with checkpoints, damaged: (id, damage(workdir), words).  The
+# changed-config check needs them, so each is refused rather than trusted or skipped.
+RECORDS = [
+    ('config_truncated', lambda w: (w / 'config.json').write_text('{"arch": "resnet18", "ba'),
+     'config.json is unreadable (JSONDecodeError: '),
+    ('config_emptied', lambda w: (w / 'config.json').write_text('{}'),
+     'config.json is not a config (a JSON object with dataset, arch'),
+    ('config_missing', lambda w: (w / 'config.json').unlink(), 'config.json is missing'),
+    ('history_corrupt', lambda w: (w / 'config_history.json').write_text('[{"step": 4}, 7]'),
+     'config_history.json is not a list of {step, changed: {field: [old, new]}} records'),
+]
+
+
+@pytest.mark.parametrize('name,damage,words', RECORDS, ids=[c[0] for c in RECORDS])
+def test_training_a_workdir_with_unreadable_records_is_refused(name, damage, words, saved,
+                                                              tmp_path, monkeypatch, capsys):
+  del name
+  workdir = tmp_path / 'run'
+  shutil.copytree(saved / 'workdir', workdir)
+  damage(workdir)
+  before = snapshot(workdir)
+  outcome = run_in_process('resa_jax.main', f'--config={TINY}', f'--workdir={workdir}',
+                           '--config.base_lr=4.8', monkeypatch=monkeypatch, capsys=capsys)
+  assert outcome.code == 2, outcome
+  line = error_line(outcome)
+  assert f'the workdir {workdir} has checkpoints but {workdir}/' in line and words in line, line
+  assert 'pass --config.allow_config_change=True to record --config' in line, line
+  assert snapshot(workdir) == before
 
 
 # -------------------------------------------------------------- evaluation ----
@@ -197,6 +345,31 @@ def test_evaluation_refusals(name, args, words, saved, tmp_path, monkeypatch, ca
   if name == 'shapes_of_another_architecture':
     assert 'params/encoder/' in line and '(4,) in the checkpoint, (8,) in the model' in line
   assert snapshot(saved) == before and not (tmp_path / 'out').exists()
+
+
+def test_a_second_evaluation_of_one_output_is_refused(saved, tmp_path, monkeypatch, capsys):
+  """The training workdir's lock, on --output: while a live process holds it, one line
+  naming the holder; nothing written there.  Released, the evaluation runs."""
+  from resa_jax import workdir  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'out'
+  held = workdir.Lock.acquire(out, '--output')  # as a first evaluation holds it
+  try:
+    before = snapshot(out)
+    outcome = run_in_process('resa_jax.evaluate', f'--checkpoint={saved}/workdir', '--eval=knn',
+                             '--batch_size=16', f'--output={out}', monkeypatch=monkeypatch,
+                             capsys=capsys)
+    assert outcome.code == 2, outcome
+    line = error_line(outcome)
+    assert (f'the --output folder {out} is in use by another run (pid {os.getpid()} on host'
+            in line and line.endswith('or use another --output')), line
+    assert snapshot(out) == before
+  finally:
+    held.release()
+  outcome = run_in_process('resa_jax.evaluate', f'--checkpoint={saved}/workdir', '--eval=knn',
+                           '--batch_size=16', f'--output={out}', monkeypatch=monkeypatch,
+                           capsys=capsys)
+  assert outcome.code == 0, outcome
+  assert sorted(p.name for p in out.iterdir()) == ['knn.json', 'summary.json']  # no .lock
 
 
 # -------------------------------------------------------------- conversion ----

@@ -142,3 +142,33 @@ def test_progress_lines_rate_the_last_intervals_like_the_training_line():
   assert len(lines) == 7  # one line each tenth (integer tenths: 0.1 * 3 > 0.3)
   # the last five intervals: 50 batches in 14 s (the first two have left the window)
   assert lines[-1] == 'features: 70/100 batches (70%), 3.6 batches/s, 0m16s, ETA 0m08s'
+
+
+def test_history_is_cut_back_to_the_checkpoint_and_results_come_from_it(tmp_path, capsys):
+  """history.json is written before each checkpoint: resumed at step 6, the points after
+  it go; an unreadable one is reported and its curves restart; results.json's numbers are
+  the history's (the loss of the final step alone, every timed interval)."""
+  import json  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'history.json'
+  path.write_text(json.dumps({
+      'loss': [[2, 3.0], [4, 2.0], [6, 1.5], [8, 1.0]], 'knn': [[1.0, 20.0], [2.0, 30.0]],
+      'timed': [[4, 2, 1.0], [6, 2, 1.0], [8, 2, 3.0]], 'last_loss': [8, 0.9],
+      'checkpoint_save_sec': [[4, 0.5], [8, 1.5]], 'wall_time': 9.0,
+      'knn_top1_random_init': 10.0}))
+  history = train_metrics.restored_history(path, 6, steps_per_epoch=4)
+  assert history['loss'] == [[2, 3.0], [4, 2.0], [6, 1.5]] and history['knn'] == [[1.0, 20.0]]
+  assert history['timed'] == [[4, 2, 1.0], [6, 2, 1.0]]
+  assert history['checkpoint_save_sec'] == [[4, 0.5]] and history['knn_top1_random_init'] == 10.0
+  assert train_metrics.final_loss(history, 8) is None  # step 8 is not in it
+  results = train_metrics.results(
+      {**history, 'last_loss': (8, 0.75), 'knn': [[1.0, 20.0], [2.0, 31.0]]}, step=8,
+      steps_per_epoch=4, batch_size=8, knn_k=5, devices=2, platform='cpu')
+  assert (results['final_loss'], results['knn_top1'], results['epoch']) == (0.75, 31.0, 2.0)
+  assert results['images_per_sec'] == pytest.approx(4 * 8 / 2.0)
+  assert results['checkpoint_save_sec_mean'] == 0.5 and results['wall_time_sec'] == 9.0
+  stale = train_metrics.results(history, step=8, steps_per_epoch=4, batch_size=8, knn_k=5,
+                                devices=2, platform='cpu')
+  assert stale['knn_top1'] is None  # the kNN of epoch 1 is not the final one
+  path.write_text('{"loss": [[2, 3.0]')
+  assert train_metrics.restored_history(path, 6, 4) == {'loss': [], 'knn': [], 'wall_time': 0.0}
+  assert 'history.json is unreadable (JSONDecodeError' in capsys.readouterr().out

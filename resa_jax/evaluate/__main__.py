@@ -16,7 +16,9 @@ Multi-host as training: the same command on every process, with
 --coordinator_address/--num_processes/--process_id or --distributed.
 """
 
+import contextlib
 import os
+import pathlib
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -31,6 +33,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from resa_jax import cli  # noqa: E402
 from resa_jax import reporting  # noqa: E402
+from resa_jax import workdir as workdir_lib  # noqa: E402
 from resa_jax.evaluate import checkpoint_config  # noqa: E402
 from resa_jax.evaluate import common  # noqa: E402
 from resa_jax.evaluate import run  # noqa: E402
@@ -134,6 +137,24 @@ def parse_flags(argv):
   return cli.parse_flags(argv)
 
 
+@contextlib.contextmanager
+def output_lock(output: str):
+  """One evaluation writes `output` at a time: the training workdir's lock
+  (`workdir.Lock`: `<output>/.lock`, taken by process 0, stale once its holder dies).
+  The folders created for it are removed again where the evaluation wrote nothing."""
+  import jax  # pylint: disable=g-import-not-at-top
+  created = [f for f in (output, *pathlib.Path(output).parents) if not os.path.exists(f)]
+  lock = workdir_lib.Lock.acquire(output, '--output') if jax.process_index() == 0 else None
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
+      for folder in created:  # the deepest first
+        with contextlib.suppress(OSError):  # not empty: the evaluation wrote its files
+          os.rmdir(folder)
+
+
 def main(argv):
   flags_ = FLAGS
   if len(argv) > 1:
@@ -144,8 +165,9 @@ def main(argv):
     if not flags_.checkpoint:
       raise common.EvaluationError('--checkpoint is required (a training workdir or a converted '
                                    'checkpoint)')
-    reporting.require_writable(flags_.output or os.path.join(flags_.checkpoint, 'eval'),
-                               '--output')  # before any work
+    output = flags_.output or os.path.join(flags_.checkpoint, 'eval')
+    workdir_lib.refuse_if_locked(output, '--output')  # before any work, as training
+    reporting.require_writable(output, '--output')
     config, notes = checkpoint_config.config_for_checkpoint(
         flags_.config, flags_.checkpoint, config_given=_config_given(sys.argv),
         overridden=config_flags.get_override_values(flags_['config']))
@@ -155,8 +177,8 @@ def main(argv):
   for note in notes:
     reporting.say(note)
   try:
-    output = flags_.output or os.path.join(flags_.checkpoint, 'eval')
-    run.run_evaluations(config, flags_.checkpoint, output, options)
+    with output_lock(output):
+      run.run_evaluations(config, flags_.checkpoint, output, options)
   except ValueError as e:  # EvaluationError, bad config, missing data, conversion errors
     cli.fail(reporting.first_line(e))
 
