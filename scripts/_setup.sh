@@ -4,12 +4,17 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-# Fashion-MNIST from Debian (offline-capable); skipped where apt is unavailable.
-if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
+# Debian packages, skipped where apt is unavailable: Fashion-MNIST (offline-capable), and
+# oneDNN, whose convolution kernels resa_jax/models/cpu_conv.py compiles against for the
+# CPU (without it the CPU convolutions are XLA's, several times slower).
+PACKAGES=""
+[ -d /usr/share/datasets/fashion-mnist ] || PACKAGES="$PACKAGES dataset-fashion-mnist"
+[ -f /usr/include/oneapi/dnnl/dnnl.hpp ] || PACKAGES="$PACKAGES libdnnl-dev"
+if [ -n "$PACKAGES" ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
-  echo "[setup] installing the Debian package dataset-fashion-mnist"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
-    || echo "[setup] could not install dataset-fashion-mnist; TFDS will try to download it"
+  echo "[setup] installing the Debian packages$PACKAGES"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $PACKAGES >/dev/null \
+    || echo "[setup] could not install$PACKAGES: Fashion-MNIST from TFDS's download, XLA's CPU convolutions"
 fi
 
 PYTHON="${PYTHON:-python3.11}"

@@ -1,4 +1,6 @@
-"""layers.conv_general_dilated: XLA's values, and on CPU a matmul weight gradient.
+"""layers.conv_general_dilated and the CPU forms of resa_jax/models/cpu_conv.py: XLA's
+values in every form (the matmul weight gradient in float64, oneDNN's kernels in
+float32, on one device and split over a mesh), and the form chosen by measurement.
 
 The reference is `lax.conv_general_dilated` and its own autodiff, computed in the same
 process; the shapes cover every convolution the encoders build (the ResNet 3x3 /
@@ -12,7 +14,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from resa_jax.models import layers
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from resa_jax.models import cpu_conv, layers
 
 CASES = [  # (input NHWC, kernel HWIO, strides, padding)
     ((2, 9, 9, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1))),
@@ -27,18 +31,58 @@ CASES = [  # (input NHWC, kernel HWIO, strides, padding)
 
 @pytest.fixture(autouse=True)
 def matmul_weight_gradient(monkeypatch):
-  """The matmul form on, whatever this CPU would choose (it is what these tests check)."""
-  monkeypatch.setenv('RESA_CPU_CONV_MATMUL', '1')
+  """The matmul form on, whatever this CPU would choose (the float64 tests check it)."""
+  monkeypatch.setenv('RESA_CPU_CONV', 'matmul')
 
 
-def test_the_form_is_chosen_by_the_cpu_unless_set(monkeypatch):
-  for flags, expected in ((True, False), (False, True)):
-    monkeypatch.setattr(layers, '_cpu_has_avx512', lambda flags=flags: flags)
-    monkeypatch.delenv('RESA_CPU_CONV_MATMUL')
-    assert layers.cpu_matmul_weight_gradient() is expected
-    for setting in ('0', '1'):
-      monkeypatch.setenv('RESA_CPU_CONV_MATMUL', setting)
-      assert layers.cpu_matmul_weight_gradient() is (setting == '1')
+def test_the_form_is_the_one_predicted_fastest_unless_set(monkeypatch):
+  monkeypatch.delenv('RESA_CPU_CONV')
+  forms = cpu_conv.offered(jnp.float32)
+  assert forms[-2:] == ('matmul', 'xla') and 'onednn' not in cpu_conv.offered(jnp.float64)
+  assert 'onednn' not in cpu_conv.offered(jnp.float32, num_devices=8)
+  monkeypatch.setattr(cpu_conv, 'offered', lambda dtype, num_devices=1: (
+      ('onednn', 'matmul', 'xla') if dtype == jnp.float32 else ('matmul', 'xla')))
+  for fastest in ('onednn', 'matmul', 'xla'):
+    times = {form: {'small': 1.0, 'large': 2.0} for form in cpu_conv.BACKENDS}
+    times[fastest] = {'small': 0.5, 'large': 1.0}
+    monkeypatch.setattr(cpu_conv, 'measured', lambda times=times: times)
+    assert cpu_conv.backend(jnp.float32) == fastest
+    assert cpu_conv.backend(jnp.float64) == (fastest if fastest != 'onednn' else 'matmul')
+  # A library call's fixed cost decides small convolutions, its speed large ones: each
+  # form's line through its two measured times, at the convolution's size.
+  times = {'onednn': {'small': 1e-3, 'large': 0.02}, 'matmul': {'small': 1e-4, 'large': 0.06},
+           'xla': {'small': 2e-4, 'large': 0.05}}
+  monkeypatch.setattr(cpu_conv, 'measured', lambda: times)
+  small, large = (cpu_conv.work(x, w, x[:3] + w[3:]) for x, w in cpu_conv.CALIBRATION.values())
+  assert cpu_conv.backend(jnp.float32, small) == 'matmul'
+  assert cpu_conv.backend(jnp.float32, large) == 'onednn'
+  assert cpu_conv.predicted_seconds(times['xla'], (small + large) / 2) == pytest.approx(
+      (2e-4 + 0.05) / 2)
+  for form in cpu_conv.BACKENDS:  # set: used where offered, else XLA's
+    monkeypatch.setenv('RESA_CPU_CONV', form)
+    assert cpu_conv.backend(jnp.float64) == ('xla' if form == 'onednn' else form)
+  monkeypatch.setenv('RESA_CPU_CONV', 'fast')
+  with pytest.raises(ValueError, match='RESA_CPU_CONV must be one of onednn, matmul, xla'):
+    cpu_conv.backend()
+
+
+def test_the_measured_times_are_kept_per_machine(tmp_path, monkeypatch):
+  monkeypatch.setenv('RESA_CACHE_DIR', str(tmp_path))
+  monkeypatch.setattr(cpu_conv, '_time_form', lambda form, x_shape, w_shape: (
+      3.0 if form == 'xla' else 2.0) * x_shape[0])
+  cpu_conv.measured.cache_clear()
+  try:
+    times = cpu_conv.measured()
+    assert set(times) == set(cpu_conv.offered(jnp.float32))
+    assert times['xla'] == {'small': 6.0, 'large': 48.0}  # batch 2 and 16
+    import json  # pylint: disable=g-import-not-at-top
+    records = json.loads((tmp_path / 'cpu_conv.json').read_text())
+    assert list(records) == [cpu_conv._machine()] and records[cpu_conv._machine()] == times
+    monkeypatch.setattr(cpu_conv, '_time_form', lambda *_: 9.0)  # read, not measured again
+    cpu_conv.measured.cache_clear()
+    assert cpu_conv.measured() == times
+  finally:
+    cpu_conv.measured.cache_clear()
 
 
 def _loss(conv, x, w, strides, padding):
@@ -63,7 +107,7 @@ def test_values_and_gradients_match_xla_in_float64(x_shape, w_shape, strides, pa
       np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-12, atol=1e-12)
 
 
-def test_cpu_weight_gradient_is_matmuls_and_bfloat16_gradients_keep_their_dtype():
+def test_matmul_weight_gradient_is_matmuls_and_bfloat16_gradients_keep_their_dtype():
   x = jnp.ones((2, 6, 6, 3), jnp.bfloat16)
   w = jnp.full((3, 3, 3, 4), 0.5, jnp.bfloat16)
   def weight_gradient(conv):
@@ -98,3 +142,71 @@ def test_flax_conv_with_it_has_the_same_parameters_and_outputs():
   grads = [jax.grad(lambda v, m=m: jnp.sum(m.apply(v, x) ** 2))(variables) for m in (plain, ours)]
   np.testing.assert_allclose(grads[1]['params']['kernel'], grads[0]['params']['kernel'],
                              rtol=1e-5, atol=1e-5)
+
+
+onednn = pytest.mark.skipif(not cpu_conv.onednn_library()[0],
+                            reason=f'no oneDNN form here: {cpu_conv.onednn_library()[1]}')
+
+
+@onednn
+@pytest.mark.parametrize('x_shape,w_shape,strides,padding', CASES)
+def test_onednn_values_and_gradients_match_xla_in_float32(x_shape, w_shape, strides, padding,
+                                                          monkeypatch):
+  monkeypatch.setenv('RESA_CPU_CONV', 'onednn')
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, x_shape, jnp.float32)
+  w = jax.random.normal(kw, w_shape, jnp.float32)
+  results = []
+  for conv in (lax.conv_general_dilated, layers.conv_general_dilated):
+    grad = jax.jit(jax.grad(_loss, argnums=(1, 2), has_aux=True), static_argnums=(0, 3, 4))
+    (gx, gw), y = grad(conv, x, w, strides, padding)
+    results.append((y, gx, gw))
+  # float32 sums of up to 196 products in two summation orders: 5e-6 of the largest value
+  # seen (the 7x7 stem's input gradient, 1 device), 2e-5 allowed; a wrong tap or offset
+  # is off by the size of a term.
+  for ours, ref in zip(results[1], results[0]):
+    scale = float(np.max(np.abs(ref)))
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=2e-5 * scale)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: _loss(layers.conv_general_dilated, x, w,
+                                                          strides, padding)[0]))(w))
+  assert 'conv_general_dilated' not in jaxpr  # oneDNN's, not XLA's
+
+
+@onednn
+@pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (simulated) devices')
+def test_onednn_on_a_mesh_splits_the_batch_and_sums_the_weight_gradient(monkeypatch):
+  """Over 8 devices each runs oneDNN on its rows: the output stays split along the batch,
+  the weight gradient is the sum over the devices, and both equal XLA's."""
+  monkeypatch.setenv('RESA_CPU_CONV', 'onednn')
+  mesh = jax.make_mesh((8,), ('data',))
+  kx, kw = jax.random.split(jax.random.key(3))
+  x = jax.device_put(jax.random.normal(kx, (16, 10, 10, 8)), NamedSharding(mesh, P('data')))
+  w = jax.device_put(jax.random.normal(kw, (3, 3, 8, 12)), NamedSharding(mesh, P()))
+  results = []
+  for conv in (lax.conv_general_dilated, layers.conv_general_dilated):
+    loss = jax.jit(jax.value_and_grad(lambda x, w, conv=conv: _loss(conv, x, w, (2, 2),
+                                                                     'SAME')[0], argnums=(0, 1)))
+    results.append(loss(x, w))
+  (value, (gx, gw)), (ref_value, (ref_gx, ref_gw)) = results
+  assert gx.sharding.spec[0] == 'data' and gx.sharding.is_equivalent_to(x.sharding, 4)
+  compiled = jax.jit(lambda x, w: layers.conv_general_dilated(
+      x, w, (2, 2), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))).lower(x, w).compile()
+  assert 'all-gather' not in compiled.as_text()  # no device gathers the batch
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for ours, ref in ((gx, ref_gx), (gw, ref_gw)):
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0,
+                               atol=2e-5 * float(np.max(np.abs(ref))))
+
+
+def test_the_onednn_form_is_not_offered_where_it_cannot_be_built(tmp_path, monkeypatch):
+  monkeypatch.setenv('RESA_CACHE_DIR', str(tmp_path))  # nothing built here yet
+  monkeypatch.setenv('CXX', 'false')  # a compiler that always fails
+  cpu_conv.onednn_library.cache_clear()
+  try:
+    ready, reason = cpu_conv.onednn_library()
+    assert not ready and 'cannot build or load cpu_conv.cc with oneDNN' in reason
+    assert cpu_conv.offered(jnp.float32) == ('matmul', 'xla')
+    monkeypatch.setenv('RESA_CPU_CONV', 'onednn')
+    assert cpu_conv.backend() == 'xla'
+  finally:
+    cpu_conv.onednn_library.cache_clear()

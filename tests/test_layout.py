@@ -26,7 +26,7 @@ LAYERS = (
     'resa_jax.data.views_jax', 'resa_jax.data.local_files', 'resa_jax.data.tfds_sources',
     'resa_jax.data.views_tf', 'resa_jax.data.host', 'resa_jax.data.device',
     'resa_jax.data.subsets', 'resa_jax.data',
-    'resa_jax.models.layers', 'resa_jax.models.resnet', 'resa_jax.models.vit',
+    'resa_jax.models.cpu_conv', 'resa_jax.models.layers', 'resa_jax.models.resnet', 'resa_jax.models.vit',
     'resa_jax.models.heads', 'resa_jax.models',
     'resa_jax.step',
     'resa_jax.checkpoints', 'resa_jax.workdir', 'resa_jax.validation',

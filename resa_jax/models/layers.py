@@ -13,20 +13,21 @@ checkpoints load unchanged and training statistics match theirs:
   kernel and bias; convolutions use He-normal with fan_out (torchvision ResNet),
   except the CIFAR stem's conv1, which has PyTorch's default init (resnet.py).
 * Convolutions go through `conv_general_dilated` below: XLA's own convolution
-  everywhere, except that on the CPU backend the weight gradient is computed as one
-  matmul per kernel offset (see its docstring for why and what was measured).
+  everywhere but on the CPU backend, where the form measured fastest on the machine
+  runs (`cpu_conv.py`: oneDNN's kernels, a matmul weight gradient, or XLA's).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from resa_jax.models import cpu_conv
 
 Dtype = Any
 
@@ -102,20 +103,13 @@ def dense(features: int, fan_in: int, dtype: Dtype, name: str, use_bias: bool = 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
-  """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`; same values.
+  """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`; the same values.
 
-  On the CPU backend XLA lowers the gradient of a convolution with respect to its
-  weights to a slow kernel: 1,180-2,170 ms for a 3x3 64->64 convolution on
-  64x32x32x64 float32, against 86 ms for the forward and 128 ms for the input
-  gradient (experiments/RESULTS.md, "This machine on 2026-12-01").  That gradient is
-  a sum over kernel offsets (i, j) of  x_pad[:, i::s, j::s, :]^T @ g  (one (C_in, C_out)
-  matmul per offset over all batch and output positions), which XLA's dot runs at
-  matmul speed on most CPUs.  So for plain NHWC/HWIO convolutions (no dilation, one
-  feature group) under the CPU backend, where `cpu_matmul_weight_gradient()` says so
-  (CPUs without AVX-512, or RESA_CPU_CONV_MATMUL=1), this function is a
-  `jax.custom_vjp` whose backward is XLA's input gradient plus those matmuls; everywhere
-  else, and on GPU/TPU always, it is `lax.conv_general_dilated` itself.  Forward values are identical; gradients agree
-  to summation order (tests/test_conv.py: 1e-12 in float64).
+  On the CPU backend a plain NHWC/HWIO convolution (no dilation, one feature group) runs
+  in the form `cpu_conv.backend` measured fastest on this machine (oneDNN's kernels
+  through XLA's FFI, a matmul weight gradient, or XLA's own), which agree to float
+  rounding; everywhere else, and on GPUs and TPUs always, it is
+  `lax.conv_general_dilated` itself.
   """
   plain = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
                             padding=padding, lhs_dilation=lhs_dilation,
@@ -126,72 +120,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   simple = (lhs.ndim == 4 and feature_group_count == 1 and not kwargs
             and all(d == 1 for d in (lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
-  # Its gradients differ from XLA's by summation order only: 2 processes against 1
-  # (tests/test_multihost.py) agree to 5e-14 per leaf in float64; float32 shows that
-  # order at 1e-5..5e-3 in a BatchNorm bias after 4 steps.
-  if not simple or jax.default_backend() != 'cpu' or not cpu_matmul_weight_gradient():
+  if not simple or jax.default_backend() != 'cpu':
     return plain(lhs, rhs)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-  return _cpu_conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding),
-                   precision)
-
-
-def cpu_matmul_weight_gradient() -> bool:
-  """Whether CPU convolutions take their weight gradient as matmuls: RESA_CPU_CONV_MATMUL=1
-  or 0 when set; else on CPUs without AVX-512, where it is faster (the ResNet-18 CIFAR
-  step at batch 64: 1.7x faster on an AVX2 VM; on an AVX-512 VM 6.11 s against XLA's
-  5.66 s; experiments/RESULTS.md, 'The CPU weight gradient as matmuls')."""
-  setting = os.environ.get('RESA_CPU_CONV_MATMUL')
-  if setting in ('0', '1'):
-    return setting == '1'
-  return not _cpu_has_avx512()
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_has_avx512() -> bool:
-  try:
-    with open('/proc/cpuinfo') as f:
-      flags = next((line.split(':', 1)[1].split() for line in f
-                    if line.startswith('flags')), [])
-  except OSError:  # not Linux: no flags to read
-    return False
-  return 'avx512f' in flags
-
-
-def _nhwc_conv(x, w, strides, padding, precision):
-  return lax.conv_general_dilated(x, w, strides, padding, precision=precision,
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _cpu_conv(x, w, strides, padding, precision):
-  return _nhwc_conv(x, w, strides, padding, precision)
-
-
-def _cpu_conv_fwd(x, w, strides, padding, precision):
-  return _nhwc_conv(x, w, strides, padding, precision), (x, w)
-
-
-def _cpu_conv_bwd(strides, padding, precision, residuals, g):
-  x, w = residuals
-  (gx,) = jax.linear_transpose(lambda x: _nhwc_conv(x, w, strides, padding, precision), x)(g)
-  n, oh, ow, _ = g.shape  # (N, OH, OW, C_out)
-  (sh, sw), (kh, kw) = strides, w.shape[:2]
-  x_pad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  # Offsets whose window runs past the padded input never occur: OH was computed from it.
-  # As 2-D (N OH OW, C) matrices: XLA:CPU runs this dot 2-3x faster than the 4-D einsum.
-  g2 = g.reshape(n * oh * ow, -1)  # (N OH OW, C_out)
-  out_dtype = param_dtype(w.dtype)
-  gw = jnp.stack([
-      jnp.stack([
-          jnp.dot(lax.slice(x_pad, (0, i, j, 0),
-                            (n, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, x.shape[3]),
-                            (1, sh, sw, 1)).reshape(n * oh * ow, -1).T,
-                  g2, precision=precision, preferred_element_type=out_dtype)
-          for j in range(kw)])
-      for i in range(kh)])  # (KH, KW, C_in, C_out)
-  return gx, gw.astype(w.dtype)
-
-
-_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
+  padding = tuple(tuple(int(v) for v in p) for p in padding)
+  out_shape = jax.eval_shape(plain, lhs, rhs).shape
+  form = cpu_conv.backend(lhs.dtype, cpu_conv.work(lhs.shape, rhs.shape, out_shape))
+  if form == 'xla':
+    return plain(lhs, rhs)
+  return cpu_conv.conv(form, lhs, rhs, tuple(window_strides), padding, precision)
