@@ -7,6 +7,8 @@ process; the shapes cover every convolution the encoders build (the ResNet 3x3 /
 stride-2 / 1x1 downsample / 7x7 stem / CIFAR stem with its pad, the ViTC stem).
 """
 
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -144,8 +146,8 @@ def test_flax_conv_with_it_has_the_same_parameters_and_outputs():
                              rtol=1e-5, atol=1e-5)
 
 
-onednn = pytest.mark.skipif(not cpu_conv.onednn_library()[0],
-                            reason=f'no oneDNN form here: {cpu_conv.onednn_library()[1]}')
+onednn = pytest.mark.skipif(not cpu_conv.onednn_checked()[0],
+                            reason=f'no oneDNN form here: {cpu_conv.onednn_checked()[1]}')
 
 
 @onednn
@@ -201,12 +203,68 @@ def test_onednn_on_a_mesh_splits_the_batch_and_sums_the_weight_gradient(monkeypa
 def test_the_onednn_form_is_not_offered_where_it_cannot_be_built(tmp_path, monkeypatch):
   monkeypatch.setenv('RESA_CACHE_DIR', str(tmp_path))  # nothing built here yet
   monkeypatch.setenv('CXX', 'false')  # a compiler that always fails
-  cpu_conv.onednn_library.cache_clear()
+  cpu_conv._library.cache_clear()
+  cpu_conv.onednn_checked.cache_clear()
   try:
     ready, reason = cpu_conv.onednn_library()
     assert not ready and 'cannot build or load cpu_conv.cc with oneDNN' in reason
+    assert cpu_conv.onednn_checked() == (False, reason)
     assert cpu_conv.offered(jnp.float32) == ('matmul', 'xla')
     monkeypatch.setenv('RESA_CPU_CONV', 'onednn')
     assert cpu_conv.backend() == 'xla'
   finally:
-    cpu_conv.onednn_library.cache_clear()
+    cpu_conv._library.cache_clear()
+    cpu_conv.onednn_checked.cache_clear()
+
+
+def test_the_check_finds_wrong_values_and_failures(monkeypatch):
+  """The check the oneDNN form passes before it is offered compares values, not only
+  that a form runs: a form 0.1% off, one with its images shifted, and one that raises
+  all fail it."""
+  assert cpu_conv.check_against_xla('xla', repeats=1) == ''
+  assert cpu_conv.check_against_xla('matmul', repeats=1) == ''
+  real = cpu_conv.conv
+
+  def scaled(x, w, strides, padding):
+    return real('xla', x, w * 1.001, strides, padding)
+
+  def shifted(x, w, strides, padding):
+    return jnp.roll(real('xla', x, w, strides, padding), 1, axis=0)
+
+  def failing(x, w, strides, padding):
+    raise RuntimeError('no kernel for this shape')
+
+  for broken, message in ((scaled, 'the output differs from XLA'),
+                          (shifted, 'the output differs from XLA'),
+                          (failing, 'no kernel for this shape')):
+    monkeypatch.setattr(cpu_conv, 'conv', lambda form, *args, broken=broken, **kwargs: (
+        broken(*args) if form == 'broken' else real(form, *args, **kwargs)))
+    assert message in cpu_conv.check_against_xla('broken', repeats=1)
+
+
+@pytest.mark.parametrize('command,reason', [
+    ('import os; os.abort()', 'the check ended with signal SIGABRT'),
+    ('import json; print(json.dumps({"failed": "the weight gradient differs"}))',
+     'the weight gradient differs'),
+    ('print("nothing")', 'the check printed no result'),
+])
+def test_the_onednn_form_is_offered_only_after_its_check_passes_in_a_process(
+    command, reason, tmp_path, monkeypatch):
+  """A check that crashes (oneDNN 2.6.3's strided 1x1 kernels corrupted the heap on
+  8-channel inputs) or finds a difference keeps the form off, and the verdict is kept
+  per machine."""
+  class Built:  # cpu_conv.cc as built where oneDNN runs AVX-512 kernels
+    ResaOneDnnAvx512 = staticmethod(lambda: 1)
+  monkeypatch.setattr(cpu_conv, '_library', lambda: (Built, ''))
+  monkeypatch.setenv('RESA_CACHE_DIR', str(tmp_path))
+  monkeypatch.setattr(cpu_conv, '_CHECK_COMMAND', (sys.executable, '-c', command))
+  cpu_conv.onednn_checked.cache_clear()
+  try:
+    ready, why = cpu_conv.onednn_checked()
+    assert not ready and reason in why and why.startswith('the oneDNN form failed its check')
+    assert cpu_conv.offered(jnp.float32) == ('matmul', 'xla')
+    monkeypatch.setattr(cpu_conv, '_CHECK_COMMAND', (sys.executable, '-c', 'raise SystemExit'))
+    cpu_conv.onednn_checked.cache_clear()
+    assert cpu_conv.onednn_checked() == (ready, why)  # kept: not run again
+  finally:
+    cpu_conv.onednn_checked.cache_clear()

@@ -11,8 +11,11 @@
 // shape and kept.  One call runs at a time: oneDNN parallelises each call over every core
 // (OpenMP), and XLA runs independent operations on several threads at once; two calls
 // at once would put two thread teams on the same cores, whose spinning barriers were
-// measured to slow a ResNet-18 step tenfold.
+// measured to slow a ResNet-18 step tenfold.  A oneDNN error comes back to XLA as the
+// call's error (an exception in Python), never as an abort of the process.
 #include <cstdint>
+#include <exception>
+#include <string>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -123,61 +126,79 @@ memory WeightsIn(dnnl::stream& stream, const memory& kept, dnnl::primitive& reor
   return kept;
 }
 
+// Runs `body` (a handler's work) one call at a time; a oneDNN error becomes the call's.
+template <typename Body>
+ffi::Error Serially(Body body) {
+  std::lock_guard<std::mutex> serial(Serial());
+  try {
+    body();
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("oneDNN convolution failed: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+// 1 if the kernels oneDNN runs here are its AVX-512 ones (or newer), else 0.
+extern "C" int ResaOneDnnAvx512() {
+  auto core = static_cast<int>(dnnl::cpu_isa::avx512_core);
+  return (static_cast<int>(dnnl::get_effective_cpu_isa()) & core) == core;
+}
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
                    int64_t pl, int64_t pr) {
-  std::lock_guard<std::mutex> serial(Serial());
-  Shape s = ShapeOf(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
-  Primitives& p = ForShape(s);
-  dnnl::stream stream(Engine());
-  memory weights = WeightsIn(stream, p.forward_weights, p.to_forward, s, w.typed_data());
-  p.forward.execute(stream, {
-      {DNNL_ARG_SRC, memory(p.forward_pd.src_desc(), Engine(), x.typed_data())},
-      {DNNL_ARG_WEIGHTS, weights},
-      {DNNL_ARG_DST, memory(p.forward_pd.dst_desc(), Engine(), y->typed_data())}});
-  stream.wait();
-  return ffi::Error::Success();
+  return Serially([&] {
+    Shape s = ShapeOf(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
+    Primitives& p = ForShape(s);
+    dnnl::stream stream(Engine());
+    memory weights = WeightsIn(stream, p.forward_weights, p.to_forward, s, w.typed_data());
+    p.forward.execute(stream, {
+        {DNNL_ARG_SRC, memory(p.forward_pd.src_desc(), Engine(), x.typed_data())},
+        {DNNL_ARG_WEIGHTS, weights},
+        {DNNL_ARG_DST, memory(p.forward_pd.dst_desc(), Engine(), y->typed_data())}});
+    stream.wait();
+  });
 }
 
 ffi::Error BackwardData(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
                         int64_t pb, int64_t pl, int64_t pr) {
-  std::lock_guard<std::mutex> serial(Serial());
-  Shape s = ShapeOf(dx->dimensions(), w.dimensions(), g.dimensions(), sh, sw, pt, pb, pl, pr);
-  Primitives& p = ForShape(s);
-  dnnl::stream stream(Engine());
-  memory weights = WeightsIn(stream, p.backward_data_weights, p.to_backward_data, s,
-                             w.typed_data());
-  p.backward_data.execute(stream, {
-      {DNNL_ARG_DIFF_DST, memory(p.backward_data_pd.diff_dst_desc(), Engine(), g.typed_data())},
-      {DNNL_ARG_WEIGHTS, weights},
-      {DNNL_ARG_DIFF_SRC,
-       memory(p.backward_data_pd.diff_src_desc(), Engine(), dx->typed_data())}});
-  stream.wait();
-  return ffi::Error::Success();
+  return Serially([&] {
+    Shape s = ShapeOf(dx->dimensions(), w.dimensions(), g.dimensions(), sh, sw, pt, pb, pl, pr);
+    Primitives& p = ForShape(s);
+    dnnl::stream stream(Engine());
+    memory weights = WeightsIn(stream, p.backward_data_weights, p.to_backward_data, s,
+                               w.typed_data());
+    p.backward_data.execute(stream, {
+        {DNNL_ARG_DIFF_DST, memory(p.backward_data_pd.diff_dst_desc(), Engine(), g.typed_data())},
+        {DNNL_ARG_WEIGHTS, weights},
+        {DNNL_ARG_DIFF_SRC,
+         memory(p.backward_data_pd.diff_src_desc(), Engine(), dx->typed_data())}});
+    stream.wait();
+  });
 }
 
 ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                            ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
                            int64_t pb, int64_t pl, int64_t pr) {
-  std::lock_guard<std::mutex> serial(Serial());
-  Shape s = ShapeOf(x.dimensions(), dw->dimensions(), g.dimensions(), sh, sw, pt, pb, pl, pr);
-  Primitives& p = ForShape(s);
-  dnnl::stream stream(Engine());
-  memory user(Weights(s, Tag::hwio), Engine(), dw->typed_data());
-  memory diff_weights = p.diff_weights ? p.diff_weights : user;
-  p.backward_weights.execute(stream, {
-      {DNNL_ARG_SRC, memory(p.backward_weights_pd.src_desc(), Engine(), x.typed_data())},
-      {DNNL_ARG_DIFF_DST,
-       memory(p.backward_weights_pd.diff_dst_desc(), Engine(), g.typed_data())},
-      {DNNL_ARG_DIFF_WEIGHTS, diff_weights}});
-  if (p.diff_weights) {
-    p.from_diff_weights.execute(stream, {{DNNL_ARG_FROM, p.diff_weights}, {DNNL_ARG_TO, user}});
-  }
-  stream.wait();
-  return ffi::Error::Success();
+  return Serially([&] {
+    Shape s = ShapeOf(x.dimensions(), dw->dimensions(), g.dimensions(), sh, sw, pt, pb, pl, pr);
+    Primitives& p = ForShape(s);
+    dnnl::stream stream(Engine());
+    memory user(Weights(s, Tag::hwio), Engine(), dw->typed_data());
+    memory diff_weights = p.diff_weights ? p.diff_weights : user;
+    p.backward_weights.execute(stream, {
+        {DNNL_ARG_SRC, memory(p.backward_weights_pd.src_desc(), Engine(), x.typed_data())},
+        {DNNL_ARG_DIFF_DST,
+         memory(p.backward_weights_pd.diff_dst_desc(), Engine(), g.typed_data())},
+        {DNNL_ARG_DIFF_WEIGHTS, diff_weights}});
+    if (p.diff_weights) {
+      p.from_diff_weights.execute(stream, {{DNNL_ARG_FROM, p.diff_weights}, {DNNL_ARG_TO, user}});
+    }
+    stream.wait();
+  });
 }
 
 #define RESA_CONV_BINDING                                                               \

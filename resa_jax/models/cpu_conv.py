@@ -11,10 +11,13 @@ forward and both gradients fastest:
   compiled on first use into the cache folder (`$RESA_CACHE_DIR`, else
   ~/.cache/resa_jax) against the oneDNN found on the machine (Debian/Ubuntu's
   `libdnnl-dev`, which scripts/_setup.sh installs; `$RESA_ONEDNN_ROOT` names another
-  install); without a compiler or oneDNN the form is not offered.  float32, and in a
-  process of one CPU device (`offered` says why); forced on a mesh, each call runs on
-  every device's rows of the batch (`custom_partitioning`), the weight gradient summed
-  over the devices.
+  install); without a compiler or oneDNN the form is not offered.  Nor is it until it
+  has passed a check against XLA's values on every kind of convolution the encoders
+  build, run once per machine in a process of its own (`onednn_checked`: oneDNN 2.6.3
+  was seen to crash and to race on some machines and shapes, `CHECKS`), nor where
+  oneDNN runs its pre-AVX-512 kernels.  float32, and in a process of one CPU device
+  (`offered` says why); forced on a mesh, each call runs on every device's rows of the
+  batch (`custom_partitioning`), the weight gradient summed over the devices.
 * 'matmul': XLA's forward and input gradient, the weight gradient as one matmul per
   kernel offset (`x_pad[:, i::s, j::s]^T @ g`), which XLA's dot runs at matmul speed
   (faster than XLA's weight-gradient kernel on AVX2 CPUs; RESULTS.md, 'The CPU weight
@@ -45,8 +48,10 @@ import json
 import os
 import pathlib
 import platform
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -73,9 +78,9 @@ def cache_dir() -> pathlib.Path:
 # --------------------------------------------------------- the oneDNN form ----
 
 @functools.lru_cache(maxsize=None)
-def onednn_library() -> tuple[bool, str]:
-  """(whether the oneDNN form is registered with XLA, the reason if not); compiles
-  cpu_conv.cc on first use (about 5 s), under a file lock other processes wait on."""
+def _library() -> tuple[ctypes.CDLL | None, str]:
+  """(cpu_conv.cc compiled and loaded, or None and the reason); compiles it on first use
+  (about 5 s), under a file lock other processes wait on, and registers its handlers."""
   import filelock  # pylint: disable=g-import-not-at-top
   root = os.environ.get('RESA_ONEDNN_ROOT')
   flags = ['-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}']
@@ -97,11 +102,128 @@ def onednn_library() -> tuple[bool, str]:
   except (OSError, subprocess.SubprocessError) as e:
     detail = getattr(e, 'stderr', b'') or b''
     reason = (detail.decode(errors='replace').strip().splitlines() or [str(e)])[-1]
-    return False, f'cannot build or load {_SOURCE.name} with oneDNN: {reason[:200]}'
+    return None, f'cannot build or load {_SOURCE.name} with oneDNN: {reason[:200]}'
   for name in _TARGETS.values():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)),
                                 platform='cpu')
-  return True, ''
+  return library, ''
+
+
+def onednn_library() -> tuple[bool, str]:
+  """(whether cpu_conv.cc is built and its handlers registered with XLA, the reason if
+  not).  Registered is not offered: `onednn_checked` decides that."""
+  library, reason = _library()
+  return library is not None, reason
+
+
+# The convolutions the oneDNN form is checked on before it is offered (forward and both
+# gradients against XLA's, each 3 times, on every core): each kind the encoders build, at
+# batches that split over the threads.  oneDNN 2.6.3 was seen to fail on these kinds in
+# three ways: its AVX2 weight gradient of the 1x1 stride-2 downsample wrong in about half
+# the runs on 2 threads (a race), its AVX2 7x7 stem refused, its AVX-512 strided 1x1 with
+# 8 channels corrupting the heap (which `conv` now avoids).  This check keeps a fault like
+# them off the machines it happens on.
+CHECKS = [  # (input NHWC, kernel HWIO, strides, padding)
+    ((8, 10, 10, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),
+    ((8, 10, 10, 16), (3, 3, 16, 32), (2, 2), ((1, 1), (1, 1))),
+    ((8, 10, 10, 16), (1, 1, 16, 32), (2, 2), ((0, 0), (0, 0))),
+    ((3, 10, 10, 6), (1, 1, 6, 8), (2, 2), ((0, 0), (0, 0))),
+    ((3, 10, 10, 8), (1, 1, 8, 8), (2, 2), ((0, 0), (0, 0))),
+    ((8, 10, 10, 16), (1, 1, 16, 64), (1, 1), ((0, 0), (0, 0))),
+    ((4, 24, 24, 3), (7, 7, 3, 16), (2, 2), ((3, 3), (3, 3))),
+    ((8, 8, 8, 3), (3, 3, 3, 16), (1, 1), ((2, 2), (2, 2))),
+    ((4, 16, 16, 3), (4, 4, 3, 16), (4, 4), ((0, 0), (0, 0))),
+]
+
+
+def check_against_xla(form: str = 'onednn', repeats: int = 3) -> str:
+  """'' if form `form` gives XLA's float32 values and gradients on every `CHECKS`
+  convolution `repeats` times, else what differed (or failed)."""
+  rng = np.random.default_rng(0)
+  for x_shape, w_shape, strides, padding in CHECKS:
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+    g = jnp.asarray(rng.normal(size=_output_shape(x_shape, w_shape, strides, padding)),
+                    jnp.float32)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def grads(form, x, w, g, strides=strides, padding=padding):
+      y, vjp = jax.vjp(lambda x, w: conv(form, x, w, strides, padding), x, w)
+      return vjp(g), y
+    (ref_gx, ref_gw), ref_y = grads('xla', x, w, g)
+    for _ in range(repeats):
+      try:
+        (gx, gw), y = grads(form, x, w, g)
+        jax.block_until_ready(gw)
+      except Exception as e:  # pylint: disable=broad-except
+        return f'{x_shape}x{w_shape}: {str(e).splitlines()[0][:200]}'
+      # float32 sums of up to 1,568 products in two orders: 5e-5 of the largest value; a
+      # wrong tap or race is off by a term's size (1/40 of it or more).
+      for name, ours, ref in (('output', y, ref_y), ('input gradient', gx, ref_gx),
+                              ('weight gradient', gw, ref_gw)):
+        off = float(jnp.max(jnp.abs(ours - ref)))
+        if not off <= 5e-5 * float(jnp.max(jnp.abs(ref))):
+          return (f'{x_shape}x{w_shape} stride {strides}: the {name} differs from '
+                  f"XLA's by {off:.3g}")
+  return ''
+
+
+# The check runs in a process of its own: a kernel that crashes kills that process only.
+_CHECK_COMMAND = (sys.executable, '-c', 'from resa_jax.models import cpu_conv; cpu_conv.main()')
+_ISA_VARIABLES = ('ONEDNN_MAX_CPU_ISA', 'DNNL_MAX_CPU_ISA', 'OMP_NUM_THREADS')
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_checked() -> tuple[bool, str]:
+  """(whether the oneDNN form is offered on this machine, the reason if not): built,
+  running oneDNN's AVX-512 kernels, and passing `check_against_xla` in a process of its
+  own (about 15 s, once per machine: kept in <cache>/cpu_conv_check.json)."""
+  import filelock  # pylint: disable=g-import-not-at-top
+  library, reason = _library()
+  if library is None:
+    return False, reason
+  if not library.ResaOneDnnAvx512():
+    return False, ("oneDNN runs its pre-AVX-512 kernels here, whose AVX2 weight gradient "
+                   "was seen wrong (a race of oneDNN 2.6.3's; see CHECKS)")
+  path = cache_dir() / 'cpu_conv_check.json'
+  machine = _machine() + ''.join(f' {k}={os.environ[k]}' for k in _ISA_VARIABLES
+                                  if k in os.environ)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(path) + '.lock'):
+      try:
+        records = json.loads(path.read_text()) if path.exists() else {}
+      except ValueError:  # a damaged record: checked again
+        records = {}
+      if machine not in records:
+        records[machine] = _check_in_a_process()
+        path.write_text(json.dumps(records, indent=1, sort_keys=True))
+    reason = records[machine]
+  except OSError:  # no cache folder to keep it in: checked in this process's life only
+    reason = _check_in_a_process()
+  return not reason, reason and f'the oneDNN form failed its check against XLA: {reason}'
+
+
+def _check_in_a_process() -> str:
+  env = {k: v for k, v in os.environ.items() if k not in ('RESA_CPU_CONV', 'XLA_FLAGS')}
+  root = str(pathlib.Path(__file__).parents[2])
+  env['PYTHONPATH'] = os.pathsep.join(filter(None, [root, env.get('PYTHONPATH')]))
+  env['JAX_PLATFORMS'] = 'cpu'
+  try:
+    done = subprocess.run(_CHECK_COMMAND, env=env, capture_output=True, text=True,
+                          timeout=600)
+  except subprocess.TimeoutExpired:
+    return 'the check ran past 600 s'
+  if done.returncode:
+    how = (f'signal {signal.Signals(-done.returncode).name}' if done.returncode < 0
+           else f'exit code {done.returncode}')
+    last = (done.stderr.strip().splitlines() or [''])[-1][:200]
+    return f'the check ended with {how}' + (f': {last}' if last else '')
+  lines = done.stdout.strip().splitlines()
+  try:
+    return str(json.loads(lines[-1])['failed'])
+  except (IndexError, ValueError, KeyError, TypeError):
+    return f'the check printed no result: {done.stdout.strip()[-200:]!r}'
 
 
 def _ffi(op: str, shape, *operands, strides, padding):
@@ -263,7 +385,12 @@ def conv(backend_name: str, x, w, strides, padding, precision=None):
     ready, reason = onednn_library()
     if not ready:
       raise RuntimeError(reason)
-    return onednn_conv(x, w, strides, padding)
+    if tuple(w.shape[:2]) == (1, 1) and tuple(strides) != (1, 1) and not np.any(padding):
+      # oneDNN 2.6.3's strided 1x1 kernels corrupt the heap when the channels do not fill
+      # its vector block (seen on AVX-512: 8 channels, stride 2): the same values from its
+      # stride-1 kernel on every s-th pixel, which XLA slices out.
+      x, strides = x[:, ::strides[0], ::strides[1]], (1, 1)
+    return onednn_conv(x, w, tuple(strides), tuple(map(tuple, padding)))
   if backend_name == 'matmul':
     return matmul_conv(x, w, strides, padding, precision)
   return _nhwc_conv(x, w, strides, padding, precision)
@@ -278,7 +405,7 @@ def offered(dtype, num_devices: int = 1) -> tuple[str, ...]:
   their turn and wake a thread team each (a tiny model's step measured 0.75 s against
   XLA's 0.20 s on 8 devices); forced there, it still splits each call along the batch."""
   forms = ('matmul', 'xla')
-  if jnp.dtype(dtype) == jnp.float32 and num_devices == 1 and onednn_library()[0]:
+  if jnp.dtype(dtype) == jnp.float32 and num_devices == 1 and onednn_checked()[0]:
     forms = ('onednn',) + forms
   return forms
 
@@ -384,3 +511,9 @@ def backend(dtype=jnp.float32, multiply_adds: float | None = None) -> str:
                          + CALIBRATION['large'][1][3:])
   return min(forms, key=lambda form: predicted_seconds(times[form], multiply_adds)
              if form in times else float('inf'))
+
+
+def main():
+  """The check `onednn_checked` runs in a process of its own: prints one JSON line."""
+  _, reason = onednn_library()
+  print(json.dumps({'failed': reason or check_against_xla()}))
