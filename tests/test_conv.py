@@ -7,6 +7,7 @@ process; the shapes cover every convolution the encoders build (the ResNet 3x3 /
 stride-2 / 1x1 downsample / 7x7 stem / CIFAR stem with its pad, the ViTC stem).
 """
 
+import functools
 import sys
 
 import flax.linen as nn
@@ -18,7 +19,7 @@ from jax import lax
 
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resa_jax.models import cpu_conv, layers
+from resa_jax.models import cpu_conv, layers, onednn
 
 CASES = [  # (input NHWC, kernel HWIO, strides, padding)
     ((2, 9, 9, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1))),
@@ -79,7 +80,7 @@ def test_the_measured_times_are_kept_per_machine(tmp_path, monkeypatch):
     assert times['xla'] == {'small': 6.0, 'large': 48.0}  # batch 2 and 16
     import json  # pylint: disable=g-import-not-at-top
     records = json.loads((tmp_path / 'cpu_conv.json').read_text())
-    assert list(records) == [cpu_conv._machine()] and records[cpu_conv._machine()] == times
+    assert list(records) == [onednn.machine()] and records[onednn.machine()] == times
     monkeypatch.setattr(cpu_conv, '_time_form', lambda *_: 9.0)  # read, not measured again
     cpu_conv.measured.cache_clear()
     assert cpu_conv.measured() == times
@@ -146,11 +147,11 @@ def test_flax_conv_with_it_has_the_same_parameters_and_outputs():
                              rtol=1e-5, atol=1e-5)
 
 
-onednn = pytest.mark.skipif(not cpu_conv.onednn_checked()[0],
-                            reason=f'no oneDNN form here: {cpu_conv.onednn_checked()[1]}')
+needs_onednn = pytest.mark.skipif(not onednn.checked()[0],
+                                  reason=f'no oneDNN form here: {onednn.checked()[1]}')
 
 
-@onednn
+@needs_onednn
 @pytest.mark.parametrize('x_shape,w_shape,strides,padding', CASES)
 def test_onednn_values_and_gradients_match_xla_in_float32(x_shape, w_shape, strides, padding,
                                                           monkeypatch):
@@ -174,7 +175,7 @@ def test_onednn_values_and_gradients_match_xla_in_float32(x_shape, w_shape, stri
   assert 'conv_general_dilated' not in jaxpr  # oneDNN's, not XLA's
 
 
-@onednn
+@needs_onednn
 @pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (simulated) devices')
 def test_onednn_on_a_mesh_splits_the_batch_and_sums_the_weight_gradient(monkeypatch):
   """Over 8 devices each runs oneDNN on its rows: the output stays split along the batch,
@@ -203,33 +204,32 @@ def test_onednn_on_a_mesh_splits_the_batch_and_sums_the_weight_gradient(monkeypa
 def test_the_onednn_form_is_not_offered_where_it_cannot_be_built(tmp_path, monkeypatch):
   monkeypatch.setenv('RESA_CACHE_DIR', str(tmp_path))  # nothing built here yet
   monkeypatch.setenv('CXX', 'false')  # a compiler that always fails
-  cpu_conv._library.cache_clear()
-  cpu_conv.onednn_checked.cache_clear()
+  onednn._library.cache_clear()
+  onednn.checked.cache_clear()
   try:
-    ready, reason = cpu_conv.onednn_library()
-    assert not ready and 'cannot build or load cpu_conv.cc with oneDNN' in reason
-    assert cpu_conv.onednn_checked() == (False, reason)
+    ready, reason = onednn.built()
+    assert not ready and 'cannot build or load onednn.cc with oneDNN' in reason
+    assert onednn.checked() == (False, reason)
     assert cpu_conv.offered(jnp.float32) == ('matmul', 'xla')
     monkeypatch.setenv('RESA_CPU_CONV', 'onednn')
     assert cpu_conv.backend() == 'xla'
   finally:
-    cpu_conv._library.cache_clear()
-    cpu_conv.onednn_checked.cache_clear()
+    onednn._library.cache_clear()
+    onednn.checked.cache_clear()
 
 
-def test_the_check_finds_wrong_values_and_failures(monkeypatch):
+def test_the_check_finds_wrong_values_and_failures():
   """The check the oneDNN form passes before it is offered compares values, not only
   that a form runs: a form 0.1% off, one with its images shifted, and one that raises
-  all fail it."""
-  assert cpu_conv.check_against_xla('xla', repeats=1) == ''
-  assert cpu_conv.check_against_xla('matmul', repeats=1) == ''
-  real = cpu_conv.conv
+  all fail it; XLA's and the matmul form pass."""
+  for form in ('xla', 'matmul'):
+    assert onednn.check_against_xla(functools.partial(cpu_conv.conv, form), repeats=1) == ''
 
   def scaled(x, w, strides, padding):
-    return real('xla', x, w * 1.001, strides, padding)
+    return cpu_conv.conv('xla', x, w * 1.001, strides, padding)
 
   def shifted(x, w, strides, padding):
-    return jnp.roll(real('xla', x, w, strides, padding), 1, axis=0)
+    return jnp.roll(cpu_conv.conv('xla', x, w, strides, padding), 1, axis=0)
 
   def failing(x, w, strides, padding):
     raise RuntimeError('no kernel for this shape')
@@ -237,9 +237,7 @@ def test_the_check_finds_wrong_values_and_failures(monkeypatch):
   for broken, message in ((scaled, 'the output differs from XLA'),
                           (shifted, 'the output differs from XLA'),
                           (failing, 'no kernel for this shape')):
-    monkeypatch.setattr(cpu_conv, 'conv', lambda form, *args, broken=broken, **kwargs: (
-        broken(*args) if form == 'broken' else real(form, *args, **kwargs)))
-    assert message in cpu_conv.check_against_xla('broken', repeats=1)
+    assert message in onednn.check_against_xla(broken, repeats=1)
 
 
 @pytest.mark.parametrize('command,reason', [
@@ -253,18 +251,18 @@ def test_the_onednn_form_is_offered_only_after_its_check_passes_in_a_process(
   """A check that crashes (oneDNN 2.6.3's strided 1x1 kernels corrupted the heap on
   8-channel inputs) or finds a difference keeps the form off, and the verdict is kept
   per machine."""
-  class Built:  # cpu_conv.cc as built where oneDNN runs AVX-512 kernels
+  class Built:  # onednn.cc as built where oneDNN runs AVX-512 kernels
     ResaOneDnnAvx512 = staticmethod(lambda: 1)
-  monkeypatch.setattr(cpu_conv, '_library', lambda: (Built, ''))
+  monkeypatch.setattr(onednn, '_library', lambda: (Built, ''))
   monkeypatch.setenv('RESA_CACHE_DIR', str(tmp_path))
-  monkeypatch.setattr(cpu_conv, '_CHECK_COMMAND', (sys.executable, '-c', command))
-  cpu_conv.onednn_checked.cache_clear()
+  monkeypatch.setattr(onednn, '_CHECK_COMMAND', (sys.executable, '-c', command))
+  onednn.checked.cache_clear()
   try:
-    ready, why = cpu_conv.onednn_checked()
+    ready, why = onednn.checked()
     assert not ready and reason in why and why.startswith('the oneDNN form failed its check')
     assert cpu_conv.offered(jnp.float32) == ('matmul', 'xla')
-    monkeypatch.setattr(cpu_conv, '_CHECK_COMMAND', (sys.executable, '-c', 'raise SystemExit'))
-    cpu_conv.onednn_checked.cache_clear()
-    assert cpu_conv.onednn_checked() == (ready, why)  # kept: not run again
+    monkeypatch.setattr(onednn, '_CHECK_COMMAND', (sys.executable, '-c', 'raise SystemExit'))
+    onednn.checked.cache_clear()
+    assert onednn.checked() == (ready, why)  # kept: not run again
   finally:
-    cpu_conv.onednn_checked.cache_clear()
+    onednn.checked.cache_clear()

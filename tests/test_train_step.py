@@ -90,6 +90,7 @@ def test_one_device_equals_eight_devices():
   assert jax.tree.leaves(eight[0].params)[0].dtype == np.float64
 
 
+@pytest.mark.slow  # ViT steps compiled: 15-25 s (fast ViT tests: test_vit_recipe.py)
 @pytest.mark.skipif(len(jax.devices()) < 8, reason='needs 8 (simulated) devices')
 @pytest.mark.parametrize('arch', ['vit_tiny', 'vitc_tiny'])
 def test_one_device_equals_eight_devices_vit(arch, monkeypatch):
@@ -119,6 +120,7 @@ def test_one_device_equals_eight_devices_vit(arch, monkeypatch):
   assert all(m for f, m in flags if not f)
 
 
+@pytest.mark.slow  # ViT steps compiled: 15-25 s (fast ViT tests: test_vit_recipe.py)
 @pytest.mark.skipif(len(jax.devices()) < 8, reason='needs 8 (simulated) devices')
 def test_vit_drop_path_draws_per_step_the_same_on_any_mesh(monkeypatch):
   """Drop path in the online ViT (keys from (seed, step), no key in the state): the
@@ -154,6 +156,7 @@ def test_step_metrics_and_learning_signal():
   assert hist[1]['ema_momentum'] > hist[0]['ema_momentum']
 
 
+@pytest.mark.slow  # ViT steps compiled: 15-25 s (fast ViT tests: test_vit_recipe.py)
 def test_vit_views_of_one_size_run_as_one_batch_like_their_forward_wrapper(monkeypatch):
   """forward_views(together=True), what the step uses for ViTs: the two 32 px views go
   through the ViTC (BatchNorm in its stem) as one torch.cat-ed batch, the 16 px view on

@@ -3,7 +3,7 @@
 // gradient with respect to the weights, of an NHWC x HWIO -> NHWC float32 convolution
 // with strides and explicit padding (no dilation, one feature group).
 //
-// resa_jax/models/cpu_conv.py compiles this file on first use and registers the handlers
+// resa_jax/models/onednn.py compiles this file on first use and registers the handlers
 // as the FFI targets ResaConvForward, ResaConvBackwardData and ResaConvBackwardWeights.
 // Activations stay NHWC, oneDNN's own layout for its AVX-512/AVX2 kernels; the weights
 // go to the blocked layout oneDNN asks for (a reorder of the small weight tensor each
