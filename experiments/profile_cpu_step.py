@@ -30,7 +30,6 @@ import os
 import pathlib
 import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -40,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
+from experiments import bench_timing as timing  # noqa: E402
 from experiments import results_md  # noqa: E402
 from resa_jax.models import cpu_conv, layers  # noqa: E402
 
@@ -63,13 +63,8 @@ def conv_shapes(width: int, size: int = 34):
 
 
 def median_seconds(fn, repeats: int) -> float:
-  fn()  # compile / warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  """The median of `repeats` blocked calls fn() after one (compile / warm up)."""
+  return statistics.median(timing.time_calls(fn, lambda: (), repeats, 1))
 
 
 def jax_conv_times(batch, h, c_in, c_out, k, s, repeats, forms):

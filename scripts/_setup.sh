@@ -5,7 +5,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 # Debian packages, skipped where apt is unavailable: Fashion-MNIST (offline-capable), and
-# oneDNN, whose convolution kernels resa_jax/models/cpu_conv.py compiles against for the
+# oneDNN, whose convolution kernels resa_jax/models/onednn.py compiles against for the
 # CPU (without it the CPU convolutions are XLA's, several times slower).
 PACKAGES=""
 [ -d /usr/share/datasets/fashion-mnist ] || PACKAGES="$PACKAGES dataset-fashion-mnist"

@@ -95,19 +95,26 @@ def _loss(conv, x, w, strides, padding):
   return jnp.sum(jnp.sin(y) * y), y  # a cotangent that is not all ones
 
 
+def _xla_and_ours(x_shape, w_shape, strides, padding, dtype):
+  """((x, w), XLA's (y, dx, dw), layers.conv_general_dilated's (y, dx, dw)) of `_loss`
+  on random inputs of `dtype`, each jit-compiled."""
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, x_shape, dtype)
+  w = jax.random.normal(kw, w_shape, dtype)
+  results = []
+  for conv in (lax.conv_general_dilated, layers.conv_general_dilated):
+    grad = jax.jit(jax.grad(_loss, argnums=(1, 2), has_aux=True), static_argnums=(0, 3, 4))
+    (gx, gw), y = grad(conv, x, w, strides, padding)
+    results.append((y, gx, gw))
+  return (x, w), results[0], results[1]
+
+
 @pytest.mark.parametrize('x_shape,w_shape,strides,padding', CASES)
 def test_values_and_gradients_match_xla_in_float64(x_shape, w_shape, strides, padding):
   with jax.enable_x64(True):
-    kx, kw = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, x_shape, jnp.float64)
-    w = jax.random.normal(kw, w_shape, jnp.float64)
-    results = []
-    for conv in (lax.conv_general_dilated, layers.conv_general_dilated):
-      grad = jax.jit(jax.grad(_loss, argnums=(1, 2), has_aux=True), static_argnums=(0, 3, 4))
-      (gx, gw), y = grad(conv, x, w, strides, padding)
-      results.append((y, gx, gw))
-    for ours, ref in zip(results[1], results[0]):
-      np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-12, atol=1e-12)
+    _, ref, ours = _xla_and_ours(x_shape, w_shape, strides, padding, jnp.float64)
+    for a, b in zip(ours, ref):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
 
 
 def test_matmul_weight_gradient_is_matmuls_and_bfloat16_gradients_keep_their_dtype():
@@ -156,20 +163,13 @@ needs_onednn = pytest.mark.skipif(not onednn.checked()[0],
 def test_onednn_values_and_gradients_match_xla_in_float32(x_shape, w_shape, strides, padding,
                                                           monkeypatch):
   monkeypatch.setenv('RESA_CPU_CONV', 'onednn')
-  kx, kw = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(kx, x_shape, jnp.float32)
-  w = jax.random.normal(kw, w_shape, jnp.float32)
-  results = []
-  for conv in (lax.conv_general_dilated, layers.conv_general_dilated):
-    grad = jax.jit(jax.grad(_loss, argnums=(1, 2), has_aux=True), static_argnums=(0, 3, 4))
-    (gx, gw), y = grad(conv, x, w, strides, padding)
-    results.append((y, gx, gw))
+  (x, w), ref, ours = _xla_and_ours(x_shape, w_shape, strides, padding, jnp.float32)
   # float32 sums of up to 196 products in two summation orders: 5e-6 of the largest value
   # seen (the 7x7 stem's input gradient, 1 device), 2e-5 allowed; a wrong tap or offset
   # is off by the size of a term.
-  for ours, ref in zip(results[1], results[0]):
-    scale = float(np.max(np.abs(ref)))
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=2e-5 * scale)
+  for a, b in zip(ours, ref):
+    scale = float(np.max(np.abs(b)))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5 * scale)
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: _loss(layers.conv_general_dilated, x, w,
                                                           strides, padding)[0]))(w))
   assert 'conv_general_dilated' not in jaxpr  # oneDNN's, not XLA's
