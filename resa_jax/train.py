@@ -99,7 +99,8 @@ def _set_up(config, workdir: pathlib.Path, take_lock) -> _Run:
   bank = info.num_eval_train_examples  # validation.py checked the bounds the config sets
   if info.num_classes > 0 and config.knn_every_epochs > 0 and config.knn_k > bank:
     raise ValueError(f'knn_k ({config.knn_k}) exceeds the kNN memory bank: split '
-                     f'{config.eval_train_split!r} of {config.dataset} has {bank} examples; '
+                     f'{config.eval_train_split!r} of {config.dataset} has {bank} examples'
+                     f'{data.used_words(source, config.eval_train_split)}; '
                      'lower --config.knn_k')
   total_steps = workdir_lib.num_total_steps(config, steps_per_epoch)
   online_net, momentum_net = models.create_networks(config)

@@ -6,6 +6,7 @@ refusals are rows of tests/test_refusals.py."""
 
 import os
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -62,7 +63,7 @@ def test_image_folder(tmp_path, mesh):
                         batch_size=8)
   info = data.dataset_info(config)
   assert (info.num_classes, info.image_shape) == (3, (None, None, 3))
-  assert (info.num_train_examples, info.num_eval_examples) == (13, 6)  # listed files
+  assert (info.num_train_examples, info.num_eval_examples) == (12, 6)  # broken.jpg out
   batch = next(data.train_iterator(config, mesh))
   assert [v.shape for v in batch['views']] == [(8, 32, 32, 3), (8, 32, 32, 3), (8, 16, 16, 3)]
   val = list(data.eval_iterator(config, mesh, 'val'))
@@ -70,9 +71,9 @@ def test_image_folder(tmp_path, mesh):
   assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]
   train = list(data.eval_iterator(config, mesh, 'train'))
   assert sum(int(np.asarray(b['mask']).sum()) for b in train) == 12  # broken.jpg skipped
-  # Streamed from its files, decoding before skipping (12 decodable images: 3 steps of 4
-  # an epoch), the views made on the host and, the branch ImageNet takes on GPUs and
-  # TPUs, cropped on the host and coloured on the devices: resumed exactly.
+  # Streamed from its files (12 decodable images: 3 steps of 4 an epoch), the views made
+  # on the host and, the branch ImageNet takes on GPUs and TPUs, cropped on the host and
+  # coloured on the devices: resumed exactly.
   four = sharding.create_mesh(jax.devices()[:4])
   source = data.open_source(config)
   for augment_on, kind in (('host', 'host'), ('device', 'streamed')):
@@ -94,7 +95,7 @@ def test_image_folder_of_undecodable_files_is_refused_at_once(tmp_path):
         (tmp_path / split / label / f'{i}.jpg').write_bytes(b'not an image')
   config = small_config(dataset='image_folder', data_dir=str(tmp_path), eval_split='val')
   with pytest.raises(data.DatasetNotFoundError,
-                     match=r'none of the first 6 images of .*train decodes'):
+                     match=r'none of the 6 images of .*train decodes'):
     data.dataset_info(config)
   _write_image_folder(tmp_path / 'good')  # one good train image is enough; val has none
   for label in ('ant', 'bee'):
@@ -103,8 +104,56 @@ def test_image_folder_of_undecodable_files_is_refused_at_once(tmp_path):
   (tmp_path / 'mixed').mkdir()
   (tmp_path / 'good' / 'train').rename(tmp_path / 'mixed' / 'train')
   (tmp_path / 'val').rename(tmp_path / 'mixed' / 'val')
-  with pytest.raises(data.DatasetNotFoundError, match=r'of .*mixed/val decodes'):
+  with pytest.raises(data.DatasetNotFoundError, match=r'none of the 6 images of .*mixed/val '
+                     'decodes'):
     data.dataset_info(config)
+
+
+def _jpeg(rng, size=24) -> bytes:
+  return tf.io.encode_jpeg(tf.constant(rng.integers(0, 256, (size, size, 3)), tf.uint8)).numpy()
+
+
+def test_image_folder_files_left_out_are_named_once_and_never_read_again(tmp_path, mesh,
+                                                                         capfd):
+  """A truncated JPEG and a file that is no image do not decode; a JPEG with junk before
+  its end marker decodes, but libjpeg prints a warning for it each time.  All three are
+  left out when the split is first used, named in one note line with libjpeg's words,
+  and an epoch over the split decodes only the others: nothing more on stderr."""
+  rng = np.random.default_rng(1)
+  good = {'train': 9, 'val': 4}
+  for split, count in good.items():
+    for i in range(count):
+      folder = tmp_path / split / f'c{i % 2}'
+      folder.mkdir(parents=True, exist_ok=True)
+      (folder / f'{i}.jpg').write_bytes(_jpeg(rng))
+  intact = _jpeg(rng)
+  (tmp_path / 'train' / 'c0' / 'cut.jpg').write_bytes(intact[:len(intact) // 2])
+  (tmp_path / 'train' / 'c1' / 'text.jpg').write_bytes(b'not an image')
+  (tmp_path / 'train' / 'c1' / 'junk.jpg').write_bytes(intact[:-2] + bytes(18) + intact[-2:])
+  assert tf.io.decode_jpeg(intact[:-2] + bytes(18) + intact[-2:]).shape == (24, 24, 3)
+  config = small_config(dataset='image_folder', data_dir=str(tmp_path), eval_split='val',
+                        eval_train_split='train', batch_size=8)
+  capfd.readouterr()
+  info = data.dataset_info(config)
+  assert (info.num_train_examples, info.num_eval_examples) == (9, 4)
+  out, err = capfd.readouterr()
+  notes = [line for line in out.splitlines() if line.startswith('note:')]
+  warning = r"'Corrupt JPEG data: \d+ extraneous bytes before marker 0xd9'"
+  assert len(notes) == 1 and re.fullmatch(
+      f'note: image_folder {re.escape(str(tmp_path))}/train: 9 of 12 images used; 2 did not decode '
+      rf'\(c0/cut.jpg, c1/text.jpg\); 1 decoded with a warning, left out \(c1/junk.jpg: '
+      f'{warning}\\); stderr said: 1x {warning}', notes[0]), out
+  assert 'Corrupt JPEG' not in err, err
+  source = data.open_source(config)
+  assert data.used_words(source, 'train') == ' (9 of 12 images used)'
+  assert data.used_words(source, 'val') == ''
+  capfd.readouterr()
+  train = list(data.eval_iterator(config, mesh, 'train', source=source))
+  labels = np.concatenate([np.asarray(b['label'])[np.asarray(b['mask'])] for b in train])
+  assert sorted(labels.tolist()) == [0] * 5 + [1] * 4
+  take(data.train_iterator(config, mesh, source=source), 3)  # more than an epoch
+  out, err = capfd.readouterr()
+  assert 'JPEG' not in err and 'note:' not in out, (out, err)
 
 
 def test_missing_data_raises_dataset_not_found(tmp_path):

@@ -24,7 +24,8 @@ LAYERS = (
     # The input: one package, its front door (resa_jax.data) last.
     'resa_jax.data.views', 'resa_jax.data.order', 'resa_jax.data.sources',
     'resa_jax.data.views_jax', 'resa_jax.data.local_files', 'resa_jax.data.tfds_sources',
-    'resa_jax.data.views_tf', 'resa_jax.data.host', 'resa_jax.data.device',
+    'resa_jax.data.image_folder', 'resa_jax.data.views_tf', 'resa_jax.data.host',
+    'resa_jax.data.device',
     'resa_jax.data.subsets', 'resa_jax.data',
     'resa_jax.models.onednn', 'resa_jax.models.cpu_conv', 'resa_jax.models.layers',
     'resa_jax.models.resnet', 'resa_jax.models.vit',

@@ -195,8 +195,9 @@ def test_every_config_field_has_a_domain_and_a_row():
 
 def test_knn_k_above_the_bank_found_in_the_data_is_refused_before_any_write(
     tmp_path, monkeypatch, capsys):
-  """An image folder whose eval_train_split has 3 images: known only once it is opened,
-  and refused then, naming what was found, before the workdir exists."""
+  """An image folder whose eval_train_split lists 5 files of which 3 decode: known only
+  once it is opened, and refused then, naming what was found, before the workdir
+  exists."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
@@ -205,6 +206,9 @@ def test_knn_k_above_the_bank_found_in_the_data_is_refused_before_any_write(
       folder = tmp_path / 'images' / split / f'class{i % 2}'
       folder.mkdir(parents=True, exist_ok=True)
       Image.fromarray(helpers.natural_image(rng, 16, 3)).save(folder / f'{i}.png')
+  for name in ('empty.jpg', 'text.png'):
+    (tmp_path / 'images' / 'val' / 'class0' / name).write_bytes(b'' if name == 'empty.jpg'
+                                                                else b'not an image')
   before = snapshot(tmp_path)
   outcome = run_in_process('resa_jax.main', f'--config={TINY}', '--config.dataset=image_folder',
                            f'--config.data_dir={tmp_path}/images', '--config.eval_split=val',
@@ -212,8 +216,10 @@ def test_knn_k_above_the_bank_found_in_the_data_is_refused_before_any_write(
                            f'--workdir={tmp_path}/run', monkeypatch=monkeypatch, capsys=capsys)
   assert outcome.code == 2, outcome
   line = error_line(outcome)
-  assert ("knn_k (5) exceeds the kNN memory bank: split 'val' of image_folder has 3 examples; "
-          'lower --config.knn_k') in line, line
+  assert ("knn_k (5) exceeds the kNN memory bank: split 'val' of image_folder has 3 examples "
+          '(3 of 5 images used); lower --config.knn_k') in line, line
+  assert (f'note: image_folder {tmp_path}/images/val: 3 of 5 images used; 2 did not decode '
+          '(class0/empty.jpg, class0/text.png)') in outcome.stdout, outcome.stdout
   assert snapshot(tmp_path) == before
 
 
@@ -324,7 +330,7 @@ EVALUATE = [
     ('zero_linear_epochs', ['--checkpoint={saved}/workdir', '--eval=linear',
                             '--linear_epochs=0'], '--linear_epochs must be positive, or -1'),
     ('k_above_the_bank', ['--checkpoint={saved}/workdir', '--knn_ks=1000'],
-     'every k exceeds the 64 examples of the kNN memory bank'),
+     "every k exceeds the kNN memory bank: 'train' has 64 examples; use k <= 64"),
     ('nonfinite_features', ['--checkpoint={saved}/nonfinite'],
      "the encoding features of split 'train' are non-finite (NaN/Inf) in 64 of 64 rows"),
 ]

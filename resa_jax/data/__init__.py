@@ -53,7 +53,8 @@ from resa_jax.data import views_jax
 # The names the rest of the project uses, defined in the package's modules.
 from resa_jax.data.order import epoch_steps, eval_num_batches  # noqa: F401
 from resa_jax.data.sources import (  # noqa: F401
-    CIFAR_DATASETS, DATASETS, DatasetInfo, DatasetNotFoundError, Source, array_source)
+    CIFAR_DATASETS, DATASETS, DatasetInfo, DatasetNotFoundError, Source, array_source,
+    used_words)
 from resa_jax.data.subsets import balanced_subset, imagenet_subset_file_names  # noqa: F401
 from resa_jax.data.views import ViewSpec, view_specs  # noqa: F401
 from resa_jax.data.views_jax import colour_views, device_views  # noqa: F401
@@ -69,7 +70,11 @@ def open_source(config) -> Source:
     raise ValueError(f'unknown dataset {config.dataset!r}; known: {", ".join(DATASETS)}')
   if config.dataset == 'cifar10_jpeg':
     return local_files.cifar10_jpeg_source(config)
-  from resa_jax.data import tfds_sources  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  # pylint: disable=g-import-not-at-top  (these import TensorFlow)
+  if config.dataset == 'image_folder':
+    from resa_jax.data import image_folder
+    return image_folder.open_image_folder(config)
+  from resa_jax.data import tfds_sources
   return tfds_sources.open_tfds_source(config)
 
 
@@ -83,7 +88,8 @@ def steps_per_epoch(config, source: Source | None = None) -> int:
   else N // batch_size; a train split of fewer than one batch is refused."""
   source = source or open_source(config)
   return order.steps_per_epoch(config, sources.num_examples(source, config.train_split),
-                               f'{source.name} split {config.train_split!r}')
+                               f'{source.name} split {config.train_split!r}'
+                               + used_words(source, config.train_split))
 
 
 def placement(config, source: Source, mesh=None) -> str:

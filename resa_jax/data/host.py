@@ -26,8 +26,8 @@ whatever the number of tf.data threads:
   streamed: each epoch reads the files in an order shuffled with a seed of (seed,
   epoch), then a shuffle buffer (config.shuffle_buffer, split between a process's
   readers) seeded likewise; resuming inside an epoch skips the records already used,
-  reading but not decoding them (image folders do decode them, so that undecodable
-  images drop out the same way).  A new pipeline is built for each streamed epoch (a
+  reading but not decoding them (an image folder's undecodable files were left out when
+  it was opened).  A new pipeline is built for each streamed epoch (a
   short stall at each boundary while the shuffle buffer fills).
 * *Augmentation randomness* uses TF stateless ops whose seed is derived from
   (config.seed, stream salt, global step, position of the example in the global batch,
@@ -100,15 +100,11 @@ def _streamed_records(source: sources.Source, split: str, *, epoch: int, order_s
                       num_local: int, skip: int, reader: int, num_readers: int,
                       shuffle_buffer: int) -> tf.data.Dataset:
   """Records (j, epoch, record) j = skip .. num_local - 1 of a reader's epoch `epoch`,
-  the image not yet decoded unless the source may fail decoding.  If the share is
-  shorter than num_local, it is cycled (mocked data)."""
+  the image not yet decoded.  If the share is shorter than num_local, it is cycled
+  (mocked data)."""
   seed = order.python_seed(order_seed, epoch)
   ds = source.read(split, reader, num_readers, seed, False)
   ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
-  if source.may_fail_decoding:
-    # Decode before counting, so skipping on resume drops the same bad images.
-    ds = ds.map(lambda r: {**r, 'image': source.decode(r['image'])},
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
   ds = ds.repeat().take(num_local).skip(skip)
   return ds.enumerate(start=skip).map(
       lambda j, record: (j, tf.constant(epoch, tf.int64), record))
@@ -129,7 +125,6 @@ def _host_batches(config, source: sources.Source, split: str, *, batch_size: int
                                   f'{source.name} split {split!r}')
   holds = sources.share_fits(source, split, jax.process_count(),
                              config.get('host_memory_budget_mb', 512))
-  decoded = holds or source.may_fail_decoding
   base_seed = tf.constant([int(config.seed), order.salt(stream)], tf.int64)
   order_seed = order.stream_seed(config.seed, stream)
   options = _tf_options(num_parallel_calls)
@@ -142,7 +137,7 @@ def _host_batches(config, source: sources.Source, split: str, *, batch_size: int
       slot = reader * rows + j % rows
       seed = tf.random.experimental.stateless_fold_in(
           tf.random.experimental.stateless_fold_in(base_seed, step), slot)
-      image = record['image'] if decoded else source.decode(record['image'])
+      image = record['image'] if holds else source.decode(record['image'])
       return make_example(image, record['label'], seed)
 
     ds = records.map(example, num_parallel_calls=num_parallel_calls, deterministic=True)
@@ -235,8 +230,6 @@ def _eval_dataset(config, source: sources.Source, split: str, *, batch_size: int
 
   ds = source.read(split, process_index, process_count, None, True)
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if source.may_fail_decoding:
-    ds = ds.ignore_errors()
   padding = {k: tf.zeros(spec.shape, spec.dtype) for k, spec in ds.element_spec.items()}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
   ds = ds.take(num_batches * local_batch).batch(local_batch, drop_remainder=True)

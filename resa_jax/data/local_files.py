@@ -263,21 +263,6 @@ def _decode_jpegs(files: list[bytes]) -> np.ndarray:
     raise ValueError(str(e)) from e
 
 
-def check_some_decode(encoded_images, where: str, *, error=ValueError) -> None:
-  """Raises `error` unless one of `encoded_images` (scalar string tensors) decodes."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tried = 0
-  for encoded in encoded_images:
-    tried += 1
-    try:
-      tf.io.decode_image(encoded, channels=3, expand_animations=False)
-      return
-    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
-      continue
-  raise error(f'image_folder: none of the first {tried} images of {where} decodes '
-              '(jpeg, png, gif, bmp)')
-
-
 def hide_accelerators_from_tf() -> None:
   """TF only feeds the host; JAX owns the GPUs (and their memory)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top

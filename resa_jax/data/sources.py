@@ -82,7 +82,9 @@ class Source:
   # authors' CIFAR eval loader normalises CIFAR-100 with the CIFAR-10 statistics.
   eval_normalization: tuple | None = None
   num_coarse_classes: int | None = None
-  may_fail_decoding: bool = False  # undecodable images are dropped, before skipping
+  # num_listed(split): files listed, where only those that decode are the split (image
+  # folders); None: every listed example is read.
+  num_listed: Callable[[str], int] | None = None
   rows: Callable[[str, int, int], tuple] | None = None
   needs_tensorflow: bool = True
 
@@ -136,6 +138,13 @@ def num_examples(source: Source, split: str) -> int:
   return n
 
 
+def used_words(source: Source, split: str) -> str:
+  """' (2 of 82 images used)' where files of `split` were skipped, else '': what a
+  refusal about the size of `split` adds to its count."""
+  n, listed = num_examples(source, split), source.num_listed and source.num_listed(split)
+  return f' ({n} of {listed} images used)' if listed and listed != n else ''
+
+
 def dataset_info(config, source: Source) -> DatasetInfo:
   """Sizes, classes and statistics of `config.dataset`, whose open `source` is given."""
   return DatasetInfo(
@@ -149,8 +158,8 @@ def dataset_info(config, source: Source) -> DatasetInfo:
 
 def share_bytes(source: Source, split: str, holders: int) -> int | None:
   """Decoded bytes of the largest of `holders` equal shares of `split` (uint8 pixels);
-  None where the images vary in size or may fail to decode (they are never held)."""
-  if None in source.image_shape or source.may_fail_decoding:
+  None where the images vary in size (they are never held)."""
+  if None in source.image_shape:
     return None
   share = math.ceil(num_examples(source, split) / holders)
   return share * int(np.prod(source.image_shape))

@@ -1,5 +1,5 @@
 """The datasets read through TensorFlow Datasets: the TFDS catalogue (Fashion-MNIST,
-CIFAR-10/100, STL-10, ImageNet), ImageNet-100, image folders and fake data, as
+CIFAR-10/100, STL-10, ImageNet), ImageNet-100 and fake data, as
 `sources.Source`s whose `read` and `decode` are tf.data's.  `resa_jax.data.open_source`
 calls `open_tfds_source`; importing this module starts TensorFlow (kept off the
 accelerators).  `decoded_arrays` fills numpy arrays from a tf.data stream of records,
@@ -112,7 +112,7 @@ def _split_sizes(builder, split):
     return None
 
 
-def _decode_image(channels: int):
+def decode_image(channels: int):
   def decode(encoded):
     image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
     return tf.ensure_shape(image, [None, None, channels])
@@ -127,7 +127,7 @@ def _tfds_source(config) -> Source:
   mean, std = MEAN_STD.get(name, IMAGENET_MEAN_STD)
   coarse = ('coarse_label',) if 'coarse_label' in features else ()
   read = _tfds_read(builder, label_keys=('label',) + coarse)
-  decode = _fixed_shape(_decode_image(shape[-1]), shape)
+  decode = _fixed_shape(decode_image(shape[-1]), shape)
   return Source(
       name=name, read=read, decode=decode, rows=_rows(read, decode),
       known_num_examples=functools.partial(_split_sizes, builder),
@@ -161,42 +161,9 @@ def _imagenet100_source(config) -> Source:
 
   return Source(
       name='imagenet100', read=_tfds_read(builder, label_map=label_map),
-      decode=_decode_image(3), known_num_examples=known_num_examples,
+      decode=decode_image(3), known_num_examples=known_num_examples,
       num_classes=len(synsets), image_shape=(None, None, 3),
       mean=IMAGENET_MEAN_STD[0], std=IMAGENET_MEAN_STD[1])
-
-
-def _image_folder_source(config) -> Source:
-  root = config.data_dir
-  hint = ('config.data_dir must hold train/<class>/<image> and val/<class>/<image> '
-          '(jpeg, png, ...)')
-  if not root or not tf.io.gfile.isdir(os.path.join(root, 'train')):
-    raise DatasetNotFoundError(f'image_folder: no train/ folder in {root!r}: {hint}')
-  builder = tfds.folder_dataset.ImageFolder(root)
-  for split in dict.fromkeys((config.train_split, config.eval_train_split, config.eval_split)):
-    if split in builder.info.splits:  # pipelines skip undecodable files: none would hang
-      local_files.check_some_decode(
-          (ex['image'] for ex in builder.as_dataset(
-              split=split, shuffle_files=False,
-              decoders={'image': tfds.decode.SkipDecoding()}).take(32)),
-          os.path.join(root, split), error=DatasetNotFoundError)
-
-  def read(split, shard_index, shard_count, shuffle_seed, exact_shards):
-    del shuffle_seed, exact_shards  # ImageFolder's own file shuffle is unseeded.
-    if split not in builder.info.splits:
-      raise ValueError(f'image_folder has splits {sorted(builder.info.splits)}, '
-                       f'not {split!r}')
-    ds = builder.as_dataset(split=split, shuffle_files=False,
-                            decoders={'image': tfds.decode.SkipDecoding()})
-    ds = ds.shard(shard_count, shard_index)
-    return ds.map(lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)})
-
-  return Source(
-      name='image_folder', read=read, decode=_decode_image(3),
-      known_num_examples=functools.partial(_split_sizes, builder),
-      num_classes=builder.info.features['label'].num_classes,
-      image_shape=(None, None, 3), mean=IMAGENET_MEAN_STD[0],
-      std=IMAGENET_MEAN_STD[1], may_fail_decoding=True)
 
 
 def _fake_source(config) -> Source:
@@ -279,8 +246,6 @@ def open_tfds_source(config) -> Source:
   """The Source of `config.dataset`, one of the datasets read through TFDS."""
   if config.dataset == 'fake':
     return _fake_source(config)
-  if config.dataset == 'image_folder':
-    return _image_folder_source(config)
   if config.dataset == 'imagenet100':
     return _imagenet100_source(config)
   return _tfds_source(config)

@@ -359,8 +359,9 @@ def run_evaluations(config, checkpoint, output, options: Options, mesh: Mesh | N
   bank = info.num_eval_train_examples
   if 'knn' in evaluations and min(options.knn_ks) > bank:
     raise common.EvaluationError(
-        f'--knn_ks={",".join(map(str, options.knn_ks))}: every k exceeds the {bank} examples '
-        f'of the kNN memory bank ({config.eval_train_split!r}); use k <= {bank}')
+        f'--knn_ks={",".join(map(str, options.knn_ks))}: every k exceeds the kNN memory bank: '
+        f'{config.eval_train_split!r} has {bank} examples'
+        f'{data.used_words(dataset, config.eval_train_split)}; use k <= {bank}')
   if 'semi' in evaluations and config.dataset == 'imagenet2012':
     data.imagenet_subset_file_names(options.semi_fraction)  # fail now on a fraction without list
   start = time.time()

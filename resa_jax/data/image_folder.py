@@ -1,0 +1,156 @@
+"""Image folders, `config.data_dir`/<split>/<class>/<image> (jpeg, png, gif, bmp), as a
+`sources.Source`: TFDS's `ImageFolder` lists the files, and each split is checked on
+first use: every file is decoded once, and the split is the files that decode without a
+message; the others are named in one `note:` line (with what the decoders printed on
+stderr, summarised) and never read again.  So the split's size, the epochs and the kNN
+bank count images that are used, and the decoders' messages are not repeated each epoch.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import os
+import re
+import sys
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from resa_jax import reporting
+from resa_jax.data import tfds_sources
+from resa_jax.data.sources import DatasetNotFoundError, IMAGENET_MEAN_STD, Source
+
+
+def open_image_folder(config) -> Source:
+  """`config.data_dir`/<split>/<class>/<image>.  A split is checked on first use
+  (`_decodable_files`): the files that decode are the split; the others are named in one
+  `note:` line and never read again, so counts, epochs and the kNN bank are exact."""
+  root = config.data_dir
+  hint = ('config.data_dir must hold train/<class>/<image> and val/<class>/<image> '
+          '(jpeg, png, ...)')
+  if not root or not tf.io.gfile.isdir(os.path.join(root, 'train')):
+    raise DatasetNotFoundError(f'image_folder: no train/ folder in {root!r}: {hint}')
+  builder = tfds.folder_dataset.ImageFolder(root)
+  decode = tfds_sources.decode_image(3)
+
+  @functools.lru_cache(maxsize=None)
+  def files(split):
+    if split not in builder.info.splits:
+      raise ValueError(f'image_folder has splits {sorted(builder.info.splits)}, '
+                       f'not {split!r}')
+    return _decodable_files(builder, split, os.path.join(root, split), decode)
+
+  def read(split, shard_index, shard_count, shuffle_seed, exact_shards):
+    del shuffle_seed, exact_shards  # the file order is fixed; the pipelines shuffle it
+    paths, labels, _ = files(split)
+    ds = tf.data.Dataset.from_tensor_slices({'path': paths, 'label': labels})
+    return ds.shard(shard_count, shard_index).map(
+        lambda r: {'image': tf.io.read_file(r['path']), 'label': r['label']})
+
+  def known_num_examples(split):
+    return len(files(split)[1]) if split in builder.info.splits else None
+
+  return Source(
+      name='image_folder', read=read, decode=decode, known_num_examples=known_num_examples,
+      num_classes=builder.info.features['label'].num_classes,
+      image_shape=(None, None, 3), mean=IMAGENET_MEAN_STD[0],
+      std=IMAGENET_MEAN_STD[1], num_listed=lambda split: files(split)[2])
+
+
+# Files are checked this many at a time; a chunk whose decoding printed something is
+# decoded again one file at a time, to tell which file it was.
+_CHECK_CHUNK = 1024
+
+
+def _decodable_files(builder, split: str, where: str, decode):
+  """(paths, int32 labels, the number of files listed) of the files of `split` that
+  `decode` (the pipelines' decoder) decodes without a message, in ImageFolder's file
+  order.  Each file is decoded once, in parallel (800 to 1,350 ImageNet-sized JPEGs a
+  second on 2 cores).  libjpeg and libpng print their warnings on stderr (and have no
+  switch for it), so a file they warn about (e.g. 'Corrupt JPEG data: premature end of
+  data segment': a damaged image that still decodes) is skipped too, and the pipelines
+  never decode a file that prints.  What was skipped and why is one `note:` line;
+  DatasetNotFoundError if no file decodes."""
+  records = builder.as_dataset(split=split, shuffle_files=False,
+                               decoders={'image': tfds.decode.SkipDecoding()})
+  records = records.map(lambda ex: (ex['image/filename'], tf.cast(ex['label'], tf.int32),
+                                    ex['image']))
+  kept, failed, warned, said = [], [], {}, []
+  with _stderr_captured() as printed:
+    for paths, labels, images in records.batch(_CHECK_CHUNK).as_numpy_iterator():
+      decodes = tf.data.Dataset.from_tensor_slices((tf.range(len(paths)), images)).map(
+          lambda i, image: (i, tf.shape(decode(image))[0]),
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      good = [int(i) for i, _ in decodes.ignore_errors().as_numpy_iterator()]
+      failed += [paths[i] for i in sorted(set(range(len(paths))) - set(good))]
+      chunk_said = printed()
+      said += chunk_said
+      for i in good if chunk_said else ():  # which file printed: one at a time
+        decode(images[i])
+        if lines := printed():
+          warned[paths[i]] = lines[0]
+      kept += [(paths[i], labels[i]) for i in good if paths[i] not in warned]
+  num_listed = builder.info.splits[split].num_examples
+  if not kept:
+    raise DatasetNotFoundError(f'image_folder: none of the {num_listed} images of {where} '
+                               'decodes (jpeg, png, gif, bmp)' + _summary(said))
+  if failed or warned:
+    name = lambda path: os.path.relpath(path.decode(), where)  # noqa: E731
+    reporting.say(
+        f'note: image_folder {where}: {len(kept)} of {num_listed} images used'
+        + (f'; {len(failed)} did not decode ({_some(sorted(map(name, failed)))})' if failed
+           else '')
+        + (f'; {len(warned)} decoded with a warning, left out ('
+           + _some([f'{name(p)}: {w.strip()!r}' for p, w in sorted(warned.items())]) + ')'
+           if warned else '') + _summary(said))
+  return (np.array([p for p, _ in kept]), np.array([label for _, label in kept], np.int32),
+          num_listed)
+
+
+def _some(names: list, shown: int = 3) -> str:
+  return ', '.join(names[:shown]) + (f' and {len(names) - shown} more' if len(names) > shown
+                                     else '')
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+  """File descriptor 2 (where C libraries print) sent to a temporary file while the body
+  runs; yields `new()`: the lines written there since its last call."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)  # fd 2 shares the file's offset: read with pread
+    done = 0
+
+    def new() -> list[str]:
+      nonlocal done
+      sys.stderr.flush()
+      text = os.pread(capture.fileno(), os.fstat(capture.fileno()).st_size - done, done)
+      done += len(text)
+      return text.decode(errors='replace').splitlines()
+
+    try:
+      yield new
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
+def _summary(lines, kinds_shown: int = 4) -> str:
+  """'; stderr said: 80x "Invalid JPEG file structure: ...", ...': each kind of line
+  (its text with the numbers taken out) once, with how often, the most frequent first."""
+  kinds = collections.defaultdict(list)
+  for line in lines:
+    kinds[re.sub(r'[0-9]+', '#', line)].append(line)
+  if not kinds:
+    return ''
+  ranked = sorted(kinds.values(), key=len, reverse=True)
+  return ('; stderr said: ' + ', '.join(f'{len(k)}x {k[0].strip()!r}'
+                                        for k in ranked[:kinds_shown])
+          + (f' and {len(ranked) - kinds_shown} other kinds of line'
+             if len(ranked) > kinds_shown else ''))
