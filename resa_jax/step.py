@@ -205,8 +205,9 @@ def train_step(state: TrainState, views, *, online_net, momentum_net, tx, mesh, 
   The EMA momentum m follows the cosine schedule from `config.ema_momentum` to 1 over
   `total_steps`, unless `fixed_ema_momentum` gives one m for every step (as the
   authors' reference run of a few steps does; the schedule is computed in float32,
-  a fixed m keeps its own dtype, e.g. float64).
+  a fixed m keeps its own dtype, e.g. float64).  `views`: see `check_views`.
   """
+  check_views(views, mesh.size)
   if fixed_ema_momentum is None:
     momentum = losses.ema_momentum_schedule(state.step, total_steps, config.ema_momentum)
   else:
@@ -227,6 +228,25 @@ def train_step(state: TrainState, views, *, online_net, momentum_net, tx, mesh, 
                  nonfinite_fraction=nonfinite_fraction(grads),
                  state_finite=(nonfinite_fraction(new_state) == 0).astype(jnp.float32))
   return new_state, metrics
+
+
+def check_views(views, num_devices: int) -> None:
+  """ValueError / TypeError (one line) unless `views` are what a step takes: two or more
+  floating-point arrays (B, S_k, S_k, C) (weak view first, then the strong ones; what
+  `resa_jax.data` makes from `config.crops_*`), one B (a multiple of `num_devices`) and
+  one C.  Shapes only: free under jit, where it runs when the step is traced."""
+  shapes = [tuple(jnp.shape(v)) for v in views]
+  if (len(shapes) < 2 or any(len(shape) != 4 or shape[1] != shape[2] for shape in shapes)
+      or len({(shape[0], shape[3]) for shape in shapes}) != 1 or 0 in shapes[0]):
+    raise ValueError('the step takes two or more views (B, S, S, C), a weak one and strong '
+                     f'ones, of one batch size B and channel count C; got {shapes}')
+  dtypes = sorted({str(jnp.result_type(v)) for v in views})
+  if not all(jnp.issubdtype(d, jnp.floating) for d in dtypes):
+    raise TypeError(f'the views must be normalised floating-point images, got {dtypes} '
+                    '(uint8 images become views through resa_jax.data.device_views)')
+  if shapes[0][0] % num_devices:
+    raise ValueError(f'the views\' batch ({shapes[0][0]}) must divide over the {num_devices} '
+                     'devices of the mesh')
 
 
 def nonfinite_fraction(tree) -> jax.Array:

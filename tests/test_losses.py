@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from resa_jax import losses
 
@@ -75,3 +76,42 @@ def test_ema_update_and_schedule():
 def test_l2_normalize_matches_torch_convention():
   x = jnp.asarray([[3.0, 4.0], [0.0, 0.0]])
   np.testing.assert_allclose(np.asarray(losses.l2_normalize(x)), [[0.6, 0.8], [0.0, 0.0]])
+
+
+def test_the_functions_refuse_what_they_cannot_read():
+  """One-line errors for shapes, dtypes and ranges outside each function's domain, the
+  way resa_jax.sinkhorn refuses its own; traced values are not range-checked."""
+  rng = np.random.default_rng(3)
+  z_online, z_target = _normalized(rng, (3, 4, 8)), _normalized(rng, (2, 6, 8))
+  assignment = rng.dirichlet(np.ones(6), size=4).astype(np.float32)
+  bad_loss_inputs = [
+      ((z_online[0], z_target, assignment, 0.4), ValueError, r'z_online \(V, b, e\)'),
+      ((z_online, z_target[..., :4], assignment, 0.4), ValueError, r'\(2, 6, 4\)'),
+      ((z_online, z_target, assignment.T, 0.4), ValueError, r'assignment \(b, B\)'),
+      ((z_online, z_target, assignment, 0.0), ValueError, r'temperature must be finite and '
+       r'in \(0, inf\], got 0.0'),
+      ((z_online, z_target, assignment, float('nan')), ValueError, 'temperature'),
+      ((z_online, z_target, assignment, 'hot'), TypeError, 'temperature must be a real'),
+      ((z_online.astype(np.int32), z_target, assignment, 0.4), TypeError, 'floating-point'),
+  ]
+  for args, error, words in bad_loss_inputs:
+    with pytest.raises(error, match=words):
+      losses.resa_loss(*args)
+  traced = jax.jit(losses.resa_loss)(z_online, z_target, assignment, 0.4)  # tau traced
+  np.testing.assert_allclose(float(traced), numpy_resa_loss(z_online, z_target, assignment, 0.4),
+                             rtol=1e-6)
+
+  params = {'w': jnp.ones((2, 3)), 'b': jnp.zeros(3)}
+  with pytest.raises(ValueError, match='same structure'):
+    losses.ema_update(params, {'w': params['w']}, 0.99)
+  with pytest.raises(ValueError, match=r'same shapes; 1 differ, first \(3,\) and \(4,\)'):
+    losses.ema_update(params, {'w': params['w'], 'b': jnp.zeros(4)}, 0.99)
+  with pytest.raises(ValueError, match=r'momentum must be finite and in \[0, 1\], got 1.5'):
+    losses.ema_update(params, params, 1.5)
+  for total, words in ((0, 'total_steps must be a positive int, got 0'),
+                       (2.5, 'got 2.5')):
+    with pytest.raises(ValueError, match=words):
+      losses.ema_momentum_schedule(0, total)
+  with pytest.raises(ValueError, match=r'base must be finite and in \[0, 1\], got -0.1'):
+    losses.ema_momentum_schedule(0, 10, base=-0.1)
+  assert float(losses.ema_momentum_schedule(0, np.int64(10))) == np.float32(0.996)

@@ -15,7 +15,7 @@ def _views(batch, seed=0, sizes=(16, 16, 8), dtype=jnp.float32):  # weak, strong
   return tuple(jnp.asarray(rng.normal(size=(batch, s, s, 3)), dtype) for s in sizes)
 
 
-def _run(config, devices, num_steps=2, sizes=(16, 16, 8)):
+def _run(config, devices, num_steps=2, sizes=(16, 16, 8), view_dtype=None):
   mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
   online, momentum = models.create_networks(config)
   total_steps, steps_per_epoch = 4, 2
@@ -30,7 +30,7 @@ def _run(config, devices, num_steps=2, sizes=(16, 16, 8)):
   history = []
   for i in range(num_steps):
     views = jax.device_put(_views(config.batch_size, seed=i, sizes=sizes,
-                                  dtype=jnp.dtype(config.dtype)), batch)
+                                  dtype=view_dtype or jnp.dtype(config.dtype)), batch)
     state, metrics = step(state, views)
     history.append(jax.device_get(metrics))
   return jax.device_get(state), history
@@ -183,3 +183,22 @@ def test_vit_views_of_one_size_run_as_one_batch_like_their_forward_wrapper(monke
   _assert_trees_close(new_stats, ref_stats, 1e-6, 1e-6, 'batch_stats')
   h_alone, _, _ = step_lib.forward_views(online, params, stats, views, together=False)
   assert float(jnp.max(jnp.abs(h_alone[0] - h[0]))) > 1e-3
+
+
+def test_the_step_refuses_views_it_cannot_read():
+  """The jitted step checks its views when it is traced: too few, of two batch sizes,
+  unnormalised uint8, a batch that does not divide over the devices; one line each."""
+  config = tiny_config(batch_size=8)
+  views = _views(8)
+  cases = [
+      (views[:1], ValueError, 'two or more views'),
+      ((views[0], views[1][:4], views[2]), ValueError, r'one batch size B .* got \[\(8, 16'),
+      (tuple(v[..., :1] if i else v for i, v in enumerate(views)), ValueError, 'channel count'),
+      (tuple(v.astype(jnp.uint8) for v in views), TypeError, r"\['uint8'\].*device_views"),
+      (tuple(v[:6] for v in views), ValueError, r'batch \(6\) must divide over the 4 devices'),
+  ]
+  for bad, error, words in cases:
+    with pytest.raises(error, match=words):
+      step_lib.check_views(bad, 4)
+  with pytest.raises(TypeError, match='floating-point images'):  # reached under jit
+    _run(config, jax.devices()[:2], num_steps=1, view_dtype=jnp.uint8)
