@@ -101,10 +101,13 @@ def test_a_path_given_is_used_or_refused_never_replaced(slice_dir, tmp_path, mon
   used, or refused with one line naming it; never another copy found elsewhere."""
   monkeypatch.setenv(local_files.CIFAR10_JPEG_ENV, str(slice_dir))
   assert local_files.cifar10_jpeg_path(None) == str(slice_dir)
-  for given, env in ((tmp_path / 'typo', str(slice_dir)), (None, str(tmp_path / 'typo'))):
+  (tmp_path / 'empty').mkdir()
+  for given, env, found in ((tmp_path / 'typo', str(slice_dir), 'does not exist'),
+                            (None, str(tmp_path / 'typo'), 'does not exist'),
+                            (tmp_path / 'empty', str(slice_dir), 'is neither')):
     monkeypatch.setenv(local_files.CIFAR10_JPEG_ENV, env)
     with pytest.raises(data.DatasetNotFoundError,
-                       match=r"typo \((--config.data_dir|\$RESA_CIFAR10_JPEG)\) is neither"
+                       match=rf"(typo|empty) \((--config.data_dir|\$RESA_CIFAR10_JPEG)\) {found}"
                        ) as error:
       data.dataset_info(config_for(given) if given else
                         cifar10_jpeg.get_config())

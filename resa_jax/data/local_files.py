@@ -133,8 +133,9 @@ def cifar10_jpeg_path(data_dir: str | None) -> str:
       return str(path)
     hint = ('' if what != 'the default' else ': pass --config.data_dir=PATH (the '
             f'{_ARCHIVE_NAME} archive or its unpacked folder) or set ${CIFAR10_JPEG_ENV}')
-    raise FileNotFoundError(f'{candidate} ({what}) is neither the CIFAR-10 JPEG snapshot '
-                            f'archive nor a folder holding train/ and test/{hint}')
+    found = ('is neither the CIFAR-10 JPEG snapshot archive nor a folder holding train/ '
+             'and test/') if path.exists() else 'does not exist'
+    raise FileNotFoundError(f'{candidate} ({what}) {found}{hint}')
   raise AssertionError('unreachable: the default path is always a candidate')
 
 
