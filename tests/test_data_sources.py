@@ -107,6 +107,11 @@ def test_image_folder_of_undecodable_files_is_refused_at_once(tmp_path):
   with pytest.raises(data.DatasetNotFoundError, match=r'none of the 6 images of .*mixed/val '
                      'decodes'):
     data.dataset_info(config)
+  for path in (tmp_path / 'mixed' / 'val').rglob('*.jpg'):  # class folders of no image
+    path.rename(path.with_suffix('.txt'))
+  with pytest.raises(data.DatasetNotFoundError,
+                     match=r'mixed/val holds no .jpg, .jpeg or .png file in a class folder'):
+    data.dataset_info(config)
 
 
 def _jpeg(rng, size=24) -> bytes:

@@ -1,9 +1,10 @@
-"""Image folders, `config.data_dir`/<split>/<class>/<image> (jpeg, png, gif, bmp), as a
-`sources.Source`: TFDS's `ImageFolder` lists the files, and each split is checked on
-first use: every file is decoded once, and the split is the files that decode without a
-message; the others are named in one `note:` line (with what the decoders printed on
-stderr, summarised) and never read again.  So the split's size, the epochs and the kNN
-bank count images that are used, and the decoders' messages are not repeated each epoch.
+"""Image folders, `config.data_dir`/<split>/<class>/<image> (files named .jpg, .jpeg or
+.png, any case), as a `sources.Source`: TFDS's `ImageFolder` lists the files, and each
+split is checked on first use: every file is decoded once, and the split is the files
+that decode without a message; the others are named in one `note:` line (with what the
+decoders printed on stderr, summarised) and never read again.  So the split's size, the
+epochs and the kNN bank count images that are used, and the decoders' messages are not
+repeated each epoch.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def open_image_folder(config) -> Source:
   `note:` line and never read again, so counts, epochs and the kNN bank are exact."""
   root = config.data_dir
   hint = ('config.data_dir must hold train/<class>/<image> and val/<class>/<image> '
-          '(jpeg, png, ...)')
+          '(files named .jpg, .jpeg or .png)')
   if not root or not tf.io.gfile.isdir(os.path.join(root, 'train')):
     raise DatasetNotFoundError(f'image_folder: no train/ folder in {root!r}: {hint}')
   builder = tfds.folder_dataset.ImageFolder(root)
@@ -75,6 +76,10 @@ def _decodable_files(builder, split: str, where: str, decode):
   data segment': a damaged image that still decodes) is skipped too, and the pipelines
   never decode a file that prints.  What was skipped and why is one `note:` line;
   DatasetNotFoundError if no file decodes."""
+  num_listed = builder.info.splits[split].num_examples
+  if not num_listed:  # (TFDS's ImageFolder cannot make an empty dataset)
+    raise DatasetNotFoundError(f'image_folder: {where} holds no .jpg, .jpeg or .png file in '
+                               'a class folder')
   records = builder.as_dataset(split=split, shuffle_files=False,
                                decoders={'image': tfds.decode.SkipDecoding()})
   records = records.map(lambda ex: (ex['image/filename'], tf.cast(ex['label'], tf.int32),
@@ -94,10 +99,9 @@ def _decodable_files(builder, split: str, where: str, decode):
         if lines := printed():
           warned[paths[i]] = lines[0]
       kept += [(paths[i], labels[i]) for i in good if paths[i] not in warned]
-  num_listed = builder.info.splits[split].num_examples
   if not kept:
-    raise DatasetNotFoundError(f'image_folder: none of the {num_listed} images of {where} '
-                               'decodes (jpeg, png, gif, bmp)' + _summary(said))
+    raise DatasetNotFoundError(
+        f'image_folder: none of the {num_listed} images of {where} decodes' + _summary(said))
   if failed or warned:
     name = lambda path: os.path.relpath(path.decode(), where)  # noqa: E731
     reporting.say(
