@@ -70,7 +70,7 @@ _CHECK_CHUNK = 1024
 def _decodable_files(builder, split: str, where: str, decode):
   """(paths, int32 labels, the number of files listed) of the files of `split` that
   `decode` (the pipelines' decoder) decodes without a message, in ImageFolder's file
-  order.  Each file is decoded once, in parallel (800 to 1,350 ImageNet-sized JPEGs a
+  order.  Each file is decoded once, in parallel (770 to 1,450 ImageNet-sized JPEGs a
   second on 2 cores).  libjpeg and libpng print their warnings on stderr (and have no
   switch for it), so a file they warn about (e.g. 'Corrupt JPEG data: premature end of
   data segment': a damaged image that still decodes) is skipped too, and the pipelines
