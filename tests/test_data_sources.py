@@ -120,10 +120,11 @@ def _jpeg(rng, size=24) -> bytes:
 
 def test_image_folder_files_left_out_are_named_once_and_never_read_again(tmp_path, mesh,
                                                                          capfd):
-  """A truncated JPEG and a file that is no image do not decode; a JPEG with junk before
-  its end marker decodes, but libjpeg prints a warning for it each time.  All three are
-  left out when the split is first used, named in one note line with libjpeg's words,
-  and an epoch over the split decodes only the others: nothing more on stderr."""
+  """A truncated JPEG, a file that is no image and a folder named like one cannot be
+  read or decoded; a JPEG with junk before its end marker decodes, but libjpeg prints a
+  warning for it each time.  All four are left out when the split is first used, named
+  in one note line with libjpeg's words, and an epoch over the split decodes only the
+  others: nothing more on stderr."""
   rng = np.random.default_rng(1)
   good = {'train': 9, 'val': 4}
   for split, count in good.items():
@@ -134,6 +135,7 @@ def test_image_folder_files_left_out_are_named_once_and_never_read_again(tmp_pat
   intact = _jpeg(rng)
   (tmp_path / 'train' / 'c0' / 'cut.jpg').write_bytes(intact[:len(intact) // 2])
   (tmp_path / 'train' / 'c1' / 'text.jpg').write_bytes(b'not an image')
+  (tmp_path / 'train' / 'c0' / 'folder.jpg').mkdir()  # listed, cannot be read
   (tmp_path / 'train' / 'c1' / 'junk.jpg').write_bytes(intact[:-2] + bytes(18) + intact[-2:])
   assert tf.io.decode_jpeg(intact[:-2] + bytes(18) + intact[-2:]).shape == (24, 24, 3)
   config = small_config(dataset='image_folder', data_dir=str(tmp_path), eval_split='val',
@@ -145,12 +147,13 @@ def test_image_folder_files_left_out_are_named_once_and_never_read_again(tmp_pat
   notes = [line for line in out.splitlines() if line.startswith('note:')]
   warning = r"'Corrupt JPEG data: \d+ extraneous bytes before marker 0xd9'"
   assert len(notes) == 1 and re.fullmatch(
-      f'note: image_folder {re.escape(str(tmp_path))}/train: 9 of 12 images used; 2 did not decode '
-      rf'\(c0/cut.jpg, c1/text.jpg\); 1 decoded with a warning, left out \(c1/junk.jpg: '
+      f'note: image_folder {re.escape(str(tmp_path))}/train: 9 of 13 images used; 3 did not '
+      rf'decode \(c0/cut.jpg, c0/folder.jpg, c1/text.jpg\); 1 decoded with a warning, left out '
+      rf'\(c1/junk.jpg: '
       f'{warning}\\); stderr said: 1x {warning}', notes[0]), out
   assert 'Corrupt JPEG' not in err, err
   source = data.open_source(config)
-  assert data.used_words(source, 'train') == ' (9 of 12 images used)'
+  assert data.used_words(source, 'train') == ' (9 of 13 images used)'
   assert data.used_words(source, 'val') == ''
   capfd.readouterr()
   train = list(data.eval_iterator(config, mesh, 'train', source=source))

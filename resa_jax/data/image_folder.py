@@ -1,5 +1,5 @@
 """Image folders, `config.data_dir`/<split>/<class>/<image> (files named .jpg, .jpeg or
-.png, any case), as a `sources.Source`: TFDS's `ImageFolder` lists the files, and each
+.png, any case, as TFDS's `ImageFolder` lists them), as a `sources.Source`.  Each
 split is checked on first use: every file is decoded once, and the split is the files
 that decode without a message; the others are named in one `note:` line (with what the
 decoders printed on stderr, summarised) and never read again.  So the split's size, the
@@ -19,7 +19,6 @@ import tempfile
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from resa_jax import reporting
 from resa_jax.data import tfds_sources
@@ -35,29 +34,33 @@ def open_image_folder(config) -> Source:
           '(files named .jpg, .jpeg or .png)')
   if not root or not tf.io.gfile.isdir(os.path.join(root, 'train')):
     raise DatasetNotFoundError(f'image_folder: no train/ folder in {root!r}: {hint}')
-  builder = tfds.folder_dataset.ImageFolder(root)
+  splits = _folders(root)
+  class_names = sorted({name for split in splits for name in _folders(os.path.join(root, split))})
   decode = tfds_sources.decode_image(3)
 
   @functools.lru_cache(maxsize=None)
   def files(split):
-    if split not in builder.info.splits:
-      raise ValueError(f'image_folder has splits {sorted(builder.info.splits)}, '
-                       f'not {split!r}')
-    return _decodable_files(builder, split, os.path.join(root, split), decode)
+    if split not in splits:
+      raise ValueError(f'image_folder has splits {splits}, not {split!r}')
+    where = os.path.join(root, split)
+    return _decodable_files(*_listed(where, class_names), where, decode)
 
   def read(split, shard_index, shard_count, shuffle_seed, exact_shards):
-    del shuffle_seed, exact_shards  # the file order is fixed; the pipelines shuffle it
+    del exact_shards
     paths, labels, _ = files(split)
+    if shuffle_seed is not None:  # a file order of its own for each seed (epoch)
+      order = np.random.default_rng(shuffle_seed).permutation(len(paths))
+      paths, labels = paths[order], labels[order]
     ds = tf.data.Dataset.from_tensor_slices({'path': paths, 'label': labels})
     return ds.shard(shard_count, shard_index).map(
         lambda r: {'image': tf.io.read_file(r['path']), 'label': r['label']})
 
   def known_num_examples(split):
-    return len(files(split)[1]) if split in builder.info.splits else None
+    return len(files(split)[1]) if split in splits else None
 
   return Source(
       name='image_folder', read=read, decode=decode, known_num_examples=known_num_examples,
-      num_classes=builder.info.features['label'].num_classes,
+      num_classes=len(class_names),
       image_shape=(None, None, 3), mean=IMAGENET_MEAN_STD[0],
       std=IMAGENET_MEAN_STD[1], num_listed=lambda split: files(split)[2])
 
@@ -67,43 +70,67 @@ def open_image_folder(config) -> Source:
 _CHECK_CHUNK = 1024
 
 
-def _decodable_files(builder, split: str, where: str, decode):
-  """(paths, int32 labels, the number of files listed) of the files of `split` that
-  `decode` (the pipelines' decoder) decodes without a message, in ImageFolder's file
-  order.  Each file is decoded once, in parallel (770 to 1,450 ImageNet-sized JPEGs a
-  second on 2 cores).  libjpeg and libpng print their warnings on stderr (and have no
-  switch for it), so a file they warn about (e.g. 'Corrupt JPEG data: premature end of
-  data segment': a damaged image that still decodes) is skipped too, and the pipelines
-  never decode a file that prints.  What was skipped and why is one `note:` line;
+# The files listed, as TFDS's ImageFolder lists them; the classes are the class folders
+# of every split, sorted (so a label means the same class in every split).
+_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+
+
+def _folders(path: str) -> list[str]:
+  """The names of the folders in `path`, sorted."""
+  return sorted(name.rstrip('/') for name in tf.io.gfile.listdir(path)
+                if tf.io.gfile.isdir(os.path.join(path, name)))
+
+
+def _listed(where: str, class_names: list) -> tuple[list, list]:
+  """(paths, labels) of the files where/<class>/<name> named like an image, in sorted
+  order; a label is the class's index in `class_names`."""
+  paths, labels = [], []
+  for label, name in enumerate(class_names):
+    folder = os.path.join(where, name)
+    if tf.io.gfile.isdir(folder):
+      files = sorted(f for f in tf.io.gfile.listdir(folder) if f.lower().endswith(_EXTENSIONS))
+      paths += [os.path.join(folder, f) for f in files]
+      labels += [label] * len(files)
+  return paths, labels
+
+
+def _decodable_files(paths: list, labels: list, where: str, decode):
+  """(paths, int32 labels, the number of files listed) of the files listed (`paths`,
+  `labels`) that `decode` (the pipelines' decoder) reads and decodes without a message.
+  Each file is decoded once, in parallel (770 to 1,450 ImageNet-sized JPEGs a second on 2
+  cores).  libjpeg and libpng print their warnings on stderr (and have no switch for
+  it), so a file they warn about (e.g. 'Corrupt JPEG data: premature end of data
+  segment': a damaged image that still decodes) is left out too, and the pipelines never
+  decode a file that prints.  What was left out and why is one `note:` line;
   DatasetNotFoundError if no file decodes."""
-  num_listed = builder.info.splits[split].num_examples
-  if not num_listed:  # (TFDS's ImageFolder cannot make an empty dataset)
+  num_listed = len(paths)
+  if not num_listed:
     raise DatasetNotFoundError(f'image_folder: {where} holds no .jpg, .jpeg or .png file in '
                                'a class folder')
-  records = builder.as_dataset(split=split, shuffle_files=False,
-                               decoders={'image': tfds.decode.SkipDecoding()})
-  records = records.map(lambda ex: (ex['image/filename'], tf.cast(ex['label'], tf.int32),
-                                    ex['image']))
+
+  def image(path):  # the file's image; an error (not a file, unreadable, no image) drops it
+    return decode(tf.io.read_file(path))
   kept, failed, warned, said = [], [], {}, []
   with _stderr_captured() as printed:
-    for paths, labels, images in records.batch(_CHECK_CHUNK).as_numpy_iterator():
-      decodes = tf.data.Dataset.from_tensor_slices((tf.range(len(paths)), images)).map(
-          lambda i, image: (i, tf.shape(decode(image))[0]),
+    for start in range(0, num_listed, _CHECK_CHUNK):
+      chunk = paths[start:start + _CHECK_CHUNK]
+      decodes = tf.data.Dataset.from_tensor_slices((tf.range(len(chunk)), chunk)).map(
+          lambda i, path: (i, tf.shape(image(path))[0]),
           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
       good = [int(i) for i, _ in decodes.ignore_errors().as_numpy_iterator()]
-      failed += [paths[i] for i in sorted(set(range(len(paths))) - set(good))]
+      failed += [chunk[i] for i in sorted(set(range(len(chunk))) - set(good))]
       chunk_said = printed()
       said += chunk_said
       for i in good if chunk_said else ():  # which file printed: one at a time
-        decode(images[i])
+        image(chunk[i])
         if lines := printed():
-          warned[paths[i]] = lines[0]
-      kept += [(paths[i], labels[i]) for i in good if paths[i] not in warned]
+          warned[chunk[i]] = lines[0]
+      kept += [(chunk[i], labels[start + i]) for i in good if chunk[i] not in warned]
   if not kept:
     raise DatasetNotFoundError(
         f'image_folder: none of the {num_listed} images of {where} decodes' + _summary(said))
   if failed or warned:
-    name = lambda path: os.path.relpath(path.decode(), where)  # noqa: E731
+    name = lambda path: os.path.relpath(path, where)  # noqa: E731
     reporting.say(
         f'note: image_folder {where}: {len(kept)} of {num_listed} images used'
         + (f'; {len(failed)} did not decode ({_some(sorted(map(name, failed)))})' if failed
