@@ -97,8 +97,8 @@ def _listed(where: str, class_names: list) -> tuple[list, list]:
 def _decodable_files(paths: list, labels: list, where: str, decode):
   """(paths, int32 labels, the number of files listed) of the files listed (`paths`,
   `labels`) that `decode` (the pipelines' decoder) reads and decodes without a message.
-  Each file is decoded once, in parallel (770 to 1,450 ImageNet-sized JPEGs a second on 2
-  cores).  libjpeg and libpng print their warnings on stderr (and have no switch for
+  Each file is decoded once, in parallel (1,350 to 1,800 ImageNet-sized JPEGs a second
+  on 2 cores).  libjpeg and libpng print their warnings on stderr (and have no switch for
   it), so a file they warn about (e.g. 'Corrupt JPEG data: premature end of data
   segment': a damaged image that still decodes) is left out too, and the pipelines never
   decode a file that prints.  What was left out and why is one `note:` line;
