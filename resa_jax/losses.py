@@ -119,5 +119,5 @@ def ema_momentum_schedule(step, total_steps: int, base: float = 0.996, final: fl
     raise ValueError(f'total_steps must be a positive int, got {total_steps!r}')
   _check_concrete_range('base', base, 0.0, 1.0)
   _check_concrete_range('final', final, 0.0, 1.0)
-  progress = jnp.minimum(jnp.asarray(step, jnp.float32) / max(total_steps, 1), 1.0)
+  progress = jnp.minimum(jnp.asarray(step, jnp.float32) / total_steps, 1.0)
   return final - (final - base) * (jnp.cos(math.pi * progress) + 1.0) / 2.0

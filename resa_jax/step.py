@@ -233,7 +233,7 @@ def train_step(state: TrainState, views, *, online_net, momentum_net, tx, mesh, 
 def check_views(views, num_devices: int) -> None:
   """ValueError / TypeError (one line) unless `views` are what a step takes: two or more
   floating-point arrays (B, S_k, S_k, C) (weak view first, then the strong ones; what
-  `resa_jax.data` makes from `config.crops_*`), one B (a multiple of `num_devices`) and
+  `resa_jax.data` makes from `config.crops_*`), one B (`sharding.check_batch_size`) and
   one C.  Shapes only: free under jit, where it runs when the step is traced."""
   shapes = [tuple(jnp.shape(v)) for v in views]
   if (len(shapes) < 2 or any(len(shape) != 4 or shape[1] != shape[2] for shape in shapes)
@@ -244,9 +244,7 @@ def check_views(views, num_devices: int) -> None:
   if not all(jnp.issubdtype(d, jnp.floating) for d in dtypes):
     raise TypeError(f'the views must be normalised floating-point images, got {dtypes} '
                     '(uint8 images become views through resa_jax.data.device_views)')
-  if shapes[0][0] % num_devices:
-    raise ValueError(f'the views\' batch ({shapes[0][0]}) must divide over the {num_devices} '
-                     'devices of the mesh')
+  sharding.check_batch_size(shapes[0][0], num_devices)
 
 
 def nonfinite_fraction(tree) -> jax.Array:

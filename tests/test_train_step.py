@@ -195,7 +195,8 @@ def test_the_step_refuses_views_it_cannot_read():
       ((views[0], views[1][:4], views[2]), ValueError, r'one batch size B .* got \[\(8, 16'),
       (tuple(v[..., :1] if i else v for i, v in enumerate(views)), ValueError, 'channel count'),
       (tuple(v.astype(jnp.uint8) for v in views), TypeError, r"\['uint8'\].*device_views"),
-      (tuple(v[:6] for v in views), ValueError, r'batch \(6\) must divide over the 4 devices'),
+      (tuple(v[:6] for v in views), ValueError,
+       r'batch size 6 must be a positive multiple of the number of devices \(4\)'),
   ]
   for bad, error, words in cases:
     with pytest.raises(error, match=words):
